@@ -77,7 +77,7 @@ class Segmentation:
     flair_z_seed: float = _rng(0, 20, lo_open=True)
     flair_z_grow: float = _rng(0, 20, lo_open=True)
     flair_max_csf_prob: float = _rng(0, 1)
-    dwi_z_min: float = _rng(-10, 20)
+    dwi_hyperintense_ratio: float = _rng(0, 100, lo_open=True)
     min_lesion_volume_mm3: float = _rng(0, 1e6)
 
 

@@ -62,6 +62,23 @@ def restricted_mask(radc: np.ndarray, restricted_below: float) -> np.ndarray:
     return np.isfinite(radc) & (radc < restricted_below)
 
 
+def diffusion_classes(
+    dwi_ratio: np.ndarray,
+    radc: np.ndarray,
+    restricted_below: float,
+    dwi_hyperintense_ratio: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Restricted diffusion and T2 shine-through masks.
+
+    ``dwi_ratio`` is the trace DWI divided by the NAWM median trace DWI. Restricted: DWI
+    hyperintense AND rADC below the cut-off. Shine-through: DWI hyperintense with rADC at or
+    above the cut-off (bright on DWI from T2 prolongation, not from restriction).
+    """
+    bright = np.isfinite(dwi_ratio) & (dwi_ratio > dwi_hyperintense_ratio)
+    low = restricted_mask(radc, restricted_below)
+    return bright & low, bright & np.isfinite(radc) & ~low
+
+
 def pseudonormalized_fraction(
     ever_restricted: np.ndarray, radc_now: np.ndarray, restricted_below: float
 ) -> float:
