@@ -1,0 +1,25 @@
+# lesionlapse: `make demo` and `make test` are the two set-up commands of the README.
+PYTHON ?= python3
+VENV ?= .venv
+EXTRAS ?= test,notebooks
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+DEMO_OUT ?= demo_output
+PYTEST_ARGS ?=
+
+.PHONY: install demo test clean
+
+$(STAMP): pyproject.toml scripts/install.sh
+	PYTHON=$(PYTHON) sh scripts/install.sh $(VENV) $(EXTRAS)
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/python scripts/demo.py --out $(DEMO_OUT)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(DEMO_OUT) .pytest_cache
