@@ -1,0 +1,232 @@
+"""Reading and writing images: validated NIfTI loading, nibabel <-> SimpleITK, atomic writes.
+
+Images are read with nibabel, which uses the sform when its code is set and the qform
+otherwise (the choice is reported), then handed to SimpleITK with LPS world coordinates.
+Errors name the file, what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import tempfile
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+
+_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+class InputError(ValueError):
+    """An input file is unusable; the message names the file and the fix."""
+
+
+@dataclass
+class LoadedImage:
+    """A validated image: float32 SimpleITK image plus what was noticed while reading."""
+
+    image: sitk.Image
+    path: Path
+    affine_source: str
+    warnings: list[str]
+
+
+def nib_to_sitk(data: np.ndarray, affine: np.ndarray) -> sitk.Image:
+    """SimpleITK image (LPS) from a 3D or 4D array indexed (i, j, k[, t]) and a RAS affine.
+
+    A 4D array becomes a vector image with one component per volume.
+    """
+    affine = np.asarray(affine, float)
+    m = affine[:3, :3]
+    spacing = np.linalg.norm(m, axis=0)
+    if np.any(spacing <= 0) or not np.all(np.isfinite(m)):
+        raise ValueError("affine has a zero or non-finite voxel size")
+    direction = _RAS_TO_LPS @ m / spacing
+    origin = _RAS_TO_LPS @ affine[:3, 3]
+    if data.ndim == 4:
+        img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(data, (2, 1, 0, 3))),
+                                     isVector=True)
+    else:
+        img = sitk.GetImageFromArray(np.ascontiguousarray(data.T))
+    img.SetSpacing(tuple(float(s) for s in spacing))
+    img.SetOrigin(tuple(float(o) for o in origin))
+    img.SetDirection(tuple(float(d) for d in direction.ravel()))
+    return img
+
+
+def sitk_affine(img: sitk.Image) -> np.ndarray:
+    """RAS voxel-to-world affine of a SimpleITK image."""
+    direction = np.array(img.GetDirection(), float).reshape(3, 3)
+    spacing = np.array(img.GetSpacing(), float)
+    affine = np.eye(4)
+    affine[:3, :3] = _RAS_TO_LPS @ (direction * spacing)
+    affine[:3, 3] = _RAS_TO_LPS @ np.array(img.GetOrigin(), float)
+    return affine
+
+
+def sitk_to_nib(img: sitk.Image) -> nib.Nifti1Image:
+    """nibabel image (qform = sform, code 1) from a 3D SimpleITK image."""
+    data = sitk.GetArrayFromImage(img).T
+    out = nib.Nifti1Image(data, sitk_affine(img))
+    out.set_qform(out.affine, code=1)
+    out.set_sform(out.affine, code=1)
+    out.header.set_xyzt_units("mm", "sec")
+    return out
+
+
+@contextmanager
+def atomic_path(path: Path):
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes) or ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_image(img: sitk.Image, path: Path, dtype: np.dtype | type | None = None) -> Path:
+    """Write a 3D SimpleITK image as NIfTI (atomically), optionally cast to ``dtype``."""
+    nimg = sitk_to_nib(img)
+    if dtype is not None:
+        nimg = nib.Nifti1Image(np.asarray(nimg.dataobj).astype(dtype), nimg.affine, nimg.header)
+        nimg.set_data_dtype(dtype)
+    with atomic_path(Path(path)) as tmp:
+        nib.save(nimg, str(tmp))
+    return Path(path)
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise InputError(f"{path}: file not found. Check the path or the BIDS layout.")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: file is empty (0 bytes). Copy or export it again.")
+    if path.name.endswith(".gz"):
+        try:
+            with gzip.open(path, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+        except (OSError, EOFError, zlib.error) as exc:
+            raise InputError(
+                f"{path}: the gzip stream is truncated or corrupt ({exc}). The download or copy "
+                "was probably interrupted: copy the file again."
+            ) from None
+
+
+def load_nifti(path: Path, *, kind: str, ndim: int | tuple[int, ...] = 3) -> tuple[nib.Nifti1Image, str, list[str]]:
+    """Open a NIfTI file and check it is what ``kind`` needs.
+
+    Returns the nibabel image (data not yet cast), which header transform is used and warnings.
+    """
+    path = Path(path)
+    _check_readable(path)
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises several types for non-NIfTI content
+        raise InputError(f"{path}: not a readable NIfTI image ({exc}). Convert it to NIfTI "
+                         "(e.g. with `lesionlapse import-dicom` or dcm2niix).") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(f"{path}: not a NIfTI image ({type(img).__name__}). Convert it to NIfTI.")
+    shape = img.shape
+    allowed = (ndim,) if isinstance(ndim, int) else ndim
+    eff = len(shape)
+    if eff == 4 and shape[3] == 1 and 3 in allowed:
+        eff = 3
+    if eff not in allowed or any(s < 2 for s in shape[:3]):
+        want = " or ".join(f"{n}D" for n in allowed)
+        raise InputError(
+            f"{path}: the {kind} image has shape {shape}, expected a {want} volume with at least "
+            f"2 voxels per spatial axis. {_shape_hint(kind, eff)}"
+        )
+    warnings: list[str] = []
+    qcode, scode = int(img.header["qform_code"]), int(img.header["sform_code"])
+    source = "sform" if scode > 0 else ("qform" if qcode > 0 else "none")
+    if source == "none":
+        warnings.append(f"{path.name}: neither sform nor qform is set; voxel sizes from pixdim used")
+    elif qcode > 0 and scode > 0:
+        q, s = img.get_qform(), img.get_sform()
+        if not np.allclose(q, s, atol=1e-3):
+            warnings.append(f"{path.name}: qform and sform disagree; the sform is used (NIfTI rule)")
+    try:
+        _ = img.header.get_data_dtype()
+    except Exception as exc:  # pragma: no cover
+        raise InputError(f"{path}: unreadable data type ({exc})") from None
+    return img, source, warnings
+
+
+def _shape_hint(kind: str, ndim: int) -> str:
+    if kind == "FLAIR" and ndim == 4:
+        return "A FLAIR must be a single 3D volume: split the 4D file and keep one volume."
+    if ndim == 2:
+        return "A single slice cannot be registered: export the whole volume."
+    if kind == "DWI":
+        return "A DWI series must be 4D (one volume per b-value/direction)."
+    return "Check that the right file was exported."
+
+
+def load_volume(
+    path: Path, *, kind: str, brain_hint: np.ndarray | None = None
+) -> LoadedImage:
+    """Load a 3D image as float32 SimpleITK with checks for NaN/Inf and all-zero content.
+
+    Non-finite voxels are set to zero and reported. (Refusing them inside the brain needs a
+    brain mask and is done by the caller that has one.)
+    """
+    img, source, warnings = load_nifti(path, kind=kind, ndim=3)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    if data.ndim == 4:
+        data = data[..., 0]
+    bad = ~np.isfinite(data)
+    if bad.any():
+        warnings.append(f"{Path(path).name}: {int(bad.sum())} NaN/Inf voxels set to 0")
+        data = np.where(bad, 0, data).astype(np.float32)
+    if not np.any(data):
+        raise InputError(f"{path}: the {kind} image is all zeros. Export the series again.")
+    return LoadedImage(nib_to_sitk(data, img.affine), Path(path), source, warnings)
+
+
+def load_series(path: Path, *, kind: str) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
+    """Load a 4D series as float32 array (i, j, k, t) with its affine."""
+    img, source, warnings = load_nifti(path, kind=kind, ndim=4)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    bad = ~np.isfinite(data)
+    if bad.any():
+        warnings.append(f"{Path(path).name}: {int(bad.sum())} NaN/Inf voxels set to 0")
+        data = np.where(bad, 0, data).astype(np.float32)
+    if not np.any(data):
+        raise InputError(f"{path}: the {kind} series is all zeros. Export the series again.")
+    return data, img.affine, source, warnings
+
+
+def read_bvals_bvecs(bval: Path | None, bvec: Path | None, n_volumes: int, dwi: Path):
+    """b-values (n,) and b-vectors (3, n) with checks against the number of DWI volumes."""
+    if bval is None or bvec is None:
+        missing = ".bval" if bval is None else ".bvec"
+        raise InputError(
+            f"{dwi}: the 4D DWI has no {missing} file beside it. Put the b-values/b-vectors from "
+            "the conversion (dcm2niix writes them) next to the image with the same name."
+        )
+    try:
+        bvals = np.loadtxt(bval, ndmin=1, dtype=float).ravel()
+        bvecs = np.loadtxt(bvec, ndmin=2, dtype=float)
+    except ValueError as exc:
+        raise InputError(f"{bval} / {bvec}: cannot read numbers ({exc})") from None
+    if bvecs.shape[0] != 3 and bvecs.shape[-1] == 3:
+        bvecs = bvecs.T
+    if bvals.size != n_volumes or bvecs.shape != (3, n_volumes):
+        raise InputError(
+            f"{dwi}: {n_volumes} volumes but {bvals.size} b-values in {bval.name} and "
+            f"{bvecs.shape[1] if bvecs.ndim == 2 else '?'} b-vectors in {bvec.name}. Use the "
+            ".bval/.bvec written with this exact image."
+        )
+    return bvals, bvecs
