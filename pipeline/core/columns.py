@@ -33,3 +33,120 @@ SESSION_COLUMNS: dict[str, dict[str, str]] = {
         "Units": "ratio",
     },
 }
+
+_SESSION_LABEL = "Session label (BIDS label without 'ses-'; the session index when no labels were given)"
+
+LINEAGE_COLUMNS: dict[str, dict[str, object]] = {
+    "lesion_id": {
+        "Description": "Persistent lesion id (value in the dseg images); 1..N by first session, then decreasing volume",
+    },
+    "origin": {
+        "Description": "How the lesion id began (a merge or split always starts new ids)",
+        "Levels": {
+            "baseline": "present at the first session",
+            "new": "no overlapping predecessor",
+            "merge": "one component formed from two or more earlier lesions (a merge always gets a new id)",
+            "split": "one of two or more pieces of earlier lesion(s)",
+        },
+    },
+    "first_session": {"Description": f"First session with this id. {_SESSION_LABEL}"},
+    "first_day": {"Description": "Day of the first session with this id", "Units": "day"},
+    "last_session": {"Description": f"Last session with this id. {_SESSION_LABEL}"},
+    "last_day": {"Description": "Day of the last session with this id", "Units": "day"},
+    "n_sessions": {"Description": "Number of consecutive sessions with this id", "Units": "count"},
+    "parents": {"Description": "Ids this lesion came from by merge or split (';'-joined, ascending; empty otherwise)"},
+    "children": {"Description": "Ids this lesion went into by merge or split (';'-joined, ascending; empty otherwise)"},
+    "fate": {
+        "Description": "What ended the id: 'present' (still present at the last session), 'resolved', 'merged' or 'split'",
+        "Levels": {
+            "present": "present at the subject's last session",
+            "resolved": "no overlapping successor",
+            "merged": "merged with other lesions into a new id (see children)",
+            "split": "split into several new ids (see children)",
+        },
+    },
+}
+
+EVENT_COLUMNS: dict[str, dict[str, object]] = {
+    "lesion_id": {"Description": "Persistent lesion id; one row per id per interval in which it exists at either end"},
+    "from_session": {"Description": f"Session at the start of the interval. {_SESSION_LABEL}"},
+    "to_session": {"Description": f"Session at the end of the interval. {_SESSION_LABEL}"},
+    "from_day": {"Description": "Day of from_session", "Units": "day"},
+    "to_day": {"Description": "Day of to_session", "Units": "day"},
+    "event": {
+        "Description": "What happened to this id over the interval",
+        "Levels": {
+            "new": "appears at to_session with no overlapping predecessor",
+            "enlarging": "present at both; grew by more than both the relative and the absolute threshold",
+            "stable": "present at both; change within either threshold",
+            "shrinking": "present at both; shrank by more than both the relative and the absolute threshold",
+            "resolved": "present at from_session, no overlapping successor",
+            "merged": "part of a merge: an id ending in a merge (successor_ids) or the merged id born at to_session (predecessor_ids)",
+            "split": "part of a split: an id ending in a split (successor_ids) or a piece born at to_session (predecessor_ids)",
+        },
+    },
+    "volume_from_ml": {"Description": "Volume of this id at from_session (0 if it does not exist yet)", "Units": "mL"},
+    "volume_to_ml": {"Description": "Volume of this id at to_session (0 if it no longer exists)", "Units": "mL"},
+    "change_ml": {"Description": "volume_to_ml - volume_from_ml", "Units": "mL"},
+    "change_relative": {
+        "Description": "change_ml / volume_from_ml (n/a when the id does not exist at from_session)",
+        "Units": "ratio",
+    },
+    "predecessor_ids": {"Description": "For an id born by merge/split: the ids it came from (';'-joined)"},
+    "successor_ids": {"Description": "For an id ending in a merge/split: the ids it went into (';'-joined)"},
+}
+
+LESION_COLUMNS: dict[str, dict[str, object]] = {
+    "lesion_id": {"Description": "Persistent lesion id (see the lineage table of the same kind)"},
+    "kind": {
+        "Description": "Tracked lesion masks",
+        "Levels": {"flair": "FLAIR-hyperintense lesion", "restricted": "restricted-diffusion lesion"},
+    },
+    "session": {"Description": _SESSION_LABEL},
+    "day": {"Description": "Days since the subject's first session", "Units": "day"},
+    "present": {"Description": "Whether the id exists at this session (rows continue after it ends, to follow its tissue)"},
+    "volume_ml": {"Description": "Volume of the lesion at this session (0 when not present)", "Units": "mL"},
+    "adc_mean_um2_s": {"Description": "Mean ADC in the lesion", "Units": "um^2/s"},
+    "adc_median_um2_s": {"Description": "Median ADC in the lesion", "Units": "um^2/s"},
+    "radc_mean": {"Description": "Mean rADC (ADC / NAWM ADC) in the lesion", "Units": "ratio"},
+    "radc_median": {"Description": "Median rADC in the lesion", "Units": "ratio"},
+    "radc_mean_initial": {
+        "Description": (
+            "Mean rADC at this session over the voxels the lesion occupied when first seen: "
+            "follows that tissue through pseudonormalization, also after the lesion ended"
+        ),
+        "Units": "ratio",
+    },
+    "restricted_volume_ml": {"Description": "Volume of restricted-diffusion voxels inside the lesion", "Units": "mL"},
+    "ever_restricted_volume_ml": {
+        "Description": "Volume of voxels that were restricted inside this lesion at this or any earlier session",
+        "Units": "mL",
+    },
+    "pseudonormalized_fraction": {
+        "Description": "Fraction of the lesion's ever-restricted voxels whose rADC is no longer below the restriction cut-off",
+        "Units": "ratio",
+    },
+}
+
+LESION_SUMMARY_COLUMNS: dict[str, dict[str, object]] = {
+    "lesion_id": LESION_COLUMNS["lesion_id"],
+    "kind": LESION_COLUMNS["kind"],
+    "first_day": {"Description": "Day the lesion is first present", "Units": "day"},
+    "last_day": {"Description": "Day the lesion is last present", "Units": "day"},
+    "max_volume_ml": {"Description": "Largest volume over the sessions it is present", "Units": "mL"},
+    "nadir_radc": {"Description": "Lowest radc_mean_initial (rADC of the initially occupied tissue)", "Units": "ratio"},
+    "nadir_day": {"Description": "Day of nadir_radc", "Units": "day"},
+    "first_restriction_day": {"Description": "First day with restricted voxels inside the lesion (n/a if never)", "Units": "day"},
+    "pseudonormalization_day": {
+        "Description": (
+            "Day radc_mean_initial climbs back to the restriction cut-off, linearly interpolated "
+            "between sessions; the last day when censored; n/a when never below the cut-off"
+        ),
+        "Units": "day",
+    },
+    "censored": {"Description": "True when the cut-off was not reached by the last session (pseudonormalization_day is a lower bound)"},
+    "days_from_first_restriction_to_pseudonormalization": {
+        "Description": "pseudonormalization_day - first_restriction_day (a lower bound when censored)",
+        "Units": "day",
+    },
+}

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
+from scipy import ndimage
 
 RESTRICTED, PSEUDONORMAL, ELEVATED = 1, 2, 3
 
@@ -165,3 +167,195 @@ def session_summary(
         "radc_mean_ever_restricted": masked_mean(radc, ever),
         "pseudonormalized_fraction": pseudonormalized_fraction(ever, radc, restricted_below),
     }
+
+
+# --- per-lesion ADC analytics over sessions -------------------------------------------------
+
+LESION_KINDS = ("flair", "restricted")
+
+
+def _union_boxes(boxes: list[tuple[slice, ...]]) -> tuple[slice, ...]:
+    """Smallest box holding every box (tuples of slices with explicit start/stop)."""
+    return tuple(
+        slice(min(b[k].start for b in boxes), max(b[k].stop for b in boxes))
+        for k in range(len(boxes[0]))
+    )
+
+
+def lesion_table(
+    dseg: list[np.ndarray] | tuple[np.ndarray, ...],
+    *,
+    kind: str,
+    adc_um2_s: list[np.ndarray] | tuple[np.ndarray, ...],
+    radc: list[np.ndarray] | tuple[np.ndarray, ...],
+    restricted: list[np.ndarray] | tuple[np.ndarray, ...],
+    days: list[float] | tuple[float, ...] | np.ndarray,
+    sessions: list | tuple,
+    voxel_volume_ml: float,
+    restricted_below: float,
+) -> pd.DataFrame:
+    """Per-lesion, per-session ADC table (columns: :data:`pipeline.core.columns.LESION_COLUMNS`).
+
+    One row per lesion id and session, from the session the id is first seen to the last
+    session of the subject (``present`` is False after the id resolved, merged or split; the
+    tissue-following columns keep being measured there).
+
+    Parameters
+    ----------
+    dseg : sequence of int ndarray
+        Per session, persistent lesion ids (0 background), e.g. ``TrackingResult.dseg``.
+    kind : {"flair", "restricted"}
+        Which lesion masks were tracked; copied into the table.
+    adc_um2_s, radc : sequence of float ndarray
+        Per session, ADC (um^2/s) and rADC (ratio to NAWM ADC) on the same grid.
+    restricted : sequence of bool ndarray
+        Per session, the restricted-diffusion mask.
+    days, sessions : sequence
+        Day and label of every session.
+    voxel_volume_ml : float
+        Volume of one voxel (mL).
+    restricted_below : float
+        rADC cut-off of restriction (ratio), for the pseudonormalized fraction.
+
+    Notes
+    -----
+    * ``radc_mean_initial``: mean rADC now over the voxels the lesion occupied at its first
+      session; follows the tissue through pseudonormalization even after the lesion itself
+      (as a restricted lesion) has resolved.
+    * ``ever_restricted_volume_ml`` / ``pseudonormalized_fraction``: the lesion's
+      ever-restricted voxels are the union over this and earlier sessions of (restricted AND
+      this lesion); the fraction is :func:`pseudonormalized_fraction` on them (NaN when none).
+    """
+    if kind not in LESION_KINDS:
+        raise ValueError(f"kind must be one of {LESION_KINDS}, got {kind!r}")
+    n_sessions = len(dseg)
+    for name, seq in (
+        ("adc_um2_s", adc_um2_s),
+        ("radc", radc),
+        ("restricted", restricted),
+        ("days", days),
+        ("sessions", sessions),
+    ):
+        if len(seq) != n_sessions:
+            raise ValueError(f"{name} has {len(seq)} entries for {n_sessions} sessions")
+    dseg = [np.asarray(d) for d in dseg]
+    n_ids = max((int(d.max(initial=0)) for d in dseg), default=0)
+    objects = [ndimage.find_objects(d, max_label=n_ids) for d in dseg]
+    rows = []
+    for lesion in range(1, n_ids + 1):
+        present_at = [s for s in range(n_sessions) if objects[s][lesion - 1] is not None]
+        if not present_at:
+            continue
+        first = present_at[0]
+        box = _union_boxes([objects[s][lesion - 1] for s in present_at])
+        initial = dseg[first][box] == lesion
+        ever = np.zeros(initial.shape, bool)
+        for s in range(first, n_sessions):
+            here = dseg[s][box] == lesion
+            adc_s, radc_s = adc_um2_s[s][box], radc[s][box]
+            ever |= here & np.asarray(restricted[s][box], bool)
+            rows.append(
+                {
+                    "lesion_id": lesion,
+                    "kind": kind,
+                    "session": sessions[s],
+                    "day": float(days[s]),
+                    "present": bool(here.any()),
+                    "volume_ml": float(np.count_nonzero(here) * voxel_volume_ml),
+                    "adc_mean_um2_s": masked_mean(adc_s, here),
+                    "adc_median_um2_s": masked_median(adc_s, here),
+                    "radc_mean": masked_mean(radc_s, here),
+                    "radc_median": masked_median(radc_s, here),
+                    "radc_mean_initial": masked_mean(radc_s, initial),
+                    "restricted_volume_ml": float(
+                        np.count_nonzero(here & np.asarray(restricted[s][box], bool))
+                        * voxel_volume_ml
+                    ),
+                    "ever_restricted_volume_ml": float(np.count_nonzero(ever) * voxel_volume_ml),
+                    "pseudonormalized_fraction": pseudonormalized_fraction(
+                        ever, radc_s, restricted_below
+                    ),
+                }
+            )
+    columns = [
+        "lesion_id",
+        "kind",
+        "session",
+        "day",
+        "present",
+        "volume_ml",
+        "adc_mean_um2_s",
+        "adc_median_um2_s",
+        "radc_mean",
+        "radc_median",
+        "radc_mean_initial",
+        "restricted_volume_ml",
+        "ever_restricted_volume_ml",
+        "pseudonormalized_fraction",
+    ]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def lesion_summary(table: pd.DataFrame, *, cutoff: float) -> pd.DataFrame:
+    """One row per lesion of a :func:`lesion_table` (columns: ``LESION_SUMMARY_COLUMNS``).
+
+    Parameters
+    ----------
+    table : DataFrame
+        Output of :func:`lesion_table` (one or several kinds).
+    cutoff : float
+        rADC cut-off of restriction (ratio), normally ``[dynamics] restricted_below``.
+
+    Notes
+    -----
+    The nadir and the pseudonormalization day are both taken on ``radc_mean_initial`` (the
+    tissue first occupied by the lesion), so they describe one trajectory.
+    ``pseudonormalization_day`` is :func:`pseudonormalization_day` over the lesion's sessions
+    (interpolated crossing of ``cutoff``; when not reached, the last day with
+    ``censored=True``; NaN when never below). ``days_from_first_restriction_to_pseudonormalization``
+    counts from the first day with restricted voxels in the lesion (a lower bound when
+    censored).
+    """
+    rows = []
+    for (kind, lesion), g in table.sort_values("day").groupby(["kind", "lesion_id"], sort=True):
+        present = g[g["present"]]
+        days_g = g["day"].to_numpy(float)
+        initial = g["radc_mean_initial"].to_numpy(float)
+        finite = np.isfinite(initial)
+        if finite.any():
+            k = int(np.argmin(np.where(finite, initial, np.inf)))
+            nadir, nadir_day = float(initial[k]), float(days_g[k])
+        else:
+            nadir, nadir_day = float("nan"), float("nan")
+        pn_day, censored = pseudonormalization_day(days_g, initial, cutoff)
+        restricted_days = g.loc[g["restricted_volume_ml"] > 0, "day"]
+        first_restriction = float(restricted_days.min()) if len(restricted_days) else float("nan")
+        rows.append(
+            {
+                "lesion_id": int(lesion),
+                "kind": kind,
+                "first_day": float(present["day"].min()),
+                "last_day": float(present["day"].max()),
+                "max_volume_ml": float(present["volume_ml"].max()),
+                "nadir_radc": nadir,
+                "nadir_day": nadir_day,
+                "first_restriction_day": first_restriction,
+                "pseudonormalization_day": pn_day,
+                "censored": bool(censored),
+                "days_from_first_restriction_to_pseudonormalization": pn_day - first_restriction,
+            }
+        )
+    columns = [
+        "lesion_id",
+        "kind",
+        "first_day",
+        "last_day",
+        "max_volume_ml",
+        "nadir_radc",
+        "nadir_day",
+        "first_restriction_day",
+        "pseudonormalization_day",
+        "censored",
+        "days_from_first_restriction_to_pseudonormalization",
+    ]
+    return pd.DataFrame(rows, columns=columns)
