@@ -28,6 +28,9 @@ Conventions
   then by its lowest C-order flat index. Ids therefore do not depend on the memory layout of
   the input arrays and are unchanged by transposing every mask the same way (except for exact
   geometric ties).
+* In an n:m group the ending parents get the event ``merged`` and the new pieces ``split``
+  (their ``parents``/``predecessor_ids`` list all n parents).
+* The ``dseg`` arrays of the result are read-only (the result is a frozen value).
 * Events are one row per lesion id per interval in which the id exists at either end; volumes
   are always the id's *own* volume (0 where it does not exist), so per interval the sum of
   ``volume_from_ml`` is the mask volume at ``from_session`` and the sum of ``volume_to_ml`` is
