@@ -20,6 +20,11 @@ from pipeline import __version__
 TOOLS = ("simulate",)
 
 
+def _fail(message: str, status: int = 1) -> int:
+    print(f"lesionlapse: error: {message}", file=sys.stderr)
+    return status
+
+
 def _simulate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lesionlapse simulate",
@@ -61,6 +66,40 @@ def run_simulate(argv: list[str]) -> int:
     return 0
 
 
+def _label_list(values: list[str] | None) -> list[str] | None:
+    return [v for value in values for v in value.split(",") if v] if values else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The BIDS-App parser: ``BIDS_DIR OUTPUT_DIR {participant,group}``."""
+    p = argparse.ArgumentParser(
+        prog="lesionlapse",
+        description="Serial brain MRI lesion tracking: registration, FLAIR and restricted-diffusion "
+        "lesions, lesion histories and ADC pseudonormalization over sessions. "
+        "Tools: 'lesionlapse simulate OUT_DIR' writes a phantom dataset with ground truth.",
+    )
+    p.add_argument("bids_dir", type=Path, help="the input BIDS dataset")
+    p.add_argument("output_dir", type=Path, help="where the derivatives go")
+    p.add_argument("analysis_level", choices=("participant", "group"))
+    p.add_argument("--version", action="version", version=f"lesionlapse {__version__}")
+    p.add_argument("--participant-label", "--participant_label", nargs="+", metavar="LABEL",
+                   help="subjects to process, with or without 'sub-' (default: all)")
+    p.add_argument("--session-label", nargs="+", metavar="LABEL",
+                   help="sessions to use, with or without 'ses-' (default: all)")
+    p.add_argument("--config", type=Path, help="TOML file overriding configs/default.toml")
+    p.add_argument("-w", "--work-dir", type=Path,
+                   help="Nipype working directory (cache; default: OUTPUT_DIR/../lesionlapse_work)")
+    p.add_argument("--nprocs", type=int, help="processes for MultiProc (default: config)")
+    p.add_argument("--omp-nthreads", type=int, help="threads per process (default: config)")
+    p.add_argument("--plugin", default=None,
+                   help="Nipype execution plugin: MultiProc (default), Linear, SLURM, SLURMGraph")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--plugin-args", type=str, help="plugin arguments as JSON")
+    group.add_argument("--use-plugin", type=Path,
+                       help="YAML file with 'plugin:' and 'plugin_args:' (fmriprep style)")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lesionlapse`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -70,10 +109,97 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("--version", "-v"):
         print(f"lesionlapse {__version__}")
         return 0
-    from pipeline.app import run_app
-
-    return run_app(argv)
+    args = build_parser().parse_args(argv)
+    if args.analysis_level == "participant":
+        return run_participant(args)
+    return run_group(args)
 
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+def _check_paths(bids_dir: Path, output_dir: Path) -> None:
+    """Refuse an OUTPUT_DIR inside the input dataset (except under derivatives/)."""
+    from pipeline.bids import BIDSError
+
+    bids = bids_dir.resolve()
+    out = output_dir.resolve()
+    if out == bids or (bids in out.parents and not out.is_relative_to(bids / "derivatives")):
+        raise BIDSError(
+            f"OUTPUT_DIR {output_dir} is inside the input dataset {bids_dir}; choose a folder "
+            f"outside it or under {bids_dir / 'derivatives'}"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".lesionlapse-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise BIDSError(f"OUTPUT_DIR {output_dir} is not writable ({exc.strerror}); "
+                        "choose a folder you can write to") from None
+
+
+def _plugin_settings(args, config) -> tuple[str, dict]:
+    plugin = args.plugin or "MultiProc"
+    plugin_args: dict = {}
+    if args.use_plugin:
+        import yaml
+
+        settings = yaml.safe_load(args.use_plugin.read_text()) or {}
+        plugin = settings.get("plugin", plugin)
+        plugin_args = settings.get("plugin_args", {}) or {}
+    elif args.plugin_args:
+        import json
+
+        plugin_args = json.loads(args.plugin_args)
+    if plugin == "MultiProc":
+        plugin_args.setdefault("n_procs", config.resources.nprocs)
+        plugin_args.setdefault("memory_gb", config.resources.mem_gb)
+        plugin_args.setdefault("raise_insufficient", False)
+    return plugin, plugin_args
+
+
+def run_participant(args) -> int:
+    """Run every requested subject; a failing subject is recorded and the others go on."""
+    from pipeline.bids import BIDSError, discover
+    from pipeline.config import ConfigError, load_config
+    from pipeline.runner import run_subjects
+
+    try:
+        _check_paths(args.bids_dir, args.output_dir)
+        config = load_config(args.config)
+        if args.nprocs is not None:
+            config = config.replace("resources", nprocs=args.nprocs)
+        if args.omp_nthreads is not None:
+            config = config.replace("resources", omp_nthreads=args.omp_nthreads)
+        subjects = discover(args.bids_dir, _label_list(args.participant_label),
+                            _label_list(args.session_label))
+        plugin, plugin_args = _plugin_settings(args, config)
+    except (BIDSError, ConfigError, ValueError, OSError) as exc:
+        return _fail(str(exc), 2)
+    work_dir = args.work_dir or args.output_dir.resolve().parent / "lesionlapse_work"
+    summary = run_subjects(subjects, config=config, bids_dir=args.bids_dir,
+                           output_dir=args.output_dir, work_dir=work_dir, plugin=plugin,
+                           plugin_args=plugin_args)
+    failed = [row for row in summary if row["status"] != "ok"]
+    print(f"{len(summary) - len(failed)} of {len(summary)} subject(s) succeeded; "
+          f"summary in {args.output_dir / 'logs' / 'run_summary.tsv'}")
+    for row in failed:
+        print(f"  sub-{row['subject']}: {row['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def run_group(args) -> int:
+    """Concatenate the subjects' tables into cohort tables."""
+    from pipeline.runner import run_group_level
+
+    try:
+        written, missing = run_group_level(args.output_dir)
+    except (ValueError, OSError) as exc:
+        return _fail(str(exc), 2)
+    for path in written:
+        print(f"wrote {path}")
+    if missing:
+        print(f"subjects without results (failed or not run): {', '.join(missing)}")
+    return 0

@@ -1,0 +1,63 @@
+"""Shared helpers of the Nipype interfaces: output paths in the node's cwd and JSON files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from pipeline.io import write_image
+
+
+def out_path(runtime, name: str) -> str:
+    """Absolute path of an output file in the node's working directory."""
+    return str(Path(runtime.cwd) / name)
+
+
+def save(img: sitk.Image, runtime, name: str, dtype=np.float32) -> str:
+    """Write a SimpleITK image into the node's working directory."""
+    return str(write_image(img, Path(out_path(runtime, name)), dtype=dtype))
+
+
+def save_json(data, runtime, name: str) -> str:
+    path = out_path(runtime, name)
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True, default=_jsonable))
+    return path
+
+
+def load_json(path: str):
+    return json.loads(Path(path).read_text())
+
+
+def _jsonable(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def read(path: str) -> sitk.Image:
+    """Read an image written by this pipeline (float or label NIfTI in the work dir)."""
+    return sitk.ReadImage(str(path))
+
+
+def array(img: sitk.Image) -> np.ndarray:
+    """Voxel array of a SimpleITK image (z, y, x order), a copy."""
+    return sitk.GetArrayFromImage(img)
+
+
+def like(arr: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    """SimpleITK image from a (z, y, x) array with the geometry of ``reference``."""
+    img = sitk.GetImageFromArray(arr)
+    img.CopyInformation(reference)
+    return img
+
+
+def spacing_zyx(img: sitk.Image) -> tuple[float, float, float]:
+    """Voxel spacing in the axis order of :func:`array` (mm)."""
+    return tuple(float(s) for s in reversed(img.GetSpacing()))

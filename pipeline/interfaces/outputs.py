@@ -1,0 +1,250 @@
+"""Masks back on the native grids, and the BIDS derivatives of one subject."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    InputMultiObject,
+    OutputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+from pipeline import __version__
+from pipeline.bids import derivative_name
+from pipeline.core import columns
+from pipeline.core import registration as core_reg
+from pipeline.interfaces.base import array, like, read, save
+from pipeline.io import atomic_path, write_image
+
+
+class _NativeMasksInputSpec(BaseInterfaceInputSpec):
+    flair_lesion = InputMultiObject(File(exists=True), mandatory=True, desc="subject space")
+    restricted = InputMultiObject(File(exists=True), mandatory=True, desc="subject space")
+    subject_xfms = InputMultiObject(File(exists=True), mandatory=True)
+    dwi_to_flair = InputMultiObject(File(exists=True), mandatory=True)
+    native_flair = InputMultiObject(File(exists=True), mandatory=True, desc="native FLAIR grids")
+    native_dwi = InputMultiObject(File(exists=True), mandatory=True, desc="native DWI grids")
+
+
+class _NativeMasksOutputSpec(TraitedSpec):
+    flair_lesion = OutputMultiObject(File(), desc="FLAIR lesion masks on the native FLAIR grids")
+    restricted = OutputMultiObject(File(), desc="restricted masks on the native DWI grids")
+
+
+def _to_native(mask_file: str, grid_file: str, transforms: list[sitk.Transform]) -> sitk.Image:
+    """Resample a subject-space mask onto a native grid (linear, then >= 0.5: keeps volume)."""
+    mask = sitk.Cast(read(mask_file), sitk.sitkFloat32)
+    frac = core_reg.resample_to_reference(mask, read(grid_file), transforms, interpolator="linear")
+    return like((array(frac) >= 0.5).astype(np.uint8), frac)
+
+
+class NativeMasks(SimpleInterface):
+    """Write the lesion masks back onto each session's native FLAIR and DWI grids."""
+
+    input_spec = _NativeMasksInputSpec
+    output_spec = _NativeMasksOutputSpec
+
+    def _run_interface(self, runtime):
+        ins = self.inputs
+        flair_out, restricted_out = [], []
+        for i, (xfm, d2f) in enumerate(zip(ins.subject_xfms, ins.dwi_to_flair)):
+            # native point -> subject point: invert the chain; ITK order, last applied first
+            to_subject = core_reg.invert_transform(sitk.ReadTransform(xfm))
+            flair_to_dwi_inv = core_reg.invert_transform(sitk.ReadTransform(d2f))
+            img = _to_native(ins.flair_lesion[i], ins.native_flair[i], [to_subject])
+            flair_out.append(save(img, runtime, f"flair_lesion_native_{i:02d}.nii.gz", np.uint8))
+            img = _to_native(ins.restricted[i], ins.native_dwi[i], [to_subject, flair_to_dwi_inv])
+            restricted_out.append(save(img, runtime, f"restricted_native_{i:02d}.nii.gz", np.uint8))
+        self._results["flair_lesion"] = flair_out
+        self._results["restricted"] = restricted_out
+        return runtime
+
+
+_files = lambda desc: InputMultiObject(File(exists=True), mandatory=True, desc=desc)  # noqa: E731
+
+
+class _WriteDerivativesInputSpec(BaseInterfaceInputSpec):
+    out_dir = traits.Str(mandatory=True, desc="staging folder of this subject's derivatives")
+    subject = traits.Str(mandatory=True)
+    labels = traits.List(traits.Str, mandatory=True)
+    days = traits.List(traits.Float, mandatory=True)
+    day_source = traits.Str("sessions.tsv", usedefault=True)
+    config = traits.Dict(mandatory=True)
+    flair = _files("FLAIR, subject space")
+    trace = _files("trace DWI, subject space")
+    adc = _files("ADC (um^2/s), subject space")
+    radc = _files("rADC, subject space")
+    brain_mask = _files("brain masks, subject space")
+    flair_lesion = _files("FLAIR lesion masks, subject space")
+    restricted = _files("restricted masks, subject space")
+    shine_through = _files("T2 shine-through masks, subject space")
+    flair_dseg = _files("FLAIR lesion ids, subject space")
+    restricted_dseg = _files("restricted lesion ids, subject space")
+    native_flair_lesion = _files("FLAIR lesion masks, native FLAIR grid")
+    native_restricted = _files("restricted masks, native DWI grid")
+    subject_xfms = _files("session FLAIR -> subject transforms")
+    dwi_to_flair = _files("DWI -> FLAIR transforms")
+    subject_space_qc = File(exists=True, mandatory=True)
+    dwi_to_flair_qc = _files("DWI -> FLAIR QC JSONs")
+    load_reports = _files("loading reports")
+    sessions_table = File(exists=True, mandatory=True)
+    lesions_table = File(exists=True, mandatory=True)
+    events_table = File(exists=True, mandatory=True)
+    lineage_table = File(exists=True, mandatory=True)
+    summary_table = File(exists=True, mandatory=True)
+
+
+class _WriteDerivativesOutputSpec(TraitedSpec):
+    out_dir = traits.Str(desc="the staging folder, complete")
+
+
+# file name after "sub-X_" and the column descriptions of each table
+_TABLES = {
+    "sessions_table": ("desc-sessions_timeseries.tsv", columns.SESSION_COLUMNS),
+    "lesions_table": ("desc-lesions_timeseries.tsv", columns.LESION_COLUMNS),
+    "events_table": ("desc-events.tsv", columns.EVENT_COLUMNS),
+    "lineage_table": ("desc-lineage.tsv", columns.LINEAGE_COLUMNS),
+    "summary_table": ("desc-lesions_summary.tsv", columns.LESION_SUMMARY_COLUMNS),
+}
+
+
+class WriteDerivatives(SimpleInterface):
+    """Copy a subject's results into BIDS-derivative names with JSON sidecars.
+
+    Writes into ``out_dir`` (a staging folder); the caller publishes it atomically.
+    """
+
+    input_spec = _WriteDerivativesInputSpec
+    output_spec = _WriteDerivativesOutputSpec
+
+    def _run_interface(self, runtime):
+        ins = self.inputs
+        root = Path(ins.out_dir)
+        if root.exists():
+            shutil.rmtree(root)
+        sub = ins.subject
+        subj_dir = root / f"sub-{sub}"
+        space_ref = f"sub-{sub}/anat/" + derivative_name(sub, None, "mask", space="subject", desc="brain")
+        union = None
+        for i, ses in enumerate(ins.labels):
+            m = array(read(ins.brain_mask[i])) > 0
+            union = m if union is None else union | m
+        write_image(like(union.astype(np.uint8), read(ins.brain_mask[0])),
+                    root / space_ref, dtype=np.uint8)
+        _sidecar(root / space_ref, {"Description": "Union of the sessions' brain masks; defines the "
+                                    "subject space grid", "Type": "Brain"})
+
+        common = {"SpatialReference": space_ref}
+        for i, ses in enumerate(ins.labels):
+            day = {"Day": ins.days[i]}
+
+            def put(src, datatype, suffix, meta, *, space="subject", label=None, desc=None, ext=".nii.gz"):
+                name = derivative_name(sub, ses, suffix, space=space, label=label, desc=desc, ext=ext)
+                dst = subj_dir / f"ses-{ses}" / datatype / name
+                _copy(src, dst)
+                if ext.startswith(".nii"):
+                    _sidecar(dst, {**(common if space else {}), **day, **meta})
+                return dst
+
+            put(ins.flair[i], "anat", "FLAIR", {"Description": "Bias-corrected FLAIR",
+                                                "SkullStripped": False}, desc="preproc")
+            trace = put(ins.trace[i], "dwi", "dwi", {"Description": "Trace-weighted DWI",
+                                                     "SkullStripped": False}, desc="trace")
+            b_value = _b_value(ins.load_reports[i])
+            _write_text(trace.with_name(trace.name.replace(".nii.gz", ".bval")), f"{b_value:g}\n")
+            _write_text(trace.with_name(trace.name.replace(".nii.gz", ".bvec")), "0\n0\n0\n")
+            put(ins.adc[i], "dwi", "ADC", {"Description": "Apparent diffusion coefficient",
+                                           "Units": "um^2/s", "SkullStripped": False})
+            put(ins.radc[i], "dwi", "ADC", {"Description": "ADC relative to normal-appearing white "
+                                            "matter (rADC)", "Units": "ratio", "SkullStripped": False},
+                desc="relative")
+            put(ins.brain_mask[i], "anat", "mask", {"Type": "Brain"}, desc="brain")
+            put(ins.flair_lesion[i], "anat", "mask", {"Type": "Lesion", "Description": "FLAIR lesion"},
+                label="lesion", desc="flair")
+            put(ins.restricted[i], "dwi", "mask", {"Type": "Lesion",
+                                                   "Description": "Restricted diffusion"},
+                label="lesion", desc="restricted")
+            put(ins.shine_through[i], "dwi", "mask", {"Type": "ROI", "Description": "T2 shine-through "
+                                                      "(DWI bright, ADC not low)"},
+                label="shinethrough", desc="dwi")
+            for kind, files in (("flair", ins.flair_dseg), ("restricted", ins.restricted_dseg)):
+                datatype = "anat" if kind == "flair" else "dwi"
+                dst = put(files[i], datatype, "dseg", {"Description": f"Persistent {kind} lesion ids"},
+                          desc=kind)
+                _dseg_lut(files[i], dst)
+            put(ins.native_flair_lesion[i], "anat", "mask",
+                {"Type": "Lesion", "Description": "FLAIR lesion on the native FLAIR grid"},
+                space=None, label="lesion", desc="flair")
+            put(ins.native_restricted[i], "dwi", "mask",
+                {"Type": "Lesion", "Description": "Restricted diffusion on the native DWI grid"},
+                space=None, label="lesion", desc="restricted")
+            xfm_dir = subj_dir / f"ses-{ses}" / "anat"
+            _copy(ins.subject_xfms[i], xfm_dir / derivative_name(
+                sub, ses, "xfm", extra={"from": "FLAIR", "to": "subject", "mode": "image"}, ext=".txt"))
+            _copy(ins.dwi_to_flair[i], subj_dir / f"ses-{ses}" / "dwi" / derivative_name(
+                sub, ses, "xfm", extra={"from": "DWI", "to": "FLAIR", "mode": "image"}, ext=".txt"))
+
+        for field, (name, cols) in _TABLES.items():
+            dst = subj_dir / f"sub-{sub}_{name}"
+            _copy(getattr(ins, field), dst)
+            _write_text(dst.with_suffix(".json"), json.dumps(_describe(getattr(ins, field), cols), indent=2))
+
+        qc = {
+            "subject_space": _load(ins.subject_space_qc),
+            "dwi_to_flair": [_load(f) for f in ins.dwi_to_flair_qc],
+            "inputs": {ses: _load(f) for ses, f in zip(ins.labels, ins.load_reports)},
+            "day_source": ins.day_source,
+            "config": ins.config,
+            "version": __version__,
+        }
+        _write_text(subj_dir / f"sub-{sub}_desc-qc_report.json", json.dumps(qc, indent=2))
+        self._results["out_dir"] = str(root)
+        return runtime
+
+
+def _load(path: str):
+    return json.loads(Path(path).read_text())
+
+
+def _b_value(report: str) -> float:
+    return float(_load(report).get("dwi_b_value_s_mm2", 1000.0))
+
+
+def _copy(src: str, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def _sidecar(image: Path, meta: dict) -> None:
+    _write_text(image.with_name(image.name.replace(".nii.gz", ".json")),
+                json.dumps({"GeneratedBy": [{"Name": "lesionlapse", "Version": __version__}], **meta},
+                           indent=2, sort_keys=True))
+
+
+def _dseg_lut(dseg_file: str, dst: Path) -> None:
+    ids = np.unique(array(read(dseg_file)))
+    ids = ids[ids > 0]
+    lut = pd.DataFrame({"index": ids.astype(int), "name": [f"lesion-{i}" for i in ids]})
+    with atomic_path(dst.with_name(dst.name.replace(".nii.gz", ".tsv"))) as tmp:
+        lut.to_csv(tmp, sep="\t", index=False)
+
+
+def _describe(table: str, cols: dict) -> dict:
+    """JSON sidecar of a TSV: the description of each column present (unknown ones flagged)."""
+    header = pd.read_csv(table, sep="\t", nrows=0).columns
+    return {c: cols.get(c, {"Description": "(undocumented column)"}) for c in header}

@@ -1,0 +1,186 @@
+"""Registration: DWI -> FLAIR within a session, the unbiased subject space, resampling once."""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    InputMultiObject,
+    OutputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+from pipeline.core import registration as core_reg
+from pipeline.interfaces.base import out_path, read, save, save_json
+
+_REG_KEYS = (
+    "metric", "histogram_bins", "sampling_fraction", "shrink_factors", "smoothing_sigmas_mm",
+    "iterations", "learning_rate", "min_step",
+)
+
+
+def registration_kwargs(params: dict) -> dict:
+    """Optimizer/metric keywords of core.registration from the [registration] section."""
+    return {k: (tuple(params[k]) if isinstance(params[k], list) else params[k]) for k in _REG_KEYS}
+
+
+def _qc_record(result, name: str) -> dict:
+    return {
+        "registration": name,
+        "final_metric": result.final_metric,
+        "similarity_after": result.similarity_after,
+        "rotation_deg": result.rotation_deg,
+        "translation_mm": result.translation_mm,
+    }
+
+
+class _RegisterImagesInputSpec(BaseInterfaceInputSpec):
+    fixed = File(exists=True, mandatory=True, desc="fixed image (FLAIR)")
+    moving = File(exists=True, mandatory=True, desc="moving image (b0 or trace)")
+    fixed_mask = File(exists=True, desc="brain mask of the fixed image")
+    moving_mask = File(exists=True, desc="brain mask of the moving image")
+    transform_type = traits.Enum("rigid", "affine", usedefault=True)
+    params = traits.Dict(mandatory=True, desc="the [registration] section of the configuration")
+    n_threads = traits.Int(1, usedefault=True)
+    name = traits.Str("dwi-to-flair", usedefault=True, desc="label used in QC messages")
+
+
+class _RegisterImagesOutputSpec(TraitedSpec):
+    transform = File(desc="ITK transform: resamples the moving image onto the fixed grid")
+    qc = File(desc="JSON with the final metric, similarity and transform size")
+
+
+class RegisterImages(SimpleInterface):
+    """Register ``moving`` to ``fixed`` (mutual information, multi-resolution) with QC limits."""
+
+    input_spec = _RegisterImagesInputSpec
+    output_spec = _RegisterImagesOutputSpec
+
+    def _run_interface(self, runtime):
+        p = self.inputs.params
+        mask = lambda f: read(f) if isdefined(f) and f else None  # noqa: E731
+        result = core_reg.register_rigid(
+            read(self.inputs.fixed),
+            read(self.inputs.moving),
+            fixed_mask=mask(self.inputs.fixed_mask),
+            moving_mask=mask(self.inputs.moving_mask),
+            transform_type=self.inputs.transform_type,
+            n_threads=self.inputs.n_threads,
+            **registration_kwargs(p),
+        )
+        qc = _qc_record(result, self.inputs.name)
+        self._results["qc"] = save_json(qc, runtime, "qc.json")
+        core_reg.qc_check(
+            result, max_rotation_deg=p["max_rotation_deg"], max_translation_mm=p["max_translation_mm"],
+            what=self.inputs.name,
+        )
+        path = out_path(runtime, "xfm.txt")
+        sitk.WriteTransform(result.transform, path)
+        self._results["transform"] = path
+        return runtime
+
+
+class _SubjectSpaceInputSpec(BaseInterfaceInputSpec):
+    in_files = InputMultiObject(File(exists=True), mandatory=True, desc="one anatomical image per session")
+    masks = InputMultiObject(File(exists=True), desc="brain masks, one per session")
+    labels = traits.List(traits.Str, mandatory=True, desc="session labels (for QC messages)")
+    params = traits.Dict(mandatory=True, desc="the [registration] section of the configuration")
+    n_threads = traits.Int(1, usedefault=True)
+
+
+class _SubjectSpaceOutputSpec(TraitedSpec):
+    transforms = OutputMultiObject(File(), desc="per session: resamples the session onto the subject space")
+    reference = File(desc="empty image defining the subject-space grid")
+    qc = File(desc="JSON list of per-session registration QC")
+
+
+class SubjectSpace(SimpleInterface):
+    """Rigidly align all sessions in one within-subject space that favours none of them."""
+
+    input_spec = _SubjectSpaceInputSpec
+    output_spec = _SubjectSpaceOutputSpec
+
+    def _run_interface(self, runtime):
+        p = self.inputs.params
+        images = [read(f) for f in self.inputs.in_files]
+        masks = [read(f) for f in self.inputs.masks] if self.inputs.masks else None
+        transforms, reference, qc = core_reg.build_subject_space(
+            images,
+            masks,
+            spacing_mm=p["output_spacing_mm"],
+            iterations=p["template_iterations"],
+            n_threads=self.inputs.n_threads,
+            **registration_kwargs(p),
+        )
+        records = []
+        for label, result in zip(self.inputs.labels, qc):
+            records.append(_qc_record(result, f"ses-{label} to subject space"))
+        self._results["qc"] = save_json(records, runtime, "qc.json")
+        for label, result in zip(self.inputs.labels, qc):
+            core_reg.qc_check(
+                result, max_rotation_deg=p["max_rotation_deg"],
+                max_translation_mm=p["max_translation_mm"], what=f"ses-{label} to subject space",
+            )
+        paths = []
+        for i, t in enumerate(transforms):
+            path = out_path(runtime, f"xfm_{i:02d}.txt")
+            sitk.WriteTransform(t, path)
+            paths.append(path)
+        self._results["transforms"] = paths
+        self._results["reference"] = save(reference, runtime, "reference.nii.gz", dtype=np.uint8)
+        return runtime
+
+
+class _ResampleSessionInputSpec(BaseInterfaceInputSpec):
+    reference = File(exists=True, mandatory=True, desc="subject-space grid")
+    subject_xfm = File(exists=True, desc="resamples this session's FLAIR space onto the subject space")
+    dwi_to_flair = File(exists=True, desc="resamples the DWI grid onto the FLAIR")
+    flair = File(exists=True)
+    flair_mask = File(exists=True)
+    b0 = File(exists=True)
+    trace = File(exists=True)
+    adc = File(exists=True)
+    dwi_mask = File(exists=True)
+
+
+class _ResampleSessionOutputSpec(TraitedSpec):
+    flair = File()
+    brain_mask = File()
+    b0 = File()
+    trace = File()
+    adc = File()
+
+
+class ResampleSession(SimpleInterface):
+    """Resample every image of a session once, onto the subject space, with composed transforms."""
+
+    input_spec = _ResampleSessionInputSpec
+    output_spec = _ResampleSessionOutputSpec
+
+    def _run_interface(self, runtime):
+        ins = self.inputs
+        reference = read(ins.reference)
+        chain = [sitk.ReadTransform(ins.subject_xfm)] if isdefined(ins.subject_xfm) else []
+        # ITK composite order (core.registration.resample_to_reference): last applied first
+        dwi_chain = ([sitk.ReadTransform(ins.dwi_to_flair)] if isdefined(ins.dwi_to_flair) else []) + chain
+
+        def resample(path, transforms, name, interpolator="linear", dtype=np.float32):
+            img = core_reg.resample_to_reference(
+                read(path), reference, transforms, interpolator=interpolator
+            )
+            self._results[name] = save(img, runtime, f"{name}.nii.gz", dtype=dtype)
+
+        if isdefined(ins.flair):
+            resample(ins.flair, chain, "flair", "bspline")
+            resample(ins.flair_mask, chain, "brain_mask", "nearest", np.uint8)
+        elif isdefined(ins.dwi_mask):
+            resample(ins.dwi_mask, dwi_chain, "brain_mask", "nearest", np.uint8)
+        for name in ("b0", "trace", "adc"):
+            if isdefined(getattr(ins, name)):
+                resample(getattr(ins, name), dwi_chain, name)
+        return runtime

@@ -1,0 +1,109 @@
+"""Lesion identities over sessions, events and the ADC time courses of one subject."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    InputMultiObject,
+    OutputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+from pipeline.core import dynamics, tracking
+from pipeline.core.dynamics import ReferenceADC
+from pipeline.interfaces.base import array, like, load_json, out_path, read, save
+
+
+class _TrackLesionsInputSpec(BaseInterfaceInputSpec):
+    flair_lesion = InputMultiObject(File(exists=True), mandatory=True)
+    restricted = InputMultiObject(File(exists=True), mandatory=True)
+    shine_through = InputMultiObject(File(exists=True), mandatory=True)
+    adc = InputMultiObject(File(exists=True), mandatory=True, desc="ADC (um^2/s), subject space")
+    radc = InputMultiObject(File(exists=True), mandatory=True)
+    references = InputMultiObject(File(exists=True), mandatory=True, desc="NAWM reference JSONs")
+    labels = traits.List(traits.Str, mandatory=True)
+    days = traits.List(traits.Float, mandatory=True)
+    tracking = traits.Dict(mandatory=True, desc="the [tracking] section of the configuration")
+    dynamics = traits.Dict(mandatory=True, desc="the [dynamics] section of the configuration")
+
+
+class _TrackLesionsOutputSpec(TraitedSpec):
+    flair_dseg = OutputMultiObject(File(), desc="per session: persistent FLAIR lesion ids")
+    restricted_dseg = OutputMultiObject(File(), desc="per session: persistent restricted lesion ids")
+    sessions_table = File(desc="one row per session")
+    lesions_table = File(desc="one row per lesion per session")
+    events_table = File(desc="one row per lesion per interval")
+    lineage_table = File(desc="one row per lesion id")
+    summary_table = File(desc="one row per lesion: nadir and pseudonormalization day")
+
+
+class TrackLesions(SimpleInterface):
+    """Track FLAIR and restricted lesions separately and measure ADC dynamics per session/lesion."""
+
+    input_spec = _TrackLesionsInputSpec
+    output_spec = _TrackLesionsOutputSpec
+
+    def _run_interface(self, runtime):
+        ins, trk, dyn = self.inputs, self.inputs.tracking, self.inputs.dynamics
+        ref_img = read(ins.flair_lesion[0])
+        voxel_ml = float(np.prod(ref_img.GetSpacing())) / 1000.0
+        load = lambda files, dtype: [array(read(f)).astype(dtype) for f in files]  # noqa: E731
+        flair, restricted = load(ins.flair_lesion, bool), load(ins.restricted, bool)
+        shine, adc, radc = load(ins.shine_through, bool), load(ins.adc, np.float32), load(ins.radc, np.float32)
+        refs = [ReferenceADC(**load_json(f)) for f in ins.references]
+
+        rows, ever = [], np.zeros_like(restricted[0])
+        for i, label in enumerate(ins.labels):
+            ever = ever | restricted[i]
+            row = {"session": label, "day": ins.days[i]}
+            row.update(dynamics.session_summary(
+                flair_lesion=flair[i], restricted=restricted[i], shine_through=shine[i],
+                ever_restricted=ever, adc_um2_s=adc[i], radc=radc[i], reference=refs[i],
+                voxel_volume_ml=voxel_ml, restricted_below=dyn["restricted_below"],
+            ))
+            rows.append(row)
+        sessions = pd.DataFrame(rows)
+
+        lesion_tables, event_tables, lineage_tables = [], [], []
+        for kind, masks in (("flair", flair), ("restricted", restricted)):
+            result = tracking.track_lesions(
+                masks, ins.days, sessions=list(ins.labels), voxel_volume_ml=voxel_ml,
+                connectivity=trk["connectivity"], min_overlap_voxels=trk["min_overlap_voxels"],
+                shift_tolerance_voxels=trk["shift_tolerance_voxels"],
+                enlarging_relative=trk["enlarging_relative"],
+                enlarging_absolute_ml=trk["enlarging_absolute_ml"],
+            )
+            self._results[f"{kind}_dseg"] = [
+                save(like(d.astype(np.int32), ref_img), runtime, f"{kind}_dseg_{i:02d}.nii.gz", np.int32)
+                for i, d in enumerate(result.dseg)
+            ]
+            lesion_tables.append(dynamics.lesion_table(
+                result.dseg, kind=kind, adc_um2_s=adc, radc=radc, restricted=restricted,
+                days=ins.days, sessions=list(ins.labels), voxel_volume_ml=voxel_ml,
+                restricted_below=dyn["restricted_below"],
+            ))
+            event_tables.append(result.events.assign(kind=kind))
+            lineage_tables.append(result.lineage.assign(kind=kind))
+        lesions = pd.concat(lesion_tables, ignore_index=True)
+        summary = dynamics.lesion_summary(lesions, cutoff=dyn["restricted_below"])
+
+        for name, table in (("sessions_table", sessions), ("lesions_table", lesions),
+                            ("events_table", _kind_first(pd.concat(event_tables, ignore_index=True))),
+                            ("lineage_table", _kind_first(pd.concat(lineage_tables, ignore_index=True))),
+                            ("summary_table", summary)):
+            path = out_path(runtime, f"{name}.tsv")
+            table.to_csv(path, sep="\t", index=False, na_rep="n/a", float_format="%.6g")
+            self._results[name] = path
+        return runtime
+
+
+def _kind_first(table: pd.DataFrame) -> pd.DataFrame:
+    """Put the ``kind`` column right after ``lesion_id``."""
+    cols = [c for c in table.columns if c != "kind"]
+    pos = cols.index("lesion_id") + 1 if "lesion_id" in cols else 0
+    return table[cols[:pos] + ["kind"] + cols[pos:]]

@@ -1,0 +1,222 @@
+"""Workflow builders: one subject's longitudinal lesion workflow.
+
+Builders only wire interfaces; every computation lives in pipeline/core behind the interfaces.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from pipeline.bids import SessionInputs, SubjectInputs
+from pipeline.config import Config
+from pipeline.interfaces.outputs import NativeMasks, WriteDerivatives
+from pipeline.interfaces.preprocess import PrepareImage
+from pipeline.interfaces.registration import RegisterImages, ResampleSession, SubjectSpace
+from pipeline.interfaces.session import LoadSession
+from pipeline.interfaces.segmentation import SegmentSessions
+from pipeline.interfaces.tracking import TrackLesions
+
+SESSION_OUTPUTS = ("flair", "flair_mask", "b0", "trace", "adc", "dwi_mask", "dwi_to_flair",
+                   "load_report", "reg_qc", "anat", "anat_mask")
+RESAMPLED = ("flair", "brain_mask", "b0", "trace", "adc")
+
+
+def init_session_wf(*, session: SessionInputs, config: Config, name: str = "session_wf"):
+    """Load and preprocess one session in its native spaces.
+
+    Parameters
+    ----------
+    session
+        The session's input files.
+    config
+        Pipeline configuration.
+    name
+        Workflow name.
+
+    Outputs
+    -------
+    flair, flair_mask
+        Bias-corrected FLAIR and its brain mask (native FLAIR grid).
+    b0, trace, adc, dwi_mask
+        Mean b0, trace DWI, ADC (um^2/s) and brain mask (native DWI grid).
+    dwi_to_flair
+        ITK transform resampling the DWI grid onto the FLAIR.
+    anat, anat_mask
+        The session's anatomical reference for the subject space (FLAIR, else b0).
+    load_report, reg_qc
+        JSON reports of loading (units, warnings) and of the DWI->FLAIR registration.
+    """
+    if session.flair is None and not session.has_diffusion:
+        raise ValueError(f"ses-{session.session} of sub-{session.subject} has neither FLAIR nor DWI/ADC")
+    threads = config.resources.omp_nthreads
+    workflow = pe.Workflow(name=name)
+    outputnode = pe.Node(niu.IdentityInterface(fields=list(SESSION_OUTPUTS)), name="outputnode")
+
+    files = {k: str(v) for k in ("flair", "dwi", "bval", "bvec", "adc", "trace", "trace_sidecar")
+             if (v := getattr(session, k)) is not None}
+    params = config.to_dict()["inputs"]
+    load = pe.Node(LoadSession(params=params, **files), name="load", mem_gb=1.0)
+    workflow.connect(load, "report", outputnode, "load_report")
+    pre = config.to_dict()["preprocessing"]
+
+    if session.flair is not None:
+        prep_flair = pe.Node(PrepareImage(params=pre, n_threads=threads), name="prep_flair",
+                             n_procs=threads, mem_gb=1.0)
+        workflow.connect([
+            (load, prep_flair, [("flair", "in_file")]),
+            (prep_flair, outputnode, [("out_file", "flair"), ("mask", "flair_mask"),
+                                      ("out_file", "anat"), ("mask", "anat_mask")]),
+        ])
+    if session.has_diffusion:
+        prep_dwi = pe.Node(PrepareImage(params=pre, bias_correct=False, n_threads=threads),
+                           name="prep_dwi", n_procs=threads, mem_gb=0.5)
+        workflow.connect([
+            (load, prep_dwi, [("b0", "in_file")]),
+            (load, outputnode, [("b0", "b0"), ("trace", "trace"), ("adc", "adc")]),
+            (prep_dwi, outputnode, [("mask", "dwi_mask")]),
+        ])
+        if session.flair is None:
+            workflow.connect(prep_dwi, "out_file", outputnode, "anat")
+            workflow.connect(prep_dwi, "mask", outputnode, "anat_mask")
+    if session.flair is not None and session.has_diffusion:
+        reg = pe.Node(
+            RegisterImages(params=config.to_dict()["registration"], n_threads=threads,
+                           transform_type=config.registration.dwi_to_flair,
+                           name=f"ses-{session.session} DWI to FLAIR"),
+            name="dwi_to_flair", n_procs=threads, mem_gb=1.0,
+        )
+        workflow.connect([
+            (prep_flair, reg, [("out_file", "fixed"), ("mask", "fixed_mask")]),
+            (prep_dwi, reg, [("out_file", "moving"), ("mask", "moving_mask")]),
+            (reg, outputnode, [("transform", "dwi_to_flair"), ("qc", "reg_qc")]),
+        ])
+    return workflow
+
+
+def _merge(name: str, n: int) -> pe.Node:
+    return pe.Node(niu.Merge(n), name=name, run_without_submitting=True)
+
+
+def init_subject_wf(
+    *, subject: SubjectInputs, config: Config, staging_dir: Path, name: str | None = None
+):
+    """The whole longitudinal workflow of one subject.
+
+    Parameters
+    ----------
+    subject
+        The subject's sessions (ordered by day).
+    config
+        Pipeline configuration.
+    staging_dir
+        Folder the derivatives are written to; the caller moves it into OUTPUT_DIR once the
+        workflow has succeeded, so that no half-written subject ever appears there.
+    name
+        Workflow name (default ``sub_<label>_wf``).
+
+    Outputs
+    -------
+    Derivatives under ``staging_dir`` (see :class:`pipeline.interfaces.outputs.WriteDerivatives`).
+    """
+    sessions = subject.sessions
+    n = len(sessions)
+    for ses in sessions:
+        if ses.flair is None or not ses.has_diffusion:
+            raise ValueError(
+                f"ses-{ses.session} of sub-{subject.subject} lacks "
+                f"{'a FLAIR' if ses.flair is None else 'DWI/ADC'}; sessions need both for now"
+            )
+    cfg = config.to_dict()
+    threads = config.resources.omp_nthreads
+    workflow = pe.Workflow(name=name or f"sub_{subject.subject}_wf")
+
+    session_wfs = [
+        init_session_wf(session=ses, config=config, name=f"ses_{ses.session}_wf") for ses in sessions
+    ]
+    merges = {field: _merge(f"merge_{field}", n) for field in SESSION_OUTPUTS}
+    for i, swf in enumerate(session_wfs, start=1):
+        for field in SESSION_OUTPUTS:
+            workflow.connect(swf, f"outputnode.{field}", merges[field], f"in{i}")
+
+    labels = [s.session for s in sessions]
+    space = pe.Node(
+        SubjectSpace(params=cfg["registration"], labels=labels, n_threads=threads),
+        name="subject_space", n_procs=threads, mem_gb=2.0,
+    )
+    workflow.connect([
+        (merges["anat"], space, [("out", "in_files")]),
+        (merges["anat_mask"], space, [("out", "masks")]),
+    ])
+
+    select_xfm = [pe.Node(niu.Select(index=i), name=f"select_xfm_{i:02d}",
+                          run_without_submitting=True) for i in range(n)]
+    resampled = {field: _merge(f"merge_std_{field}", n) for field in RESAMPLED}
+    for i, swf in enumerate(session_wfs):
+        resample = pe.Node(ResampleSession(), name=f"resample_{sessions[i].session}", mem_gb=1.0)
+        workflow.connect([
+            (space, select_xfm[i], [("transforms", "inlist")]),
+            (select_xfm[i], resample, [("out", "subject_xfm")]),
+            (space, resample, [("reference", "reference")]),
+            (swf, resample, [("outputnode.flair", "flair"), ("outputnode.flair_mask", "flair_mask"),
+                             ("outputnode.b0", "b0"), ("outputnode.trace", "trace"),
+                             ("outputnode.adc", "adc"), ("outputnode.dwi_to_flair", "dwi_to_flair")]),
+        ])
+        for field in RESAMPLED:
+            workflow.connect(resample, field, resampled[field], f"in{i + 1}")
+
+    segment = pe.Node(
+        SegmentSessions(segmentation=cfg["segmentation"], dynamics=cfg["dynamics"], labels=labels),
+        name="segment", mem_gb=2.0,
+    )
+    for field in ("flair", "brain_mask", "trace", "adc"):
+        workflow.connect(resampled[field], "out", segment, field)
+
+    track = pe.Node(
+        TrackLesions(tracking=cfg["tracking"], dynamics=cfg["dynamics"], labels=labels,
+                     days=[s.day for s in sessions]),
+        name="track", mem_gb=2.0,
+    )
+    workflow.connect([
+        (segment, track, [("flair_lesion", "flair_lesion"), ("restricted", "restricted"),
+                          ("shine_through", "shine_through"), ("radc", "radc"),
+                          ("references", "references")]),
+        (resampled["adc"], track, [("out", "adc")]),
+    ])
+
+    native = pe.Node(NativeMasks(), name="native_masks", mem_gb=1.0)
+    workflow.connect([
+        (segment, native, [("flair_lesion", "flair_lesion"), ("restricted", "restricted")]),
+        (space, native, [("transforms", "subject_xfms")]),
+        (merges["dwi_to_flair"], native, [("out", "dwi_to_flair")]),
+        (merges["flair"], native, [("out", "native_flair")]),
+        (merges["adc"], native, [("out", "native_dwi")]),
+    ])
+
+    sink = pe.Node(
+        WriteDerivatives(out_dir=str(staging_dir), subject=subject.subject, labels=labels,
+                         days=[s.day for s in sessions], config=cfg,
+                         day_source=subject.day_source),
+        name="write_derivatives", run_without_submitting=True, overwrite=True,
+    )
+    workflow.connect([
+        (resampled["flair"], sink, [("out", "flair")]),
+        (resampled["trace"], sink, [("out", "trace")]),
+        (resampled["adc"], sink, [("out", "adc")]),
+        (resampled["brain_mask"], sink, [("out", "brain_mask")]),
+        (segment, sink, [("radc", "radc"), ("flair_lesion", "flair_lesion"),
+                         ("restricted", "restricted"), ("shine_through", "shine_through")]),
+        (track, sink, [("flair_dseg", "flair_dseg"), ("restricted_dseg", "restricted_dseg"),
+                       ("sessions_table", "sessions_table"), ("lesions_table", "lesions_table"),
+                       ("events_table", "events_table"), ("lineage_table", "lineage_table"),
+                       ("summary_table", "summary_table")]),
+        (native, sink, [("flair_lesion", "native_flair_lesion"),
+                        ("restricted", "native_restricted")]),
+        (space, sink, [("transforms", "subject_xfms"), ("qc", "subject_space_qc")]),
+        (merges["dwi_to_flair"], sink, [("out", "dwi_to_flair")]),
+        (merges["reg_qc"], sink, [("out", "dwi_to_flair_qc")]),
+        (merges["load_report"], sink, [("out", "load_reports")]),
+    ])
+    return workflow
