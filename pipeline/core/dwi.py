@@ -145,7 +145,8 @@ def mean_b0(
             f"no b0 volume (all b > {b0_threshold_s_mm2} s/mm^2); raise "
             "inputs.b0_threshold_s_mm2 or provide the scanner ADC map"
         )
-    return dwi4d[..., idx].astype(np.float64).mean(axis=-1).astype(np.float32)
+    with np.errstate(over="ignore"):  # float32 overflow becomes inf, as documented
+        return dwi4d[..., idx].astype(np.float64).mean(axis=-1).astype(np.float32)
 
 
 def trace_dwi(
@@ -187,7 +188,8 @@ def trace_dwi(
         logs = np.log(np.where(vols > 0, vols, 1.0))
     trace = np.exp(logs.mean(axis=-1))
     trace[~valid] = 0.0
-    return trace.astype(np.float32), b_high
+    with np.errstate(over="ignore"):
+        return trace.astype(np.float32), b_high
 
 
 def adc_from_signals(
@@ -313,4 +315,5 @@ def convert_adc(adc: np.ndarray, unit: str) -> tuple[np.ndarray, int]:
     neg = finite & (a < 0)
     a[neg] = 0.0
     a[~finite] = np.nan
-    return a.astype(np.float32), int(np.count_nonzero(neg))
+    with np.errstate(over="ignore"):  # beyond float32 range becomes inf
+        return a.astype(np.float32), int(np.count_nonzero(neg))

@@ -1,0 +1,194 @@
+"""Segmentation on synthetic brains with spheres of known volume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.core import segmentation as seg
+from pipeline.core.metrics import dice
+
+SHAPE = (56, 60, 52)
+SP = (1.0, 1.0, 1.0)
+FLAIR_I = {"csf": 30.0, "wm": 80.0, "gm": 100.0, "lesion": 140.0}
+ADC_I = {"csf": 3000.0, "wm": 800.0, "gm": 900.0}
+PARAMS = dict(
+    z_seed=3.0, z_grow=2.0, max_csf_prob=0.5, cortex_rim_mm=2.0, min_lesion_volume_mm3=10.0,
+    nawm_erosion_mm=2.0, nawm_lesion_margin_mm=3.0, csf_adc_min_um2_s=2000.0,
+)
+
+
+def _sphere(center, radius, shape=SHAPE):
+    g = np.ogrid[tuple(slice(0, s) for s in shape)]
+    return sum((gi - c) ** 2 for gi, c in zip(g, center)) <= radius**2
+
+
+def _brain(seed=0, lesions=(), noise=4.0):
+    """FLAIR, ADC, brain mask and CSF truth of an ellipsoidal synthetic brain."""
+    g = np.ogrid[tuple(slice(0, s) for s in SHAPE)]
+    c = [s / 2 for s in SHAPE]
+    r = sum(((gi - ci) / (0.42 * s)) ** 2 for gi, ci, s in zip(g, c, SHAPE))
+    brain = r <= 1.0
+    gm = brain & (r > 0.72)  # a cortical ribbon ~3 mm thick
+    csf = brain & (r > 0.93)  # a thin outer CSF layer
+    vent = _sphere((c[0], c[1] - 5, c[2]), 5)
+    csf |= vent
+    flair = np.full(SHAPE, FLAIR_I["wm"], np.float32)
+    adc = np.full(SHAPE, ADC_I["wm"], np.float32)
+    flair[gm], adc[gm] = FLAIR_I["gm"], ADC_I["gm"]
+    flair[csf], adc[csf] = FLAIR_I["csf"], ADC_I["csf"]
+    for m in lesions:
+        flair[m] = FLAIR_I["lesion"]
+        adc[m] = 1100.0
+    rng = np.random.default_rng(seed)
+    flair += rng.normal(0, noise, SHAPE).astype(np.float32)
+    adc += rng.normal(0, 40, SHAPE).astype(np.float32)
+    flair[~brain] = 0
+    adc[~brain] = 0
+    return flair, adc, brain, csf
+
+
+def test_tissue_model_recovers_classes():
+    flair, adc, brain, csf = _brain()
+    t = seg.tissue_model(flair, brain, adc, csf_adc_min_um2_s=2000.0)
+    assert t.means[0] < t.means[1] < t.means[2]
+    assert abs(t.means[1] - FLAIR_I["wm"]) < 3 and abs(t.means[2] - FLAIR_I["gm"]) < 3
+    assert np.mean(t.labels[csf] == seg.CSF) > 0.97
+    assert np.allclose(t.csf + t.gm + t.wm, brain.astype(np.float32), atol=1e-5)
+
+
+def test_clear_lesion_is_recovered():
+    les = _sphere((28, 36, 30), 4)
+    flair, adc, brain, csf = _brain(lesions=[les])
+    m = seg.segment_flair_lesions(flair, brain, spacing_mm=SP, **PARAMS)
+    assert dice(les, m) > 0.9
+    assert not (m & csf).any()
+
+
+def test_lesion_free_brain_has_no_lesion():
+    flair, adc, brain, _ = _brain(seed=3)
+    m = seg.segment_flair_lesions(flair, brain, spacing_mm=SP, adc_um2_s=adc, **PARAMS)
+    assert m.sum() == 0
+
+
+def test_confluent_lesion_is_not_hollow():
+    outer = _sphere((28, 38, 26), 8)
+    core = _sphere((28, 38, 26), 4)
+    flair, adc, brain, _ = _brain(lesions=[outer])
+    flair[core] = FLAIR_I["wm"]  # centre of the lesion iso-intense to WM
+    m = seg.segment_flair_lesions(flair, brain, spacing_mm=SP, **PARAMS)
+    assert m[core].all()
+    assert dice(outer, m) > 0.9
+
+
+def test_bright_unsuppressed_csf_is_never_lesion_with_adc():
+    flair, adc, brain, csf = _brain()
+    vent = _sphere((28, 25, 26), 5)
+    flair[_sphere((28, 25, 26), 3)] = FLAIR_I["lesion"]  # CSF flow artefact: bright on FLAIR
+    m = seg.segment_flair_lesions(flair, brain, spacing_mm=SP, adc_um2_s=adc, **PARAMS)
+    assert not (m & vent).any()
+
+
+def test_min_lesion_volume_rule():
+    small = _sphere((28, 36, 20), 1)  # 7 voxels, below 10 mm^3
+    big = _sphere((28, 36, 34), 2)  # 33 voxels
+    flair, _, brain, _ = _brain(lesions=[small, big], noise=2.0)
+    m = seg.segment_flair_lesions(flair, brain, spacing_mm=SP, **PARAMS)
+    assert not (m & small).any()
+    assert (m & big).sum() >= 0.9 * big.sum()
+    # with anisotropic voxels of 2 mm^3 the small lesion is 14 mm^3 and survives
+    m2 = seg.remove_small_components(small, 10.0, (1.0, 1.0, 2.0))
+    assert m2.sum() == small.sum()
+
+
+def test_orientation_invariance():
+    les = _sphere((24, 36, 30), 3)
+    flair, adc, brain, _ = _brain(lesions=[les], seed=5)
+    base = seg.segment_flair_lesions(flair, brain, spacing_mm=SP, adc_um2_s=adc, **PARAMS)
+    flipped = seg.segment_flair_lesions(
+        flair[::-1, :, ::-1], brain[::-1, :, ::-1], spacing_mm=SP,
+        adc_um2_s=adc[::-1, :, ::-1], **PARAMS,
+    )
+    assert np.array_equal(flipped, base[::-1, :, ::-1])
+    perm = (2, 0, 1)
+    sp = (1.0, 1.0, 1.0)
+    moved = seg.segment_flair_lesions(
+        flair.transpose(perm), brain.transpose(perm), spacing_mm=sp,
+        adc_um2_s=adc.transpose(perm), **PARAMS,
+    )
+    assert np.array_equal(moved, base.transpose(perm))
+    assert base.any()
+
+
+def test_normalize_flair_is_robust_to_lesions_in_reference():
+    rng = np.random.default_rng(0)
+    wm = rng.normal(100, 10, 10000).astype(np.float32)
+    z_clean = seg.normalize_flair(wm, np.ones(wm.shape, bool))
+    wm[:1500] = 300.0  # 15 % lesion voxels inside the reference
+    z = seg.normalize_flair(wm, np.ones(wm.shape, bool))
+    assert abs(np.median(z[1500:]) - np.median(z_clean[1500:])) < 0.4
+    with pytest.raises(ValueError, match="no spread"):
+        seg.normalize_flair(np.ones(10), np.ones(10, bool))
+
+
+def test_nawm_mask_erosion_and_margin():
+    wm = np.zeros((20, 20, 20), bool)
+    wm[2:18, 2:18, 2:18] = True
+    les = np.zeros_like(wm)
+    les[10, 10, 10] = True
+    n = seg.nawm_mask(wm, [les], erosion_mm=2.0, lesion_margin_mm=3.0, spacing_mm=(1, 1, 1))
+    assert n[5, 5, 5] and not n[2, 2, 2] and not n[3, 10, 10]
+    assert not n[10, 10, 12] and n[10, 10, 14]  # 2 mm from the lesion excluded, 4 mm kept
+
+
+def test_segment_restricted_and_shine_through():
+    flair, adc, brain, csf = _brain(seed=1)
+    trace = np.where(brain, 100.0, 0).astype(np.float32)
+    trace[csf] = 20.0
+    restr = _sphere((28, 38, 20), 4)
+    shine = _sphere((28, 38, 34), 4)
+    adc[restr], trace[restr] = 400.0, 200.0
+    adc[shine], trace[shine] = 1100.0, 180.0
+    t = seg.tissue_model(flair, brain, adc, csf_adc_min_um2_s=2000.0)
+    nawm = seg.nawm_mask(t.labels == seg.WM, [restr, shine], erosion_mm=2.0,
+                         lesion_margin_mm=3.0, spacing_mm=SP)
+    res = seg.segment_restricted(
+        trace, adc, brain, nawm, restricted_below=0.75, dwi_hyperintense_ratio=1.15,
+        min_lesion_volume_mm3=10.0, csf_adc_min_um2_s=2000.0, spacing_mm=SP,
+    )
+    assert abs(res.reference_adc.median_um2_s - 800.0) < 10
+    assert res.reference_dwi == pytest.approx(100.0)
+    assert dice(restr, res.restricted) > 0.95
+    assert dice(shine, res.shine_through) > 0.95
+    assert not (res.restricted & csf).any() and not (res.shine_through & csf).any()
+    assert res.radc.dtype == np.float32 and res.dwi_ratio.dtype == np.float32
+
+
+def test_segment_restricted_drops_tiny_components():
+    flair, adc, brain, csf = _brain(seed=2)
+    trace = np.where(brain, 100.0, 0).astype(np.float32)
+    dot = _sphere((28, 38, 26), 1)  # 7 voxels
+    adc[dot], trace[dot] = 400.0, 200.0
+    nawm = brain & ~csf & ~dot
+    res = seg.segment_restricted(
+        trace, adc, brain, nawm, restricted_below=0.75, dwi_hyperintense_ratio=1.15,
+        min_lesion_volume_mm3=10.0, csf_adc_min_um2_s=2000.0, spacing_mm=SP,
+    )
+    assert res.restricted.sum() == 0
+
+
+def test_flair_series_uses_temporal_neighbours():
+    les = _sphere((28, 36, 30), 4)
+    f1, _, brain, _ = _brain(seed=7, lesions=[les])
+    f2, _, _, _ = _brain(seed=8)
+    # Noise-free faint lesions at session 2: z ~ 2.4 against GM, between grow (2) and seed (3).
+    f2[les] = FLAIR_I["gm"] + 2.5 * 4.0
+    other = _sphere((28, 36, 18), 3)  # faint at session 2 only: no seed at any session
+    f2[other] = FLAIR_I["gm"] + 2.5 * 4.0
+    single = seg.segment_flair_lesions(f2, brain, spacing_mm=SP, **PARAMS)
+    series = seg.segment_flair_series([f1, f2], [brain, brain], spacing_mm=SP, **PARAMS)
+    assert dice(les, series[0]) > 0.9
+    assert (series[1] & les).sum() > 0.8 * les.sum()
+    assert not (series[1] & other).any()
+    assert not (single & les).any()
+    assert seg.segment_flair_series([], [], spacing_mm=SP, **PARAMS) == []
