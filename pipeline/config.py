@@ -44,7 +44,7 @@ class Inputs:
     adc_unit: Literal["auto", "mm2_s", "1e-3mm2_s", "um2_s"] = field()
     adc_plausible_min_um2_s: float = _rng(0, 5000)
     adc_plausible_max_um2_s: float = _rng(0, 10000, lo_open=True)
-    trace_shell_tolerance: float = _rng(0, 0.5)
+    shell_tolerance: float = _rng(0, 0.5)
     adc_max_um2_s: float = _rng(0, 100000, lo_open=True)
 
 
@@ -81,7 +81,7 @@ class Segmentation:
     flair_max_csf_prob: float = _rng(0, 1)
     dwi_hyperintense_ratio: float = _rng(0, 100, lo_open=True)
     min_lesion_volume_mm3: float = _rng(0, 1e6)
-    flair_cortex_rim_mm: float = _rng(0, 20)
+    cortex_rim_mm: float = _rng(0, 20)
     csf_adc_min_um2_s: float = _rng(0, 10000, lo_open=True)
 
 
