@@ -6,23 +6,7 @@ import pytest
 
 from pipeline.bids import BIDSError, clean_label, derivative_name, discover
 
-
-def make_skeleton(root, sessions=("day0", "day3"), acq_times=None, subject="01", files=None):
-    """An empty-file BIDS tree (enough for discovery and workflow construction)."""
-    (root / "dataset_description.json").write_text('{"Name": "t", "BIDSVersion": "1.10.0"}')
-    sub = root / f"sub-{subject}"
-    files = files or ("anat/{p}_FLAIR.nii.gz", "dwi/{p}_dwi.nii.gz", "dwi/{p}_dwi.bval",
-                      "dwi/{p}_dwi.bvec", "dwi/{p}_ADC.nii.gz")
-    for ses in sessions:
-        prefix = f"sub-{subject}_ses-{ses}"
-        for pattern in files:
-            path = sub / f"ses-{ses}" / pattern.format(p=prefix)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(b"")
-    if acq_times:
-        rows = "".join(f"ses-{s}\t{t}\n" for s, t in zip(sessions, acq_times))
-        (sub / f"sub-{subject}_sessions.tsv").write_text("session_id\tacq_time\n" + rows)
-    return root
+from conftest import make_skeleton
 
 
 def test_days_from_sessions_tsv_and_order(tmp_path):

@@ -1,0 +1,47 @@
+"""Workflow construction on a skeleton dataset, without running anything (fmriprep style)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import make_skeleton
+from pipeline.bids import discover
+from pipeline.config import load_config
+from pipeline.workflows.base import init_session_wf, init_subject_wf
+
+
+@pytest.mark.parametrize("n_sessions", [1, 2, 4])
+def test_subject_workflow_expands(tmp_path, n_sessions):
+    sessions = [f"day{d}" for d in (0, 3, 8, 45)[:n_sessions]]
+    (subject,) = discover(make_skeleton(tmp_path / "bids", sessions=sessions))
+    wf = init_subject_wf(subject=subject, config=load_config(), staging_dir=tmp_path / "stage")
+    graph = wf._create_flat_graph()
+    names = {node.fullname.split(".", 1)[1] for node in graph.nodes}
+    for ses in sessions:
+        for node in ("load", "prep_flair", "prep_dwi", "dwi_to_flair"):
+            assert f"ses_{ses}_wf.{node}" in names
+        assert f"resample_{ses}" in names
+    for node in ("subject_space", "segment", "track", "native_masks", "write_derivatives"):
+        assert node in names
+    # every mandatory input of every node is connected or set
+    for node in graph.nodes:
+        connected = {dest for _, _, data in graph.in_edges(node, data=True)
+                     for _, dest in data["connect"]}
+        for name, trait in node.inputs.traits(mandatory=True).items():
+            value = getattr(node.inputs, name)
+            assert name in connected or value is not None and str(value) != "<undefined>", (
+                f"{node.fullname}.{name} is mandatory but neither set nor connected")
+
+
+def test_affine_dwi_to_flair_from_config(tmp_path):
+    (subject,) = discover(make_skeleton(tmp_path / "bids", sessions=["day0"]))
+    config = load_config().replace("registration", dwi_to_flair="affine")
+    wf = init_session_wf(session=subject.sessions[0], config=config)
+    assert wf.get_node("dwi_to_flair").inputs.transform_type == "affine"
+
+
+def test_flair_only_session_workflow(tmp_path):
+    (subject,) = discover(make_skeleton(tmp_path / "bids", sessions=["day0"],
+                                        files=("anat/{p}_FLAIR.nii.gz",)))
+    wf = init_session_wf(session=subject.sessions[0], config=load_config())
+    assert wf.get_node("dwi_to_flair") is None and wf.get_node("prep_flair") is not None
