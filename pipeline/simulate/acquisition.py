@@ -2,12 +2,12 @@
 
 Tissue values (3 T, adult):
 
-* ADC (um^2/s): white matter 720, grey matter 830, CSF 3000 (WM 700-800 and GM 800-900 in
+* ADC (um^2/s): white matter 700, grey matter 800, CSF 3000 (WM 700-800 and GM 800-900 in
   e.g. Helenius et al., AJNR 2002; CSF ~3000 at 37 C, free water). The phantom's WM/GM values
   are tuned so that the parenchymal median ADC measured by :mod:`pipeline.core.imagestats` is
   within 15 % of the real Philips DWI in ``shared/data`` (704 um^2/s).
 * FLAIR (arbitrary units, WM = 1): GM 1.3 (GM brighter than WM), CSF 0.08 (suppressed),
-  scalp fat 1.4, skull 0.05; lesion signal 1 + 0.75 x lesion fraction (tuned to the lesion /
+  scalp fat 1.4, skull 0.05; lesion signal 1 + 0.55 x lesion fraction (tuned to the lesion /
   brain median contrast of the real MS FLAIR, 1.32).
 * b0 (T2-weighted EPI, WM = 1): GM 1.25, CSF 2.8 (bright), fat-suppressed scalp 0.3, skull
   0.05; lesion T2 rise 1 + 0.5 x lesion fraction. DWI = b0 * exp(-b * ADC), so T2
@@ -30,10 +30,10 @@ from pipeline.simulate.anatomy import Anatomy
 from pipeline.simulate.geometry import from_sitk, reference_grid, to_sitk
 from pipeline.simulate.lesions import LesionState
 
-ADC_UM2_S = {"wm": 720.0, "gm": 830.0, "csf": 3000.0, "scalp": 50.0, "skull": 300.0}
+ADC_UM2_S = {"wm": 700.0, "gm": 800.0, "csf": 3000.0, "scalp": 50.0, "skull": 300.0}
 FLAIR = {"wm": 1.0, "gm": 1.3, "csf": 0.08, "scalp": 1.4, "skull": 0.05}
 B0 = {"wm": 1.0, "gm": 1.25, "csf": 2.8, "scalp": 0.3, "skull": 0.05}
-FLAIR_LESION_GAIN = 0.75
+FLAIR_LESION_GAIN = 0.55
 B0_LESION_GAIN = 0.5
 B_VALUE = 1000.0
 #: Scanner intensity of white matter (int16 images).
