@@ -161,7 +161,7 @@ def discover(
     BIDSError
         When the dataset, a requested subject or the days cannot be found.
     """
-    bids_dir = Path(bids_dir)
+    bids_dir = Path(bids_dir).resolve()
     if not (bids_dir / "dataset_description.json").is_file():
         raise BIDSError(
             f"{bids_dir} is not a BIDS dataset: dataset_description.json is missing at its top"

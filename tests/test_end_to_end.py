@@ -39,7 +39,7 @@ def test_participant_succeeds(run):
 def _subjects(bids: Path) -> dict[str, str]:
     """subject label -> preset, from the truth."""
     table = _table(bids / "participants.tsv")
-    return dict(zip(table.participant_id.str[4:], table.preset))
+    return dict(zip(table.participant_id.str[4:], table.group))
 
 
 def test_seed_case_volumes_match_truth(run):

@@ -113,7 +113,7 @@ class SubjectSpace(SimpleInterface):
             images,
             masks,
             spacing_mm=p["output_spacing_mm"],
-            iterations=p["template_iterations"],
+            template_iterations=p["template_iterations"],
             n_threads=self.inputs.n_threads,
             **registration_kwargs(p),
         )
