@@ -1,0 +1,278 @@
+"""Unit tests of pipeline.core.registration on small synthetic heads (fast, no real data)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from pipeline.core import registration as reg
+from pipeline.core.preprocess import brain_mask
+
+REG = dict(
+    metric="mattes",
+    histogram_bins=32,
+    sampling_fraction=0.5,
+    max_samples=20000,
+    shrink_factors=(4, 2, 1),
+    smoothing_sigmas_mm=(6.0, 3.0, 0.0),
+    iterations=200,
+    learning_rate=1.0,
+    min_step=1e-5,
+    multistart_deg=0.0,  # moments initialisation suffices for 12 deg; see the multi-start test
+    n_threads=2,
+    seed=7,
+)
+
+
+def _soft_ellipsoid(p, c, r, width_mm=1.5):
+    d = np.sqrt((((p - np.asarray(c)) / np.asarray(r)) ** 2).sum(-1))
+    return 0.5 * (1 - np.tanh((d - 1) * min(r) / width_mm))
+
+
+def head(p: np.ndarray, lesion: float = 0.0) -> np.ndarray:
+    """Analytic head (LPS mm): brain with WM, ventricles, asymmetric blobs, skull gap, scalp."""
+    brain = _soft_ellipsoid(p, (0, 0, 0), (55, 70, 48))
+    wm = _soft_ellipsoid(p, (0, 5, 5), (38, 50, 30))
+    vent = _soft_ellipsoid(p, (8, -5, 5), (6, 18, 8)) + _soft_ellipsoid(p, (-10, -3, 8), (5, 16, 7))
+    blob = _soft_ellipsoid(p, (25, 30, -15), (8, 6, 10)) - 0.6 * _soft_ellipsoid(
+        p, (-28, -35, 10), (9, 7, 6)
+    )
+    les = lesion * _soft_ellipsoid(p, (-20, 20, 15), (7, 7, 7))
+    v = brain * (0.6 + 0.35 * wm - 0.5 * vent + 0.5 * blob + les)
+    shell = _soft_ellipsoid(p, (0, 0, 0), (70, 85, 63))
+    shell = shell - _soft_ellipsoid(p, (0, 0, 0), (64, 79, 57))
+    return v + 0.9 * np.clip(shell, 0, 1)
+
+
+def make_image(size, spacing, origin, transform=None, noise=0.02, seed=0, lesion=0.0):
+    """Sample ``head`` on a grid; with ``transform`` (grid points -> head points) the image
+    shows the head moved by the inverse of ``transform``."""
+    k, j, i = np.meshgrid(*[np.arange(n) for n in size[::-1]], indexing="ij")
+    pts = np.stack([i, j, k], -1) * np.asarray(spacing, float) + np.asarray(origin, float)
+    if transform is not None:
+        a, b = reg.affine_parameters(transform)
+        pts = pts @ a.T + b
+    v = head(pts, lesion) + np.random.default_rng(seed).normal(0, noise, pts.shape[:-1])
+    img = sitk.GetImageFromArray(v.astype(np.float32))
+    img.SetSpacing([float(s) for s in spacing])
+    img.SetOrigin([float(o) for o in origin])
+    return img
+
+
+def euler(rx, ry, rz, t, center=(5.0, -3.0, 2.0)):
+    e = sitk.Euler3DTransform()
+    e.SetCenter(center)
+    e.SetRotation(*(math.radians(a) for a in (rx, ry, rz)))
+    e.SetTranslation(t)
+    return e
+
+
+def _mask(img):
+    return brain_mask(img, closing_mm=4.0, erosion_mm=3.0)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A on a 3 mm grid; B on a different anisotropic grid showing the head moved by a
+    12 deg / 8 mm rigid motion, with its own noise and a new lesion."""
+    a = make_image((64, 64, 64), (3.0, 3.0, 3.0), (-96.0, -96.0, -96.0), seed=0)
+    g = euler(12.0, -5.0, 4.0, (8.0, -3.0, 2.0))  # B points -> A points
+    b = make_image((70, 60, 56), (2.7, 3.2, 3.4), (-95.0, -96.0, -95.0), g, seed=1, lesion=0.5)
+    return a, b, g, _mask(a), _mask(b)
+
+
+@pytest.fixture(scope="module")
+def fwd_bwd(pair):
+    a, b, g, ma, mb = pair
+    r_ba = reg.register_rigid(b, a, fixed_mask=mb, moving_mask=ma, **REG)  # B pts -> A pts
+    r_ab = reg.register_rigid(a, b, fixed_mask=ma, moving_mask=mb, **REG)  # A pts -> B pts
+    return r_ba, r_ab
+
+
+def test_register_rigid_recovers_known_motion(pair, fwd_bwd):
+    a, b, g, ma, mb = pair
+    r_ba, r_ab = fwd_bwd
+    mean_mm, max_mm = reg.tre(r_ba.transform, g, mb)
+    assert mean_mm < 0.5 and max_mm < 1.0, (mean_mm, max_mm)
+    mean_mm, max_mm = reg.tre(r_ab.transform, reg.invert_transform(g), ma)
+    assert mean_mm < 0.5 and max_mm < 1.0, (mean_mm, max_mm)
+    assert r_ba.transform.GetName() == "Euler3DTransform"
+    assert r_ba.rotation_deg == pytest.approx(reg.transform_size(g)[0], abs=0.5)
+    assert r_ba.similarity_after > 0.9
+    # resampling the moving image with the transform aligns it with the fixed image
+    moved = reg.resample_to_reference(a, b, [r_ba.transform])
+    inside = sitk.GetArrayFromImage(mb) > 0
+    err = np.abs(sitk.GetArrayFromImage(moved) - sitk.GetArrayFromImage(b))[inside]
+    unmoved = sitk.GetArrayFromImage(reg.resample_to_reference(a, b))
+    err0 = np.abs(unmoved - sitk.GetArrayFromImage(b))[inside]
+    assert err.mean() < 0.5 * err0.mean()
+
+
+def test_multistart_finds_large_rotation(pair):
+    a, b, g, ma, mb = pair
+    params = dict(REG, multistart_deg=10.0, multistart_iterations=200)
+    res = reg.register_rigid(b, a, fixed_mask=mb, moving_mask=ma, **params)
+    assert res.start_index > 0  # a rotated probe won: the motion includes 12 deg about x
+    # Known limitation (see the report): after a multi-start the regular-step optimizer
+    # often stops at its iteration cap 0.1-2 mm from the optimum on these 3 mm heads.
+    assert reg.tre(res.transform, g, mb)[0] < 3.0
+
+
+def test_inverse_consistency(pair, fwd_bwd):
+    a, b, g, ma, mb = pair
+    r_ba, r_ab = fwd_bwd
+    mean_mm, _ = reg.inverse_consistency(r_ab.transform, r_ba.transform, ma)
+    assert mean_mm < 0.5
+
+
+def test_register_deterministic_and_correlation_metric(pair, fwd_bwd):
+    a, b, g, ma, mb = pair
+    again = reg.register_rigid(b, a, fixed_mask=mb, moving_mask=ma, **REG)
+    assert np.allclose(
+        again.transform.GetParameters(), fwd_bwd[0].transform.GetParameters(), atol=1e-9
+    )
+    params = dict(REG, metric="correlation", multistart_deg=0.0)
+    res = reg.register_rigid(b, a, fixed_mask=mb, moving_mask=ma, **params)
+    assert reg.tre(res.transform, g, mb)[0] < 1.0
+
+
+def test_affine_and_initial_transform(pair, fwd_bwd):
+    a, b, g, ma, mb = pair
+    res = reg.register_rigid(
+        b, a, fixed_mask=mb, moving_mask=ma, transform_type="affine",
+        initial_transform=fwd_bwd[0].transform, **dict(REG, shrink_factors=(2, 1),
+                                                       smoothing_sigmas_mm=(2.0, 0.0)),
+    )
+    assert res.transform.GetName() == "AffineTransform"
+    assert reg.tre(res.transform, g, mb)[0] < 1.0
+
+
+def test_compose_order_and_resample_once():
+    a = euler(0, 0, 90, (0, 0, 0), center=(0, 0, 0))  # rotation about z
+    b = sitk.TranslationTransform(3, (10.0, 0.0, 0.0))
+    x = (1.0, 2.0, 3.0)
+    # ITK order: compose(a, b)(x) == a(b(x)), b applied first
+    expected = a.TransformPoint(b.TransformPoint(x))
+    for flat in (True, False):
+        c = reg.compose_transforms(a, b, flatten=flat)
+        assert np.allclose(c.TransformPoint(x), expected)
+    assert not np.allclose(expected, b.TransformPoint(a.TransformPoint(x)))
+    comp = sitk.CompositeTransform(3)
+    comp.AddTransform(a)
+    comp.AddTransform(b)
+    assert np.allclose(comp.TransformPoint(x), expected)
+    # resample_to_reference([a, b]) samples image at a(b(x)) for reference points x
+    img = sitk.GetImageFromArray(np.arange(40 * 40 * 40, dtype=np.float32).reshape(40, 40, 40))
+    img.SetOrigin((-20.0, -20.0, -20.0))
+    ref = sitk.Image(10, 10, 10, sitk.sitkUInt8)
+    ref.SetOrigin((-15.0, -5.0, -5.0))
+    out = reg.resample_to_reference(img, ref, [a, b], interpolator="nearest")
+    p = ref.TransformIndexToPhysicalPoint((3, 4, 5))
+    q = img.TransformPhysicalPointToIndex(a.TransformPoint(b.TransformPoint(p)))
+    assert out[3, 4, 5] == img[q]
+
+
+def test_invert_and_transform_size():
+    t = euler(0, 0, 30, (3.0, 4.0, 0.0), center=(10.0, 0.0, 0.0))
+    rot, shift = reg.transform_size(t)  # at the transform's own centre
+    assert rot == pytest.approx(30.0) and shift == pytest.approx(5.0)
+    inv = reg.invert_transform(t)
+    assert reg.tre(reg.compose_transforms(inv, t), sitk.Euler3DTransform(), [[1, 2, 3]])[1] < 1e-6
+
+
+def test_qc_check_raises_on_absurd_transform():
+    sane = euler(3, 0, 0, (2.0, 0.0, 0.0))
+    reg.qc_check(sane, max_rotation_deg=20.0, max_translation_mm=40.0)
+    with pytest.raises(reg.RegistrationQCError, match="rotation 90.0 deg exceeds"):
+        reg.qc_check(euler(90, 0, 0, (0.0, 0.0, 0.0)), max_rotation_deg=20.0,
+                     max_translation_mm=40.0, center=(5.0, -3.0, 2.0))
+    with pytest.raises(ValueError, match="translation 100.0 mm"):
+        reg.qc_check(euler(0, 0, 0, (100.0, 0.0, 0.0)), max_rotation_deg=20.0,
+                     max_translation_mm=40.0)
+
+
+def test_write_read_transform(tmp_path):
+    t = euler(5, -2, 3, (1.0, 2.0, 3.0))
+    path = reg.write_transform(t, tmp_path / "from-A_to-B_mode-image_xfm.txt")
+    back = reg.read_transform(path)
+    assert reg.tre(back, t, [[0, 0, 0], [50, 50, 50]])[1] < 1e-6
+
+
+@pytest.fixture(scope="module")
+def sessions():
+    """Three sessions: poses P_i (grid points -> head points) with different grids."""
+    poses = [
+        euler(6.0, 0.0, -3.0, (4.0, 0.0, 0.0)),
+        euler(-4.0, 5.0, 2.0, (-3.0, 5.0, 2.0)),
+        euler(0.0, -3.0, 6.0, (0.0, -4.0, -5.0)),
+    ]
+    grids = [
+        ((64, 64, 64), (3.0,) * 3),
+        ((60, 70, 56), (3.2, 2.8, 3.4)),
+        ((66, 62, 60), (2.9,) * 3),
+    ]
+    imgs, masks = [], []
+    for k, (pose, (size, sp)) in enumerate(zip(poses, grids)):
+        origin = [-(n - 1) * s / 2 for n, s in zip(size, sp)]
+        img = make_image(size, sp, origin, pose, seed=10 + k, lesion=0.3 * k)
+        imgs.append(img)
+        masks.append(_mask(img))
+    return imgs, masks, poses
+
+
+def test_subject_space_unbiased_and_order_independent(sessions):
+    imgs, masks, poses = sessions
+    params = dict(REG, iterations=60)
+    ts, ref, qc = reg.build_subject_space(imgs, masks, spacing_mm=2.0, template_iterations=1,
+                                          template_spacing_mm=3.0, **params)
+    assert len(ts) == 3 and len(qc) == 3
+    assert ref.GetSpacing() == (2.0, 2.0, 2.0)
+    # ts[i] maps subject points -> session points; poses[i] maps session points -> head
+    # points, so H_i = pose_i o ts[i] maps subject -> head; all H_i must agree (alignment) ...
+    head_pts = np.array([[x, y, z] for x in (-40, 0, 40) for y in (-50, 0, 50) for z in (-30, 30)])
+    to_head = [reg.compose_transforms(p, t) for p, t in zip(poses, ts)]
+    subj_pts = reg._apply(reg.invert_transform(to_head[0]), head_pts)
+    for h in to_head[1:]:
+        assert reg.tre(h, to_head[0], subj_pts)[0] < 1.0
+    # ... and the subject space is the mean of the sessions' poses: the mean over sessions of
+    # ts[i](x) is x itself (no session favoured)
+    mean_disp = np.mean([reg._apply(t, subj_pts) for t in ts], axis=0) - subj_pts
+    assert np.linalg.norm(mean_disp, axis=1).max() < 0.5
+    # the reference grid covers every brain
+    for t, m in zip(ts, masks):
+        inside = reg.resample_to_reference(m, ref, [t], interpolator="nearest")
+        assert sitk.GetArrayFromImage(inside).sum() * 8.0 == pytest.approx(
+            sitk.GetArrayFromImage(m).sum() * np.prod(m.GetSpacing()), rel=0.05
+        )
+    # reversing the session order gives the same space
+    ts_r, _, _ = reg.build_subject_space(
+        imgs[::-1], masks[::-1], spacing_mm=2.0, template_iterations=1,
+        template_spacing_mm=3.0, **params,
+    )
+    for t, t_r in zip(ts, ts_r[::-1]):
+        assert reg.tre(t, t_r, subj_pts)[0] < 0.5
+
+
+def test_subject_space_two_sessions_is_halfway(pair):
+    a, b, g, ma, mb = pair
+    ts, ref, qc = reg.build_subject_space(
+        [a, b], [ma, mb], spacing_mm=3.0, template_iterations=0, **REG
+    )
+    # relative motion between sessions: ts[0]^-1 o ts[1]... each session moved by half of it
+    rel = reg.compose_transforms(ts[0], reg.invert_transform(ts[1]))  # B pts -> A pts
+    assert reg.tre(rel, g, mb)[0] < 0.5
+    rot_rel = reg.transform_size(g)[0]
+    assert qc[0].rotation_deg == pytest.approx(rot_rel / 2, abs=0.3)
+    assert qc[1].rotation_deg == pytest.approx(rot_rel / 2, abs=0.3)
+    assert qc[0].translation_mm == pytest.approx(qc[1].translation_mm, abs=0.3)
+
+
+def test_subject_space_single_session(pair):
+    a, _, _, ma, _ = pair
+    ts, ref, qc = reg.build_subject_space([a], [ma], spacing_mm=2.0, template_iterations=2, **REG)
+    assert reg.transform_size(ts[0]) == (0.0, 0.0)
+    assert ref.GetSpacing() == (2.0, 2.0, 2.0)
+    assert qc[0].rotation_deg == 0.0
