@@ -28,6 +28,20 @@ sub-*/sub-*_desc-*.tsv
 sub-*/sub-*_desc-*.json
 group/
 """
+README = """\
+Derivatives written by lesionlapse (serial brain MRI lesion tracking).
+
+sub-X/sub-X_desc-sessions_timeseries.tsv  one row per session (volumes, ADC, pseudonormalization)
+sub-X/sub-X_desc-lesions_timeseries.tsv   one row per lesion per session
+sub-X/sub-X_desc-events.tsv               lesion events per interval
+sub-X/sub-X_desc-lineage.tsv              lesion ids and their parents/children
+sub-X/sub-X_desc-lesions_summary.tsv      per lesion: nadir, pseudonormalization day
+sub-X/ses-Y/...                           images and masks (space-subject: the within-subject
+                                          space; no space entity: the session's native grid)
+sub-X.html                                per-subject report
+logs/run_summary.tsv                      status of every subject of the last run
+Every TSV has a JSON sidecar describing its columns and units.
+"""
 
 
 def validate_subject(subject: SubjectInputs) -> list[str]:
@@ -64,11 +78,18 @@ def write_dataset_description(output_dir: Path, bids_dir: Path | None = None) ->
         tmp.write_text(json.dumps(desc, indent=2))
     with atomic_path(output_dir / ".bidsignore") as tmp:
         tmp.write_text(BIDSIGNORE)
+    readme = output_dir / "README"
+    if not readme.exists():
+        with atomic_path(readme) as tmp:
+            tmp.write_text(README)
 
 
-def _configure_nipype(work_dir: Path, log_dir: Path) -> None:
+def _configure_nipype(log_dir: Path, plugin: str) -> None:
     from nipype import config, logging
 
+    # Nipype sleeps this long between scheduling rounds (default 2 s): local plugins poll fast,
+    # cluster plugins slowly so as not to hammer the scheduler.
+    poll = 0.05 if plugin in ("MultiProc", "Linear") else 2.0
     config.update_config({
         "execution": {
             "crashdump_dir": str(log_dir),
@@ -76,6 +97,7 @@ def _configure_nipype(work_dir: Path, log_dir: Path) -> None:
             "remove_unnecessary_outputs": False,
             "stop_on_first_crash": True,
             "hash_method": "timestamp",
+            "poll_sleep_duration": poll,
         },
         "logging": {"workflow_level": "WARNING", "interface_level": "WARNING",
                     "log_directory": str(log_dir), "log_to_file": True},
@@ -139,7 +161,7 @@ def run_subjects(subjects: list[SubjectInputs], *, config: Config, bids_dir: Pat
     for subject in subjects:
         log_dir = log_root / f"sub-{subject.subject}"
         log_dir.mkdir(parents=True, exist_ok=True)
-        _configure_nipype(work_dir, log_dir)
+        _configure_nipype(log_dir, plugin)
         start = time.time()
         row = {"subject": subject.subject, "status": "ok", "duration_s": 0.0, "error": ""}
         try:

@@ -142,7 +142,7 @@ class WriteDerivatives(SimpleInterface):
         write_image(like(union.astype(np.uint8), read(ins.brain_mask[0])),
                     root / space_ref, dtype=np.uint8)
         _sidecar(root / space_ref, {"Description": "Union of the sessions' brain masks; defines the "
-                                    "subject space grid", "Type": "Brain"})
+                                    "subject space grid", "Type": "Brain", "SpatialReference": space_ref})
 
         common = {"SpatialReference": space_ref}
         for i, ses in enumerate(ins.labels):
@@ -160,9 +160,11 @@ class WriteDerivatives(SimpleInterface):
                                                 "SkullStripped": False}, desc="preproc")
             trace = put(ins.trace[i], "dwi", "dwi", {"Description": "Trace-weighted DWI",
                                                      "SkullStripped": False}, desc="trace")
+            # one trace volume (no direction); BIDS inheritance: sub-X_ses-Y_dwi.bval applies
             b_value = _b_value(ins.load_reports[i])
-            _write_text(trace.with_name(trace.name.replace(".nii.gz", ".bval")), f"{b_value:g}\n")
-            _write_text(trace.with_name(trace.name.replace(".nii.gz", ".bvec")), "0\n0\n0\n")
+            stem = trace.parent / derivative_name(sub, ses, "dwi", ext="")
+            _write_text(stem.with_suffix(".bval"), f"{b_value:g}\n")
+            _write_text(stem.with_suffix(".bvec"), "0\n0\n0\n")
             put(ins.adc[i], "dwi", "ADC", {"Description": "Apparent diffusion coefficient",
                                            "Units": "um^2/s", "SkullStripped": False})
             put(ins.radc[i], "dwi", "ADC", {"Description": "ADC relative to normal-appearing white "
