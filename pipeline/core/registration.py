@@ -805,9 +805,9 @@ def build_subject_space(
        each transform becomes ``T_i o M^-1``, so that the subject space sits at the average
        pose of the sessions (for N = 2 exactly halfway).
     3. ``template_iterations`` times: a template is built in the subject space (mean of the
-       sessions' median-normalised images on an isotropic ``template_spacing_mm`` grid, mask = majority
-       of the sessions' masks), every session is registered (moving) to it starting from its
-       current transform, and the mean pose is re-normalised to identity. After one
+       sessions' median-normalised images on an isotropic ``template_spacing_mm`` grid,
+       mask = majority of the sessions' masks), every session is registered (moving) to it
+       starting from its current transform, and the mean pose is re-normalised to identity. After one
        iteration no session is the reference any more.
 
     Parameters
