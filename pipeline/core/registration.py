@@ -807,8 +807,8 @@ def build_subject_space(
     3. ``template_iterations`` times: a template is built in the subject space (mean of the
        sessions' median-normalised images on an isotropic ``template_spacing_mm`` grid,
        mask = majority of the sessions' masks), every session is registered (moving) to it
-       starting from its current transform, and the mean pose is re-normalised to identity. After one
-       iteration no session is the reference any more.
+       starting from its current transform, and the mean pose is re-normalised to identity.
+       After one iteration no session is the reference any more.
 
     Parameters
     ----------
