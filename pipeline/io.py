@@ -216,6 +216,7 @@ def read_bvals_bvecs(bval: Path | None, bvec: Path | None, n_volumes: int, dwi: 
             f"{dwi}: the 4D DWI has no {missing} file beside it. Put the b-values/b-vectors from "
             "the conversion (dcm2niix writes them) next to the image with the same name."
         )
+    bval, bvec = Path(bval), Path(bvec)
     try:
         bvals = np.loadtxt(bval, ndmin=1, dtype=float).ravel()
         bvecs = np.loadtxt(bvec, ndmin=2, dtype=float)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline import __version__
@@ -99,11 +101,29 @@ def _configure_nipype(log_dir: Path, plugin: str) -> None:
             "hash_method": "timestamp",
             "poll_sleep_duration": poll,
         },
+        # Nipype's own log file uses a lock that breaks in forked MultiProc workers; the
+        # subject log is a plain FileHandler instead (see _subject_log).
         "logging": {"workflow_level": "WARNING", "interface_level": "WARNING",
-                    "log_directory": str(log_dir), "log_to_file": True},
+                    "log_to_file": False},
         "monitoring": {"enabled": False},
     })
     logging.update_logging(config)
+
+
+@contextmanager
+def _subject_log(path: Path):
+    """Send Nipype's workflow and interface messages to the subject's log file."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    loggers = [logging.getLogger(n) for n in ("nipype.workflow", "nipype.interface")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+        handler.close()
 
 
 def _crash_message(log_dir: Path, since: float) -> str | None:
@@ -165,8 +185,9 @@ def run_subjects(subjects: list[SubjectInputs], *, config: Config, bids_dir: Pat
         start = time.time()
         row = {"subject": subject.subject, "status": "ok", "duration_s": 0.0, "error": ""}
         try:
-            run_subject(subject, config=config, output_dir=output_dir, work_dir=work_dir,
-                        plugin=plugin, plugin_args=plugin_args)
+            with _subject_log(log_dir / "nipype.log"):
+                run_subject(subject, config=config, output_dir=output_dir, work_dir=work_dir,
+                            plugin=plugin, plugin_args=plugin_args)
         except Exception as exc:  # one subject's failure must not stop the cohort
             row["status"] = "failed"
             message = _crash_message(log_dir, start) if isinstance(exc, RuntimeError) else None
