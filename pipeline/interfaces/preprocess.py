@@ -32,7 +32,8 @@ class PrepareImage(SimpleInterface):
         p = self.inputs.params
         image = sitk.Cast(read(self.inputs.in_file), sitk.sitkFloat32)
         mask = core_pre.brain_mask(
-            image, closing_mm=p["brain_mask_closing_mm"], erosion_mm=p["brain_mask_erosion_mm"]
+            image, closing_mm=p["brain_mask_closing_mm"], erosion_mm=p["brain_mask_erosion_mm"],
+            smoothing_mm=p["brain_mask_smoothing_mm"], threshold_method=p["brain_mask_threshold"],
         )
         if self.inputs.bias_correct:
             image, _ = core_pre.n4_bias_correct(
@@ -41,6 +42,7 @@ class PrepareImage(SimpleInterface):
                 shrink_factor=p["n4_shrink_factor"],
                 iterations=p["n4_iterations"],
                 convergence=p["n4_convergence"],
+                spline_distance_mm=p["n4_spline_distance_mm"],
                 n_threads=self.inputs.n_threads,
             )
         self._results["out_file"] = save(image, runtime, "preproc.nii.gz")

@@ -18,15 +18,17 @@ from nipype.interfaces.base import (
 from pipeline.core import registration as core_reg
 from pipeline.interfaces.base import out_path, read, save, save_json
 
-_REG_KEYS = (
-    "metric", "histogram_bins", "sampling_fraction", "shrink_factors", "smoothing_sigmas_mm",
-    "iterations", "learning_rate", "min_step",
-)
+# [registration] keys that are not parameters of core.registration.register_rigid
+_NOT_REGISTER_RIGID = {
+    "dwi_to_flair", "template_iterations", "output_spacing_mm", "max_rotation_deg",
+    "max_translation_mm", "template_spacing_mm", "subject_space_margin_mm",
+}
 
 
 def registration_kwargs(params: dict) -> dict:
-    """Optimizer/metric keywords of core.registration from the [registration] section."""
-    return {k: (tuple(params[k]) if isinstance(params[k], list) else params[k]) for k in _REG_KEYS}
+    """Optimizer/metric keywords of core.registration.register_rigid from [registration]."""
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items()
+            if k not in _NOT_REGISTER_RIGID}
 
 
 def _qc_record(result, name: str) -> dict:
@@ -114,6 +116,8 @@ class SubjectSpace(SimpleInterface):
             masks,
             spacing_mm=p["output_spacing_mm"],
             template_iterations=p["template_iterations"],
+            template_spacing_mm=p["template_spacing_mm"],
+            margin_mm=p["subject_space_margin_mm"],
             n_threads=self.inputs.n_threads,
             **registration_kwargs(p),
         )
