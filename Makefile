@@ -19,6 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/python scripts/demo.py --out $(DEMO_OUT)
 
 test: $(STAMP)
+	sh scripts/install_system_deps.sh
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 clean:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipeline import __version__
 
-TOOLS = ("simulate",)
+TOOLS = ("simulate", "import-dicom")
 
 
 def _fail(message: str, status: int = 1) -> int:
@@ -66,6 +66,33 @@ def run_simulate(argv: list[str]) -> int:
     return 0
 
 
+def _import_dicom_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lesionlapse import-dicom",
+        description="Convert a DICOM series (dcm2niix) into a BIDS session: FLAIR to anat/, DWI "
+        "with bval/bvec and scanner ADC/trace maps to dwi/, sidecars without identifying fields.",
+    )
+    p.add_argument("dicom_dir", type=Path, help="folder with the DICOM files of one session")
+    p.add_argument("bids_dir", type=Path, help="BIDS dataset to add the session to")
+    p.add_argument("--participant-label", required=True, help="subject label, e.g. 01")
+    p.add_argument("--session-label", required=True, help="session label, e.g. day0")
+    return p
+
+
+def run_import_dicom(argv: list[str]) -> int:
+    from pipeline.dicom import import_dicom
+
+    args = _import_dicom_parser().parse_args(argv)
+    try:
+        written = import_dicom(args.dicom_dir, args.bids_dir, subject=args.participant_label,
+                               session=args.session_label)
+    except (ValueError, OSError) as exc:
+        return _fail(str(exc), 1)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
 def _label_list(values: list[str] | None) -> list[str] | None:
     return [v for value in values for v in value.split(",") if v] if values else None
 
@@ -91,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Nipype working directory (cache; default: OUTPUT_DIR/../lesionlapse_work)")
     p.add_argument("--nprocs", type=int, help="processes for MultiProc (default: config)")
     p.add_argument("--omp-nthreads", type=int, help="threads per process (default: config)")
+    p.add_argument("--reports-only", action="store_true",
+                   help="rebuild the HTML reports from existing derivatives, run nothing else")
     p.add_argument("--plugin", default=None,
                    help="Nipype execution plugin: MultiProc (default), Linear, SLURM, SLURMGraph")
     group = p.add_mutually_exclusive_group()
@@ -106,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NIPYPE_NO_ET", "1")  # no network at run time
     if argv and argv[0] == "simulate":
         return run_simulate(argv[1:])
+    if argv and argv[0] == "import-dicom":
+        return run_import_dicom(argv[1:])
     if argv and argv[0] in ("--version", "-v"):
         print(f"lesionlapse {__version__}")
         return 0
@@ -178,6 +209,17 @@ def run_participant(args) -> int:
         plugin, plugin_args = _plugin_settings(args, config)
     except (BIDSError, ConfigError, ValueError, OSError) as exc:
         return _fail(str(exc), 2)
+    if args.reports_only:
+        from pipeline.reports.subject import write_subject_report
+
+        status = 0
+        for subject in subjects:
+            if not (args.output_dir / f"sub-{subject.subject}").is_dir():
+                print(f"sub-{subject.subject}: no derivatives in {args.output_dir}", file=sys.stderr)
+                status = 1
+                continue
+            print(f"wrote {write_subject_report(args.output_dir, subject.subject)}")
+        return status
     work_dir = args.work_dir or args.output_dir.resolve().parent / "lesionlapse_work"
     summary = run_subjects(subjects, config=config, bids_dir=args.bids_dir,
                            output_dir=args.output_dir, work_dir=work_dir, plugin=plugin,
@@ -198,6 +240,9 @@ def run_group(args) -> int:
         written, missing = run_group_level(args.output_dir)
     except (ValueError, OSError) as exc:
         return _fail(str(exc), 2)
+    from pipeline.reports.group import write_group_report
+
+    written.append(write_group_report(args.output_dir))
     for path in written:
         print(f"wrote {path}")
     if missing:

@@ -18,7 +18,8 @@ from pathlib import Path
 from pipeline import __version__
 from pipeline.bids import SubjectInputs
 from pipeline.config import Config
-from pipeline.io import InputError, atomic_path, load_nifti
+from pipeline.io import atomic_path
+from pipeline.validate import validate_subject
 
 STAGING = ".lesionlapse-staging"
 BIDSIGNORE = """\
@@ -44,25 +45,6 @@ sub-X.html                                per-subject report
 logs/run_summary.tsv                      status of every subject of the last run
 Every TSV has a JSON sidecar describing its columns and units.
 """
-
-
-def validate_subject(subject: SubjectInputs) -> list[str]:
-    """Open every input file's header (and gzip stream) before any work.
-
-    Raises :class:`InputError` naming the file; returns warnings.
-    """
-    warnings: list[str] = []
-    for ses in subject.sessions:
-        checks = [(ses.flair, "FLAIR", 3), (ses.dwi, "DWI", 4), (ses.adc, "ADC", 3),
-                  (ses.trace, "trace DWI", 3)]
-        for path, kind, ndim in checks:
-            if path is not None:
-                warnings += load_nifti(path, kind=kind, ndim=ndim)[2]
-        if ses.dwi is not None and (ses.bval is None or ses.bvec is None):
-            missing = ".bval" if ses.bval is None else ".bvec"
-            raise InputError(f"{ses.dwi}: no {missing} file beside the 4D DWI. Put the "
-                             "b-values/b-vectors from the conversion next to it with the same name.")
-    return warnings
 
 
 def write_dataset_description(output_dir: Path, bids_dir: Path | None = None) -> None:
