@@ -212,6 +212,27 @@ def _discover_subject(subject_dir: Path, subject: str, ses_filter: set[str] | No
     return SubjectInputs(subject=subject, sessions=tuple(sessions), day_source=source)
 
 
+#: Offset (days) given to a session on the same day as the previous one, so that the time axis
+#: of lesion tracking is strictly increasing (0.001 day = 86.4 s; sessions on one day are
+#: ordered by label).
+SAME_DAY_OFFSET_DAYS = 0.001
+
+
+def tracking_days(days: list[float]) -> list[float]:
+    """Strictly increasing days for lesion tracking.
+
+    Sessions arrive sorted by (day, label); a session on or before the previous one's day is
+    moved to ``previous + SAME_DAY_OFFSET_DAYS``. Other days are returned unchanged.
+    """
+    out: list[float] = []
+    for d in days:
+        d = float(d)
+        if out and d <= out[-1]:
+            d = round(out[-1] + SAME_DAY_OFFSET_DAYS, 6)
+        out.append(d)
+    return out
+
+
 def derivative_name(
     subject: str,
     session: str | None,

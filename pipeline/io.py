@@ -152,11 +152,17 @@ def load_nifti(path: Path, *, kind: str, ndim: int | tuple[int, ...] = 3) -> tup
     qcode, scode = int(img.header["qform_code"]), int(img.header["sform_code"])
     source = "sform" if scode > 0 else ("qform" if qcode > 0 else "none")
     if source == "none":
-        warnings.append(f"{path.name}: neither sform nor qform is set; voxel sizes from pixdim used")
+        warnings.append(f"{path.name}: neither sform nor qform is set (codes 0); the image is "
+                        "placed with voxel sizes from pixdim only, so it cannot be aligned with "
+                        "other files by its header. Re-export it with dcm2niix")
     elif qcode > 0 and scode > 0:
         q, s = img.get_qform(), img.get_sform()
         if not np.allclose(q, s, atol=1e-3):
-            warnings.append(f"{path.name}: qform and sform disagree; the sform is used (NIfTI rule)")
+            shift = float(np.abs(q[:3, 3] - s[:3, 3]).max())
+            warnings.append(
+                f"{path.name}: qform and sform disagree (origin differs by up to {shift:.3g} mm); "
+                "the sform is used (NIfTI rule: sform_code > 0 takes precedence). If the qform "
+                "is the right one, set sform_code to 0 in the header")
     try:
         _ = img.header.get_data_dtype()
     except Exception as exc:  # pragma: no cover
@@ -174,37 +180,84 @@ def _shape_hint(kind: str, ndim: int) -> str:
     return "Check that the right file was exported."
 
 
+def _read_data(img, path: Path, kind: str) -> np.ndarray:
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            return np.asarray(img.dataobj, dtype=np.float32)
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
+        raise InputError(
+            f"{path}: the {kind} voxel data cannot be read ({exc}); the file is probably "
+            "truncated. Copy or export it again."
+        ) from None
+
+
+def head_mask(data: np.ndarray) -> np.ndarray:
+    """Rough head/brain support of a 3D image: finite voxels above 10% of the robust maximum,
+    closed and hole-filled (non-finite voxels enclosed by tissue count as inside).
+
+    Used only to tell NaN/Inf voxels in the background (harmless) from those in the head.
+    """
+    from scipy import ndimage
+
+    finite = np.isfinite(data)
+    values = np.abs(data[finite])
+    if values.size == 0:
+        return np.zeros(data.shape, bool)
+    high = float(np.percentile(values, 99.5))
+    fg = finite & (np.abs(data) > 0.1 * high) if high > 0 else np.zeros(data.shape, bool)
+    if not fg.any():
+        return fg
+    fg = ndimage.binary_closing(fg, iterations=2, border_value=0)
+    return ndimage.binary_fill_holes(fg)
+
+
+def _handle_nonfinite(data: np.ndarray, path: Path, kind: str, warnings: list[str]) -> np.ndarray:
+    """Zero NaN/Inf voxels in the background (reported); refuse them inside the head."""
+    bad = ~np.isfinite(data)
+    if not bad.any():
+        return data
+    bad3 = bad.any(axis=-1) if data.ndim == 4 else bad
+    ref = np.where(bad, 0, data).mean(axis=-1) if data.ndim == 4 else data
+    inside = head_mask(np.where(bad3, np.nan, ref)) & bad3
+    n_inside = int(np.count_nonzero(inside))
+    if n_inside:
+        raise InputError(
+            f"{path}: the {kind} image has {n_inside} NaN/Inf voxels inside the head (of "
+            f"{int(bad.sum())} in total). Such voxels cannot be measured; export the series "
+            "again, or fix the reconstruction that produced them."
+        )
+    warnings.append(f"{Path(path).name}: {int(bad.sum())} NaN/Inf voxels in the background set to 0")
+    return np.where(bad, 0, data).astype(np.float32)
+
+
 def load_volume(
     path: Path, *, kind: str, brain_hint: np.ndarray | None = None
 ) -> LoadedImage:
     """Load a 3D image as float32 SimpleITK with checks for NaN/Inf and all-zero content.
 
-    Non-finite voxels are set to zero and reported. (Refusing them inside the brain needs a
-    brain mask and is done by the caller that has one.)
+    Non-finite voxels in the background are set to zero and reported; inside the head (see
+    :func:`head_mask`) they are refused.
     """
     img, source, warnings = load_nifti(path, kind=kind, ndim=3)
-    data = np.asarray(img.dataobj, dtype=np.float32)
+    data = _read_data(img, Path(path), kind)
     if data.ndim == 4:
         data = data[..., 0]
-    bad = ~np.isfinite(data)
-    if bad.any():
-        warnings.append(f"{Path(path).name}: {int(bad.sum())} NaN/Inf voxels set to 0")
-        data = np.where(bad, 0, data).astype(np.float32)
-    if not np.any(data):
-        raise InputError(f"{path}: the {kind} image is all zeros. Export the series again.")
+    if not np.any(np.isfinite(data) & (data != 0)):
+        raise InputError(f"{path}: the {kind} image is all zeros (or all NaN). Export the "
+                         "series again.")
+    data = _handle_nonfinite(data, Path(path), kind, warnings)
     return LoadedImage(nib_to_sitk(data, img.affine), Path(path), source, warnings)
 
 
 def load_series(path: Path, *, kind: str) -> tuple[np.ndarray, np.ndarray, str, list[str]]:
-    """Load a 4D series as float32 array (i, j, k, t) with its affine."""
+    """Load a 4D series as float32 array (i, j, k, t) with its affine (NaN/Inf as in
+    :func:`load_volume`)."""
     img, source, warnings = load_nifti(path, kind=kind, ndim=4)
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    bad = ~np.isfinite(data)
-    if bad.any():
-        warnings.append(f"{Path(path).name}: {int(bad.sum())} NaN/Inf voxels set to 0")
-        data = np.where(bad, 0, data).astype(np.float32)
-    if not np.any(data):
-        raise InputError(f"{path}: the {kind} series is all zeros. Export the series again.")
+    data = _read_data(img, Path(path), kind)
+    if not np.any(np.isfinite(data) & (data != 0)):
+        raise InputError(f"{path}: the {kind} series is all zeros (or all NaN). Export the "
+                         "series again.")
+    data = _handle_nonfinite(data, Path(path), kind, warnings)
     return data, img.affine, source, warnings
 
 
@@ -220,8 +273,10 @@ def read_bvals_bvecs(bval: Path | None, bvec: Path | None, n_volumes: int, dwi: 
     try:
         bvals = np.loadtxt(bval, ndmin=1, dtype=float).ravel()
         bvecs = np.loadtxt(bvec, ndmin=2, dtype=float)
-    except ValueError as exc:
-        raise InputError(f"{bval} / {bvec}: cannot read numbers ({exc})") from None
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{bval} / {bvec}: cannot read numbers ({exc}). The .bval file must "
+                         "hold one row of b-values and the .bvec three rows of directions, as "
+                         "dcm2niix writes them.") from None
     if bvecs.shape[0] != 3 and bvecs.shape[-1] == 3:
         bvecs = bvecs.T
     if bvals.size != n_volumes or bvecs.shape != (3, n_volumes):

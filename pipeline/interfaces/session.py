@@ -1,13 +1,24 @@
-"""Load one session: FLAIR, DWI (4D with bval/bvec, scanner trace) and ADC, in canonical units."""
+"""Load one session: FLAIR, DWI (4D with bval/bvec, scanner trace) and ADC, in canonical units.
+
+Sessions may lack a contrast (FLAIR-only, DWI/ADC-only). :class:`LoadSession` then writes
+all-NaN placeholder images for the missing contrast on the grid of the present one, and marks
+them in its report (``missing``), so that every per-session list of the subject workflow keeps
+one entry per session. :class:`SegmentIncompleteSessions` segments such subjects: placeholder
+contrasts yield empty lesion masks, an all-NaN rADC and a NaN NAWM reference (NaN in tables).
+"""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
+    InputMultiObject,
+    OutputMultiObject,
     SimpleInterface,
     TraitedSpec,
     traits,
@@ -15,7 +26,7 @@ from nipype.interfaces.base import (
 
 from pipeline.bids import read_json
 from pipeline.core import dwi as core_dwi
-from pipeline.interfaces.base import array, like, save, save_json
+from pipeline.interfaces.base import array, like, out_path, read, save, save_json
 from pipeline.io import InputError, load_series, load_volume, nib_to_sitk, read_bvals_bvecs
 
 
@@ -36,6 +47,10 @@ class _LoadSessionOutputSpec(TraitedSpec):
     trace = File(desc="trace-weighted DWI at the highest b-value, native DWI grid")
     adc = File(desc="ADC in um^2/s, native DWI grid")
     report = File(desc="JSON: sources, ADC unit detection, warnings, computed-vs-scanner ADC")
+    identity_xfm = File(desc="identity ITK transform (DWI->FLAIR of a single-contrast session)")
+    skipped_qc = File(desc="JSON registration QC record of a registration not run")
+    has_flair = traits.Bool(desc="the session has a FLAIR (else `flair` is an all-NaN placeholder)")
+    has_dwi = traits.Bool(desc="the session has diffusion (else b0/trace/adc are placeholders)")
 
 
 class LoadSession(SimpleInterface):
@@ -129,8 +144,51 @@ class LoadSession(SimpleInterface):
             report["warnings"].append("no DWI or trace image: restricted diffusion uses ADC only")
         if b0 is not None:
             self._results["b0"] = save(b0, runtime, "b0.nii.gz")
+        self._placeholders(runtime, report)
         self._results["report"] = save_json(report, runtime, "load_report.json")
         return runtime
+
+    def _placeholders(self, runtime, report: dict) -> None:
+        """All-NaN images for a missing contrast, on the grid of the present one."""
+        res = self._results
+        has_flair = "flair" in res
+        has_dwi = all(k in res for k in ("b0", "trace", "adc"))
+        if not has_flair and not has_dwi:
+            raise InputError(
+                f"{self.inputs.dwi or self.inputs.trace or self.inputs.adc or 'session'}: no "
+                "FLAIR and no usable diffusion (4D DWI, or trace with ADC): nothing to process"
+            )
+        missing = []
+        if not has_flair:
+            grid = read(res["b0"])
+            res["flair"] = save(_nan_like(grid), runtime, "flair_missing.nii.gz")
+            missing.append("FLAIR")
+        if not has_dwi:
+            grid = read(res["flair"])
+            for name in ("b0", "trace", "adc"):
+                res[name] = save(_nan_like(grid), runtime, f"{name}_missing.nii.gz")
+            missing.append("DWI")
+        report["missing"] = missing
+        if missing:
+            report["warnings"].append(
+                f"no {' or '.join(missing)} in this session: all-NaN placeholder images stand in "
+                "for it; its lesion masks are empty and its measures NaN"
+            )
+        res["has_flair"], res["has_dwi"] = has_flair, has_dwi
+        path = out_path(runtime, "identity_xfm.txt")
+        sitk.WriteTransform(sitk.Euler3DTransform(), path)
+        res["identity_xfm"] = path
+        res["skipped_qc"] = save_json(
+            {"registration": "DWI to FLAIR not run: the session lacks "
+             + ("FLAIR" if not has_flair else "DWI" if not has_dwi else "nothing"),
+             "final_metric": None, "similarity_after": None, "rotation_deg": 0.0,
+             "translation_mm": 0.0}, runtime, "skipped_qc.json")
+
+
+def _nan_like(grid: sitk.Image) -> sitk.Image:
+    img = sitk.Image(grid.GetSize(), sitk.sitkFloat32)
+    img.CopyInformation(grid)
+    return like(np.full(array(img).shape, np.nan, np.float32), grid)
 
 
 def _compare(computed: np.ndarray, scanner: np.ndarray) -> dict:
@@ -145,3 +203,114 @@ def _compare(computed: np.ndarray, scanner: np.ndarray) -> dict:
         "median_abs_difference_um2_s": float(np.median(np.abs(diff))),
         "median_ratio_computed_to_scanner": ratio if math.isfinite(ratio) else None,
     }
+
+
+class _SegmentIncompleteInputSpec(BaseInterfaceInputSpec):
+    flair = InputMultiObject(File(exists=True), mandatory=True, desc="FLAIR (or placeholder) per session")
+    brain_mask = InputMultiObject(File(exists=True), mandatory=True)
+    b0 = InputMultiObject(File(exists=True), mandatory=True, desc="b0 per session (subject space)")
+    trace = InputMultiObject(File(exists=True), mandatory=True)
+    adc = InputMultiObject(File(exists=True), mandatory=True)
+    has_flair = traits.List(traits.Bool, mandatory=True, desc="per session: FLAIR present")
+    has_dwi = traits.List(traits.Bool, mandatory=True, desc="per session: diffusion present")
+    labels = traits.List(traits.Str, mandatory=True)
+    segmentation = traits.Dict(mandatory=True, desc="the [segmentation] section")
+    dynamics = traits.Dict(mandatory=True, desc="the [dynamics] section")
+
+
+_SEG_OUTPUTS = ("flair_lesion", "restricted", "shine_through", "radc", "nawm", "references")
+
+
+class _SegmentIncompleteOutputSpec(TraitedSpec):
+    flair_lesion = OutputMultiObject(File())
+    restricted = OutputMultiObject(File())
+    shine_through = OutputMultiObject(File())
+    radc = OutputMultiObject(File())
+    nawm = OutputMultiObject(File())
+    references = OutputMultiObject(File(), desc="JSON: NAWM reference ADC per session")
+
+
+class SegmentIncompleteSessions(SimpleInterface):
+    """Segment a subject whose sessions lack FLAIR or diffusion, with
+    :class:`pipeline.interfaces.segmentation.SegmentSessions` (same outputs, one per session).
+
+    * Sessions with a FLAIR are segmented jointly, as in ``SegmentSessions``. Those without
+      diffusion get a neutral stand-in (trace 1 everywhere, a smooth ADC ramp within the
+      tissue range, so that CSF is found from FLAIR alone): nothing computed from it is kept.
+    * Each session without FLAIR is segmented alone with its b0 (T2-weighted) standing in for
+      the FLAIR, which is used only for the CSF / deep-tissue reference regions; its FLAIR
+      lesion mask is empty.
+    * A missing contrast gives an empty mask, an all-NaN rADC and a NaN NAWM reference.
+    """
+
+    input_spec = _SegmentIncompleteInputSpec
+    output_spec = _SegmentIncompleteOutputSpec
+
+    def _run_interface(self, runtime):
+        ins = self.inputs
+        n = len(ins.labels)
+        for name in ("flair", "brain_mask", "b0", "trace", "adc", "has_flair", "has_dwi"):
+            if len(getattr(ins, name)) != n:
+                raise ValueError(f"{name}: {len(getattr(ins, name))} entries for {n} sessions")
+        grid = read(ins.flair[0])
+        outs: dict[str, list] = {k: [None] * n for k in _SEG_OUTPUTS}
+        cwd = Path(runtime.cwd)
+
+        with_flair = [i for i in range(n) if ins.has_flair[i]]
+        if with_flair:
+            trace, adc = [], []
+            for i in with_flair:
+                if ins.has_dwi[i]:
+                    trace.append(ins.trace[i])
+                    adc.append(ins.adc[i])
+                else:
+                    trace.append(self._standin(runtime, "trace", i, grid))
+                    adc.append(self._standin(runtime, "adc", i, grid))
+            res = self._segment(cwd / "with_flair", with_flair, [ins.flair[i] for i in with_flair],
+                                trace, adc)
+            for k, i in enumerate(with_flair):
+                outs["flair_lesion"][i] = res["flair_lesion"][k]
+                if ins.has_dwi[i]:
+                    for key in _SEG_OUTPUTS[1:]:
+                        outs[key][i] = res[key][k]
+        for i in range(n):
+            if not ins.has_flair[i]:
+                res = self._segment(cwd / f"without_flair_{i:02d}", [i], [ins.b0[i]],
+                                    [ins.trace[i]], [ins.adc[i]])
+                for key in _SEG_OUTPUTS[1:]:
+                    outs[key][i] = res[key][0]
+        empty = like(np.zeros(array(grid).shape, np.uint8), grid)
+        nan = _nan_like(grid)
+        for i in range(n):
+            for key in ("flair_lesion", "restricted", "shine_through", "nawm"):
+                if outs[key][i] is None:
+                    outs[key][i] = save(empty, runtime, f"{key}_missing_{i:02d}.nii.gz", np.uint8)
+            if outs["radc"][i] is None:
+                outs["radc"][i] = save(nan, runtime, f"radc_missing_{i:02d}.nii.gz")
+            if outs["references"][i] is None:
+                outs["references"][i] = save_json(
+                    {"median_um2_s": float("nan"), "iqr_um2_s": float("nan"), "n_voxels": 0},
+                    runtime, f"reference_missing_{i:02d}.json")
+        self._results.update(outs)
+        return runtime
+
+    def _standin(self, runtime, kind: str, i: int, grid: sitk.Image) -> str:
+        shape = array(grid).shape
+        if kind == "trace":
+            values = np.ones(shape, np.float32)
+        else:  # 700..900 um^2/s along the first axis: tissue-like, never CSF, never uniform
+            values = np.broadcast_to(
+                np.linspace(700, 900, shape[0], dtype=np.float32)[:, None, None], shape).copy()
+        return save(like(values, grid), runtime, f"{kind}_standin_{i:02d}.nii.gz")
+
+    def _segment(self, folder: Path, idx, flair, trace, adc) -> dict:
+        from pipeline.interfaces.segmentation import SegmentSessions
+
+        folder.mkdir(parents=True, exist_ok=True)
+        ins = self.inputs
+        result = SegmentSessions(
+            flair=flair, brain_mask=[ins.brain_mask[i] for i in idx], trace=trace, adc=adc,
+            labels=[ins.labels[i] for i in idx], segmentation=ins.segmentation,
+            dynamics=ins.dynamics,
+        ).run(cwd=str(folder))
+        return {key: list(getattr(result.outputs, key)) for key in _SEG_OUTPUTS}

@@ -10,12 +10,12 @@ from pathlib import Path
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from pipeline.bids import SessionInputs, SubjectInputs
+from pipeline.bids import SessionInputs, SubjectInputs, tracking_days
 from pipeline.config import Config
 from pipeline.interfaces.outputs import NativeMasks, WriteDerivatives
 from pipeline.interfaces.preprocess import PrepareImage
 from pipeline.interfaces.registration import RegisterImages, ResampleSession, SubjectSpace
-from pipeline.interfaces.session import LoadSession
+from pipeline.interfaces.session import LoadSession, SegmentIncompleteSessions
 from pipeline.interfaces.segmentation import SegmentSessions
 from pipeline.interfaces.tracking import TrackLesions
 
@@ -62,7 +62,8 @@ def init_session_wf(*, session: SessionInputs, config: Config, name: str = "sess
     workflow.connect(load, "report", outputnode, "load_report")
     pre = config.to_dict()["preprocessing"]
 
-    if session.flair is not None:
+    has_flair, has_dwi = session.flair is not None, session.has_diffusion
+    if has_flair:
         prep_flair = pe.Node(PrepareImage(params=pre, n_threads=threads), name="prep_flair",
                              n_procs=threads, mem_gb=1.0)
         workflow.connect([
@@ -70,18 +71,27 @@ def init_session_wf(*, session: SessionInputs, config: Config, name: str = "sess
             (prep_flair, outputnode, [("out_file", "flair"), ("mask", "flair_mask"),
                                       ("out_file", "anat"), ("mask", "anat_mask")]),
         ])
-    if session.has_diffusion:
+    if has_dwi:
         prep_dwi = pe.Node(PrepareImage(params=pre, bias_correct=False, n_threads=threads),
                            name="prep_dwi", n_procs=threads, mem_gb=0.5)
         workflow.connect([
             (load, prep_dwi, [("b0", "in_file")]),
-            (load, outputnode, [("b0", "b0"), ("trace", "trace"), ("adc", "adc")]),
             (prep_dwi, outputnode, [("mask", "dwi_mask")]),
         ])
-        if session.flair is None:
-            workflow.connect(prep_dwi, "out_file", outputnode, "anat")
-            workflow.connect(prep_dwi, "mask", outputnode, "anat_mask")
-    if session.flair is not None and session.has_diffusion:
+    # b0/trace/adc (and the FLAIR of a session without one) are LoadSession's all-NaN
+    # placeholders when the contrast is missing; masks then come from the present contrast.
+    workflow.connect(load, "b0", outputnode, "b0")
+    workflow.connect(load, "trace", outputnode, "trace")
+    workflow.connect(load, "adc", outputnode, "adc")
+    if not has_flair:  # DWI/ADC only: the b0 is the anatomical reference
+        workflow.connect([
+            (load, outputnode, [("flair", "flair")]),
+            (prep_dwi, outputnode, [("mask", "flair_mask"), ("out_file", "anat"),
+                                    ("mask", "anat_mask")]),
+        ])
+    if not has_dwi:  # FLAIR only
+        workflow.connect(prep_flair, "mask", outputnode, "dwi_mask")
+    if has_flair and has_dwi:
         reg = pe.Node(
             RegisterImages(params=config.to_dict()["registration"], n_threads=threads,
                            transform_type=config.registration.dwi_to_flair,
@@ -92,6 +102,10 @@ def init_session_wf(*, session: SessionInputs, config: Config, name: str = "sess
             (prep_flair, reg, [("out_file", "fixed"), ("mask", "fixed_mask")]),
             (prep_dwi, reg, [("out_file", "moving"), ("mask", "moving_mask")]),
             (reg, outputnode, [("transform", "dwi_to_flair"), ("qc", "reg_qc")]),
+        ])
+    else:  # both images of the session share one grid: the DWI->FLAIR transform is identity
+        workflow.connect([
+            (load, outputnode, [("identity_xfm", "dwi_to_flair"), ("skipped_qc", "reg_qc")]),
         ])
     return workflow
 
@@ -123,12 +137,10 @@ def init_subject_wf(
     """
     sessions = subject.sessions
     n = len(sessions)
-    for ses in sessions:
-        if ses.flair is None or not ses.has_diffusion:
-            raise ValueError(
-                f"ses-{ses.session} of sub-{subject.subject} lacks "
-                f"{'a FLAIR' if ses.flair is None else 'DWI/ADC'}; sessions need both for now"
-            )
+    has_flair = [s.flair is not None for s in sessions]
+    has_dwi = [s.has_diffusion for s in sessions]
+    # lesion tracking needs strictly increasing days: same-day sessions are set 0.001 day apart
+    days = tracking_days([s.day for s in sessions])
     cfg = config.to_dict()
     threads = config.resources.omp_nthreads
     workflow = pe.Workflow(name=name or f"sub_{subject.subject}_wf")
@@ -162,21 +174,31 @@ def init_subject_wf(
             (space, resample, [("reference", "reference")]),
             (swf, resample, [("outputnode.flair", "flair"), ("outputnode.flair_mask", "flair_mask"),
                              ("outputnode.b0", "b0"), ("outputnode.trace", "trace"),
-                             ("outputnode.adc", "adc"), ("outputnode.dwi_to_flair", "dwi_to_flair")]),
+                             ("outputnode.adc", "adc"), ("outputnode.dwi_to_flair", "dwi_to_flair"),
+                             ("outputnode.dwi_mask", "dwi_mask")]),
         ])
         for field in RESAMPLED:
             workflow.connect(resample, field, resampled[field], f"in{i + 1}")
 
-    segment = pe.Node(
-        SegmentSessions(segmentation=cfg["segmentation"], dynamics=cfg["dynamics"], labels=labels),
-        name="segment", mem_gb=2.0,
-    )
+    if all(has_flair) and all(has_dwi):
+        segment = pe.Node(
+            SegmentSessions(segmentation=cfg["segmentation"], dynamics=cfg["dynamics"],
+                            labels=labels),
+            name="segment", mem_gb=2.0,
+        )
+    else:  # sessions without FLAIR or without diffusion
+        segment = pe.Node(
+            SegmentIncompleteSessions(segmentation=cfg["segmentation"], dynamics=cfg["dynamics"],
+                                      labels=labels, has_flair=has_flair, has_dwi=has_dwi),
+            name="segment", mem_gb=2.0,
+        )
+        workflow.connect(resampled["b0"], "out", segment, "b0")
     for field in ("flair", "brain_mask", "trace", "adc"):
         workflow.connect(resampled[field], "out", segment, field)
 
     track = pe.Node(
         TrackLesions(tracking=cfg["tracking"], dynamics=cfg["dynamics"], labels=labels,
-                     days=[s.day for s in sessions]),
+                     days=days),
         name="track", mem_gb=2.0,
     )
     workflow.connect([
@@ -197,7 +219,7 @@ def init_subject_wf(
 
     sink = pe.Node(
         WriteDerivatives(out_dir=str(staging_dir), subject=subject.subject, labels=labels,
-                         days=[s.day for s in sessions], config=cfg,
+                         days=days, config=cfg,
                          day_source=subject.day_source),
         name="write_derivatives", run_without_submitting=True, overwrite=True,
     )
