@@ -1,0 +1,434 @@
+"""Benchmark: lesion tracking and ADC dynamics against the phantom's ground truth.
+
+Simulates ``--subjects`` phantom subjects (preset ``mixed``: seed case, MS-like, control,
+cycled), then evaluates the same metrics twice:
+
+* **truth masks** (analytics alone): ``core.tracking`` + ``core.dynamics`` on the truth-space
+  truth masks and true rADC (read from ``derivatives/truth``), against the truth tables and
+  the MS-like *designed* events;
+* **whole chain**: the ``lesionlapse`` CLI (subprocess) on the simulated BIDS data; its
+  subject-space lesion ids and rADC are mapped into the truth space through the pipeline's
+  ``from-FLAIR_to-subject`` and the phantom's ``from-truth_to-FLAIR`` transforms and matched to
+  the truth lesions by overlap.
+
+Metrics: event classification (accuracy, confusion matrix, per designed lesion), rADC error
+per session in the lesion masks, pseudonormalized-fraction error, pseudonormalization-day
+error, lesion volume error. Prints the tables and writes ``benchmarks/results/tracking.md``.
+
+Usage::
+
+    python benchmarks/tracking.py                     # 20 subjects, small grid
+    python benchmarks/tracking.py --subjects 3 --workdir /tmp/trk
+    python benchmarks/tracking.py --skip-pipeline     # truth-mask part only
+
+A work directory is reused: the phantom is not rewritten when it exists with the same preset,
+seed, grid and subject count, and the pipeline reuses its Nipype cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import common as C  # noqa: E402
+from pipeline.config import Config, load_config  # noqa: E402
+from pipeline.core import dynamics  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = {
+    "event accuracy (truth events)": ">= 95 %",
+    "event accuracy (designed, MS-like)": ">= 95 % (100 % from truth masks)",
+    "mean abs rADC error in lesion": "<= 0.03",
+    "mean abs pseudonormalized-fraction error": "<= 5 pp",
+    "mean abs pseudonormalization-day error": "<= 2 days",
+    "mean abs lesion volume error": "<= 10 %",
+}
+RADC_COLUMNS = ("radc_mean_restricted", "radc_mean_flair", "radc_mean_ever_restricted")
+VOLUME_COLUMNS = ("flair_volume_ml", "restricted_volume_ml")
+
+
+@dataclass
+class Result:
+    """Tables and truth-space lesion ids of one subject, from truth masks or the pipeline."""
+
+    sessions: pd.DataFrame
+    events: pd.DataFrame
+    lesions: pd.DataFrame
+    summary: pd.DataFrame
+    dseg: dict[str, list[np.ndarray]]
+    radc_in_truth_restricted: list[float] | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# data
+
+
+def _cli() -> list[str]:
+    """The installed console script of this interpreter's environment."""
+    script = Path(sys.executable).with_name("lesionlapse")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from pipeline.cli import main; sys.exit(main())"]
+
+
+def simulate(bids: Path, n: int, seed: int, grid: str, preset: str) -> None:
+    name = f"lesionlapse phantom ({preset}, grid {grid}, seed {seed})"
+    desc = bids / "dataset_description.json"
+    if desc.exists():
+        have = json.loads(desc.read_text()).get("Name")
+        if have == name and len(C.subjects(bids)) == n:
+            print(f"reusing phantom {bids} ({n} subjects)")
+            return
+        raise SystemExit(f"{bids} holds another dataset ({have}); choose another --workdir")
+    t0 = time.perf_counter()
+    subprocess.run([*_cli(), "simulate", str(bids), "--preset", preset, "--subjects", str(n),
+                    "--seed", str(seed), "--grid", grid], check=True)
+    print(f"simulated {n} subjects in {time.perf_counter() - t0:.0f} s")
+
+
+def run_pipeline(bids: Path, out: Path, work: Path, nprocs: int, subs: list[str]) -> float:
+    cmd = [*_cli(), str(bids), str(out), "participant", "-w", str(work), "--nprocs", str(nprocs),
+           "--participant-label", *subs]
+    print("running:", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    (work.parent / "pipeline.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        print(f"pipeline exited {proc.returncode} (log: {work.parent / 'pipeline.log'}); "
+              "evaluating the subjects it finished", flush=True)
+    return seconds
+
+
+def from_truth(truth: C.Truth, config: Config) -> Result:
+    a = C.analyse_truth(truth, config)
+    return Result(a.sessions, a.events, a.lesions, a.summary,
+                  {k: list(v) for k, v in a.dseg.items()})
+
+
+def from_pipeline(out: Path, truth: C.Truth) -> Result:
+    """The pipeline's tables, and its lesion ids and rADC resampled into the truth space."""
+    sub = truth.sub
+    base = out / f"sub-{sub}"
+    tables = {name: C.read_tsv(base / f"sub-{sub}_desc-{name}.tsv")
+              for name in ("sessions_timeseries", "events", "lesions_timeseries",
+                           "lesions_summary")}
+    dseg: dict[str, list] = {k: [] for k in C.KINDS}
+    radc_means = []
+    for k, ses in enumerate(truth.sessions):
+        transform = C.truth_to_subject(out, truth, ses)
+        reference = sitk.ReadImage(str(truth.image(ses)))
+        for kind in C.KINDS:
+            img = sitk.ReadImage(str(C.pipeline_file(
+                out, sub, ses, f"*_space-subject_desc-{kind}_dseg.nii.gz")))
+            dseg[kind].append(C.to_truth_space(img, reference, transform,
+                                               interpolator=sitk.sitkNearestNeighbor)
+                              .astype(np.int32))
+        radc = sitk.Cast(sitk.ReadImage(str(C.pipeline_file(
+            out, sub, ses, "*_space-subject_desc-relative_ADC.nii.gz"))), sitk.sitkFloat32)
+        mapped = C.to_truth_space(radc, reference, transform, interpolator=sitk.sitkLinear)
+        radc_means.append(dynamics.masked_mean(mapped, truth.masks["restricted"][k]))
+    return Result(tables["sessions_timeseries"], tables["events"], tables["lesions_timeseries"],
+                  tables["lesions_summary"], dseg, radc_means)
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation of one subject
+
+
+def evaluate(truth: C.Truth, res: Result, config: Config) -> dict[str, pd.DataFrame]:
+    sub, preset = truth.sub, truth.preset
+    tag = {"subject": sub, "preset": preset}
+    out: dict[str, pd.DataFrame] = {}
+
+    # events against the truth tracking, spatially matched
+    pairs = C.event_confusion(truth.tables["events"], res.events, truth.dseg, res.dseg,
+                              truth.sessions)
+    tev = truth.tables["events"]
+    size = np.maximum(tev["volume_from_ml"], tev["volume_to_ml"]).to_numpy()
+    n_truth = len(tev)
+    pairs["detectable"] = True
+    pairs.loc[: n_truth - 1, "detectable"] = (
+        size >= config.segmentation.min_lesion_volume_mm3 / 1000.0)
+    out["events"] = pairs.assign(**tag)
+
+    # designed events (MS-like)
+    if truth.sim.get("designed_lesions"):
+        expected = C.designed_events(truth.sim, config)
+        regions = C.design_regions(truth.sim, truth.affine, truth.radc[0].shape)
+        flair = res.events[res.events["kind"] == "flair"]
+        out["designed"] = C.observed_design_events(expected, regions, res.dseg["flair"], flair,
+                                                   truth.sessions).assign(**tag)
+
+    # per session: rADC, pseudonormalized fraction, volumes
+    want = truth.tables["sessions_timeseries"].set_index("session")
+    got = res.sessions.set_index("session").reindex(want.index)
+    rows = []
+    for ses in want.index:
+        row = {**tag, "session": ses, "day": float(want.loc[ses, "day"])}
+        for col in RADC_COLUMNS + ("pseudonormalized_fraction",) + VOLUME_COLUMNS:
+            row[f"{col}_truth"] = float(want.loc[ses, col])
+            row[f"{col}_got"] = float(got.loc[ses, col])
+        if res.radc_in_truth_restricted is not None:
+            row["radc_map_in_truth_restricted"] = res.radc_in_truth_restricted[
+                truth.sessions.index(ses)]
+        rows.append(row)
+    out["sessions"] = pd.DataFrame(rows)
+
+    # per lesion: pseudonormalization day and volume, matched by overlap
+    summary = truth.tables["lesions_summary"]
+    got_summary = res.summary.set_index(["kind", "lesion_id"])
+    got_lesions = res.lesions.set_index(["kind", "lesion_id", "session"])
+    lrows, vrows = [], []
+    for kind in C.KINDS:
+        matches = [C.best_match(t, o)[0] for t, o in zip(truth.dseg[kind], res.dseg[kind])]
+        tl = truth.tables["lesions_timeseries"]
+        tl = tl[(tl["kind"] == kind) & tl["present"].astype(bool)]
+        for r in tl.itertuples():
+            k = truth.sessions.index(r.session)
+            other = matches[k].get(int(r.lesion_id))
+            vol = (float(got_lesions.loc[(kind, other, r.session), "volume_ml"])
+                   if other is not None and (kind, other, r.session) in got_lesions.index
+                   else 0.0)
+            vrows.append({**tag, "kind": kind, "lesion_id": r.lesion_id, "session": r.session,
+                          "volume_truth": r.volume_ml, "volume_got": vol})
+        for r in summary[summary["kind"] == kind].itertuples():
+            if not np.isfinite(r.pseudonormalization_day):
+                continue
+            first = truth.sessions[[float(d) for d in truth.days].index(float(r.first_day))]
+            other = matches[truth.sessions.index(first)].get(int(r.lesion_id))
+            g = got_summary.loc[(kind, other)] if other is not None and (
+                kind, other) in got_summary.index else None
+            lrows.append({
+                **tag, "kind": kind, "lesion_id": r.lesion_id, "max_volume_ml": r.max_volume_ml,
+                "day_truth": r.pseudonormalization_day, "censored_truth": bool(r.censored),
+                "day_got": float(g["pseudonormalization_day"]) if g is not None else np.nan,
+                "censored_got": bool(g["censored"]) if g is not None else None,
+                "matched": g is not None,
+            })
+    out["pn_day"] = pd.DataFrame(lrows)
+    out["volumes"] = pd.DataFrame(vrows)
+    return out
+
+
+def gather(parts: list[dict[str, pd.DataFrame]]) -> dict[str, pd.DataFrame]:
+    keys = {k for p in parts for k in p}
+    return {k: pd.concat([p[k] for p in parts if k in p and len(p[k])], ignore_index=True)
+            if any(k in p and len(p[k]) for p in parts) else pd.DataFrame() for k in keys}
+
+
+# --------------------------------------------------------------------------------------------
+# metrics
+
+
+def _pct(x: float) -> str:
+    return "n/a" if not np.isfinite(x) else f"{100 * x:.1f} %"
+
+
+def _abs_stats(err: pd.Series) -> tuple[float, float, int]:
+    err = err[np.isfinite(err)]
+    return (float(err.abs().mean()) if len(err) else np.nan,
+            float(err.abs().max()) if len(err) else np.nan, int(len(err)))
+
+
+def metrics(r: dict[str, pd.DataFrame]) -> dict[str, str]:
+    """The headline numbers of one run (strings for the summary table)."""
+    m: dict[str, str] = {}
+    ev = r.get("events", pd.DataFrame())
+    if len(ev):
+        real = ev[ev["truth"] != C.SPURIOUS]
+        det = real[real["detectable"]]
+        m["event accuracy (truth events)"] = (
+            f"{_pct((real['truth'] == real['pipeline']).mean())} of {len(real)}; "
+            f"{_pct((det['truth'] == det['pipeline']).mean())} of {len(det)} detectable; "
+            f"{int((ev['truth'] == C.SPURIOUS).sum())} spurious")
+    des = r.get("designed", pd.DataFrame())
+    if len(des):
+        ok = des["expected"] == des["observed"]
+        clean = des["design_id"] != 6
+        m["event accuracy (designed, MS-like)"] = (
+            f"{_pct(ok.mean())} of {len(des)}; {_pct(ok[clean].mean())} without design 6")
+    s = r["sessions"]
+    parts = []
+    for col in RADC_COLUMNS:
+        mean, mx, n = _abs_stats(s[f"{col}_got"] - s[f"{col}_truth"])
+        parts.append(f"{col.replace('radc_mean_', '')} {mean:.4f} (max {mx:.3f}, n={n})")
+    if "radc_map_in_truth_restricted" in s:
+        mean, mx, n = _abs_stats(s["radc_map_in_truth_restricted"] - s["radc_mean_restricted_truth"])
+        parts.append(f"map in truth restricted mask {mean:.4f} (max {mx:.3f}, n={n})")
+    m["mean abs rADC error in lesion"] = "; ".join(parts)
+    mean, mx, n = _abs_stats(s["pseudonormalized_fraction_got"] - s["pseudonormalized_fraction_truth"])
+    missing = int((np.isfinite(s["pseudonormalized_fraction_truth"])
+                   & ~np.isfinite(s["pseudonormalized_fraction_got"])).sum())
+    m["mean abs pseudonormalized-fraction error"] = (
+        f"{100 * mean:.2f} pp (max {100 * mx:.1f} pp, n={n}, {missing} missing)")
+    pn = r.get("pn_day", pd.DataFrame())
+    if len(pn):
+        both = pn[pn["matched"] & ~pn["censored_truth"] & (pn["censored_got"] == False)]  # noqa: E712
+        mean, mx, n = _abs_stats(both["day_got"] - both["day_truth"])
+        within = float(((both["day_got"] - both["day_truth"]).abs() <= 2).mean()) if n else np.nan
+        cens = pn[pn["matched"]]
+        agree = float((cens["censored_got"] == cens["censored_truth"]).mean()) if len(cens) else np.nan
+        m["mean abs pseudonormalization-day error"] = (
+            f"{mean:.2f} d (max {mx:.1f} d, {_pct(within)} within 2 d, n={n} uncensored pairs); "
+            f"{int(pn['matched'].sum())}/{len(pn)} lesions matched, censoring agrees {_pct(agree)}")
+    parts = []
+    for col in VOLUME_COLUMNS:
+        t = s[f"{col}_truth"]
+        rel = (s[f"{col}_got"] - t) / t.where(t > 0)
+        mean, mx, n = _abs_stats(rel)
+        parts.append(f"{col.replace('_volume_ml', '')} total {_pct(mean)} (max {_pct(mx)}, n={n})")
+    vol = r.get("volumes", pd.DataFrame())
+    if len(vol):
+        for kind in C.KINDS:
+            v = vol[vol["kind"] == kind]
+            if len(v):
+                rel = (v["volume_got"] - v["volume_truth"]) / v["volume_truth"]
+                parts.append(f"{kind} per lesion median {_pct(float(rel.abs().median()))} "
+                             f"(n={len(v)}, {int((v['volume_got'] == 0).sum())} unmatched)")
+    m["mean abs lesion volume error"] = "; ".join(parts)
+    return m
+
+
+def session_details(r: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    s = r["sessions"]
+    cols = {"subject": s["subject"], "preset": s["preset"], "session": s["session"],
+            "day": s["day"]}
+    for col, short in (("radc_mean_restricted", "rADC restr"), ("radc_mean_flair", "rADC FLAIR"),
+                       ("pseudonormalized_fraction", "PN frac"),
+                       ("restricted_volume_ml", "restr mL"), ("flair_volume_ml", "FLAIR mL")):
+        cols[f"{short} truth"] = s[f"{col}_truth"]
+        cols[f"{short} got"] = s[f"{col}_got"]
+    return pd.DataFrame(cols)
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+def report(args, info, runs: dict[str, dict], timings: dict[str, float], subs) -> str:
+    lines = ["# Tracking and ADC dynamics benchmark", "",
+             "Generated by `benchmarks/tracking.py`; do not edit by hand.", "",
+             "Command:", "", "```", "python " + " ".join(sys.argv), "```", "",
+             f"Phantom: preset `{args.preset}`, {len(subs)} subjects "
+             f"({', '.join(f'{p}: {n}' for p, n in subs.items())}), seed {args.seed}, grid "
+             f"`{args.grid}`, sessions at days 0, 3, 8, 45.", "",
+             "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()), "",
+             "Timings: " + "; ".join(f"{k} {v:.0f} s" for k, v in timings.items()), ""]
+    names = list(runs)
+    summary = pd.DataFrame(
+        {"target": TARGETS, **{n: metrics(runs[n]) for n in names}}).fillna("n/a")
+    summary.index.name = "metric"
+    lines += ["## Summary", "", C.markdown(summary), "",
+              "* *truth masks*: tracking + dynamics on the truth masks and true rADC (stored to "
+              "1e-3, hence the tiny residuals); compared with the truth tables.",
+              "* *whole chain*: the pipeline's own masks, lesion ids mapped into the truth space "
+              "(nearest neighbour) and matched by largest overlap per session.",
+              "* Events: every truth event row (lesion id x interval, both kinds) against the "
+              "event of the matched id; *detectable* = truth lesion at least "
+              "`segmentation.min_lesion_volume_mm3`; *spurious* = event rows of ids overlapping "
+              "no truth lesion.",
+              "* Designed: the MS-like lesions' designed events (`designed_events`) against the "
+              "event of the id holding most of the designed ovoid. Designed lesion 6 "
+              "(shrinking) overlaps the split partner 11 in `pipeline/simulate/lesions.py` "
+              "`MS_DESIGN`, so it is fused with the splitting pair in every subject.",
+              "* rADC: session-table means in each run's own masks (restricted, FLAIR, "
+              "ever-restricted), and the pipeline's rADC map averaged in the truth restricted "
+              "mask (isolates ADC from segmentation).",
+              "* Pseudonormalization day: per truth lesion with a defined day, against the "
+              "matched lesion (largest overlap at the truth lesion's first session).", ""]
+    for n in names:
+        r = runs[n]
+        lines += [f"## {n}", ""]
+        if len(r.get("events", [])):
+            for kind in C.KINDS:
+                ev = r["events"][r["events"]["kind"] == kind]
+                if len(ev):
+                    lines += [f"Event confusion, {kind} lesions (rows truth, columns {n}):", "",
+                              C.markdown(C.confusion_table(ev, "truth", "pipeline")), ""]
+        if len(r.get("designed", [])):
+            d = r["designed"]
+            lines += ["Designed events (MS-like), rows expected, columns observed:", "",
+                      C.markdown(C.confusion_table(d, "expected", "observed")), ""]
+            per = d.assign(ok=d["expected"] == d["observed"]).groupby(
+                ["design_id", "design"])["ok"].mean().rename("accuracy").reset_index()
+            lines += ["Per designed lesion:", "", C.markdown(per, index=False), ""]
+        if len(r.get("pn_day", [])):
+            lines += ["Pseudonormalization day per lesion:", "",
+                      C.markdown(r["pn_day"].drop(columns=["preset"]), index=False,
+                                 floatfmt=".3g"), ""]
+        lines += ["Per session:", "", C.markdown(session_details(r), index=False,
+                                                  floatfmt=".3g"), ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--subjects", type=int, default=20, help="phantom subjects (default 20)")
+    p.add_argument("--preset", default="mixed")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", default="small", choices=("small", "clinical"))
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/lesionlapse-bench-tracking"))
+    p.add_argument("--nprocs", type=int, default=2)
+    p.add_argument("--skip-pipeline", action="store_true", help="truth-mask part only")
+    p.add_argument("--no-run", action="store_true",
+                   help="evaluate existing pipeline outputs in WORKDIR/out without running it")
+    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "tracking.md")
+    args = p.parse_args(argv)
+
+    config = load_config()
+    work = args.workdir.resolve()
+    bids, deriv = work / "bids", work / "out"
+    work.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    simulate(bids, args.subjects, args.seed, args.grid, args.preset)
+    timings["simulate"] = time.perf_counter() - t0
+    subs = C.subjects(bids)
+
+    t0 = time.perf_counter()
+    truths = {s: C.load_truth(bids, s) for s in subs}
+    runs = {"truth masks": gather([evaluate(t, from_truth(t, config), config)
+                                   for t in truths.values()])}
+    timings["truth-mask analytics"] = time.perf_counter() - t0
+
+    if not args.skip_pipeline:
+        if not args.no_run:
+            timings["pipeline (CLI)"] = run_pipeline(bids, deriv, work / "work", args.nprocs, subs)
+        t0 = time.perf_counter()
+        parts, failed = [], []
+        for s, truth in truths.items():
+            try:
+                parts.append(evaluate(truth, from_pipeline(deriv, truth), config))
+            except (FileNotFoundError, KeyError) as exc:
+                failed.append(f"sub-{s}: {exc}")
+        if failed:
+            print("not evaluated:\n  " + "\n  ".join(failed))
+        if parts:
+            runs["whole chain"] = gather(parts)
+        timings["whole-chain evaluation"] = time.perf_counter() - t0
+
+    counts = pd.Series([t.preset for t in truths.values()]).value_counts().to_dict()
+    text = report(args, C.machine_info(), runs, timings, counts)
+    summary = pd.DataFrame({"target": TARGETS, **{n: metrics(r) for n, r in runs.items()}})
+    with pd.option_context("display.max_colwidth", 200, "display.width", 250):
+        print(summary.to_string())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
