@@ -286,3 +286,19 @@ def read_bvals_bvecs(bval: Path | None, bvec: Path | None, n_volumes: int, dwi: 
             ".bval/.bvec written with this exact image."
         )
     return bvals, bvecs
+
+
+def read_image(path: Path) -> sitk.Image:
+    """Read a 3D NIfTI written by this pipeline as SimpleITK, keeping NaN voxels.
+
+    ``sitk.ReadImage`` (ITK 5.4 NIfTI reader) turns NaN into 0, which would make an undefined
+    ADC or rADC read as 0 ("maximally restricted"); this reader goes through nibabel instead.
+    The geometry is the same as ``sitk.ReadImage`` gives (sform, else qform).
+    """
+    img = nib.load(str(path))
+    data = np.asanyarray(img.dataobj)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ValueError(f"{path}: read_image reads 3D images, got shape {data.shape}")
+    return nib_to_sitk(data, img.affine)

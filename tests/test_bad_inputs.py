@@ -599,3 +599,19 @@ def test_cli_refuses_bad_subject_without_outputs(tmp_path, damage, message, caps
     assert not any(p.name.startswith(".lesionlapse-staging") for p in out.iterdir())
     assert _digest(root) == before  # inputs untouched
     assert message in capsys.readouterr().err
+
+
+def test_read_image_keeps_nan_where_sitk_reader_does_not(tmp_path):
+    from pipeline.io import read_image
+
+    data = np.where(_brain(), 800.0, np.nan).astype(np.float32)
+    path = _save(tmp_path / "adc.nii.gz", data)
+    ours = sitk.GetArrayFromImage(read_image(path))
+    assert np.isnan(ours).sum() == np.isnan(data).sum()
+    itk = sitk.ReadImage(str(path))
+    np.testing.assert_allclose(sitk_affine(read_image(path)), sitk_affine(itk), atol=1e-5)
+    # documents the ITK behaviour that read_image works around (fails once ITK keeps NaN)
+    assert not np.isnan(sitk.GetArrayFromImage(itk)).any()
+    mask = _save(tmp_path / "mask.nii.gz", _brain().astype(np.uint8))
+    nib.load(str(mask)).set_data_dtype(np.uint8)
+    assert read_image(mask).GetSize() == SHAPE

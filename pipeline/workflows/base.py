@@ -48,6 +48,10 @@ def init_session_wf(*, session: SessionInputs, config: Config, name: str = "sess
         The session's anatomical reference for the subject space (FLAIR, else b0).
     load_report, reg_qc
         JSON reports of loading (units, warnings) and of the DWI->FLAIR registration.
+
+    A session without FLAIR or without diffusion gives every output all the same: the missing
+    images are LoadSession's all-NaN placeholders on the present contrast's grid, its masks
+    are the present contrast's brain mask, and ``dwi_to_flair`` is the identity.
     """
     if session.flair is None and not session.has_diffusion:
         raise ValueError(f"ses-{session.session} of sub-{session.subject} has neither FLAIR nor DWI/ADC")
@@ -130,6 +134,10 @@ def init_subject_wf(
         workflow has succeeded, so that no half-written subject ever appears there.
     name
         Workflow name (default ``sub_<label>_wf``).
+
+    Sessions may lack FLAIR or diffusion (see :func:`init_session_wf`); segmentation then uses
+    :class:`pipeline.interfaces.session.SegmentIncompleteSessions`. Sessions on the same day are
+    spread 0.001 day apart for tracking (:func:`pipeline.bids.tracking_days`).
 
     Outputs
     -------
