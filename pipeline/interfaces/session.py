@@ -313,4 +313,6 @@ class SegmentIncompleteSessions(SimpleInterface):
             labels=[ins.labels[i] for i in idx], segmentation=ins.segmentation,
             dynamics=ins.dynamics,
         ).run(cwd=str(folder))
-        return {key: list(getattr(result.outputs, key)) for key in _SEG_OUTPUTS}
+        # a one-element OutputMultiObject comes back as a plain string
+        return {key: [v] if isinstance(v := getattr(result.outputs, key), str) else list(v)
+                for key in _SEG_OUTPUTS}
