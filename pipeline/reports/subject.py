@@ -1,39 +1,116 @@
-"""A minimal per-subject HTML page linking the tables and images (the full report is richer)."""
+"""Per-subject HTML report: OUTPUT_DIR/sub-X.html, one self-contained file.
+
+It redraws the case report's Figure 1 from the derivatives (DWI, ADC and FLAIR per session with
+the lesions outlined, new or enlarging ones in orange), plots the trajectories, shows the
+registration QC, the tables, every warning of the run and a methods paragraph written from the
+configuration that was actually used.
+"""
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
-
-import pandas as pd
-from jinja2 import Environment, PackageLoader, select_autoescape
 
 from pipeline import __version__
 from pipeline.io import atomic_path
+from pipeline.reports.data import SubjectDerivatives, load_subject
+from pipeline.reports.embed import environment, figure_data_uri, table_html
+from pipeline.reports.mosaic import extract_views, plot_mosaic, plot_registration_qc
+from pipeline.reports.qc import (collect_warnings, input_notes, methods_paragraphs,
+                                 registration_table)
+from pipeline.reports.trajectories import lesion_histories, subject_trajectories
+
+TABLE_TITLES = (("sessions", "Sessions over time", True),
+                ("events", "Lesion events per interval", False),
+                ("lineage", "Lesion lineage", False),
+                ("summary", "Lesions: nadir and pseudonormalization", True),
+                ("lesions", "Lesions over time", False))
 
 
-def _env() -> Environment:
-    return Environment(loader=PackageLoader("pipeline", "reports/templates"),
-                       autoescape=select_autoescape(["html"]))
+def _has_images(subject: SubjectDerivatives) -> bool:
+    return any(s.paths.get(k) for s in subject.sessions for k in ("flair", "dwi", "adc"))
+
+
+def _trajectory_figures(subject: SubjectDerivatives) -> list[dict]:
+    sessions, lesions = subject.tables["sessions"], subject.tables["lesions"]
+    return [
+        {"uri": figure_data_uri(subject_trajectories(sessions, subject.config)),
+         "alt": "volume and rADC trajectories",
+         "caption": "Left: FLAIR-lesion, restricted and ever-restricted volume. Middle: mean "
+                    "rADC (ADC / normal-appearing white matter ADC) in the lesions; the green "
+                    "band is the pseudonormal range of the configuration. Right: fraction of the "
+                    "ever-restricted tissue whose rADC is no longer below the restriction "
+                    "cut-off."},
+        {"uri": figure_data_uri(lesion_histories(lesions, subject.config)),
+         "alt": "per-lesion histories",
+         "caption": "Per lesion id (largest first): FLAIR-lesion and restricted-lesion volume "
+                    "while present, and the rADC of the tissue each restricted lesion first "
+                    "occupied."},
+    ]
+
+
+def _tables(subject: SubjectDerivatives) -> list[dict]:
+    out = []
+    for key, title, is_open in TABLE_TITLES:
+        frame = subject.tables[key]
+        out.append({"title": title, "rows": len(frame), "open": is_open,
+                    "file": subject.table_path(key).relative_to(subject.output_dir).as_posix(),
+                    "html": table_html(frame)})
+    return out
+
+
+def render_subject_report(subject: SubjectDerivatives) -> str:
+    """The HTML text of a subject's report.
+
+    Parameters
+    ----------
+    subject : SubjectDerivatives
+        See :func:`pipeline.reports.data.load_subject`.
+
+    Returns
+    -------
+    str
+        A complete HTML document with every image embedded.
+    """
+    mosaic = qc_figure = None
+    lesion_slice = None
+    if _has_images(subject):
+        views = extract_views(subject)
+        fig = plot_mosaic(subject, views)
+        mosaic, lesion_slice = figure_data_uri(fig), fig.lesion_slice
+        qc_figure = figure_data_uri(plot_registration_qc(subject, views), dpi=80)
+    return environment().get_template("subject.html").render(
+        subject=subject.subject, version=__version__,
+        created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        n_sessions=len(subject.sessions),
+        days=", ".join(f"{s.day:g}" for s in subject.sessions),
+        warnings=collect_warnings(subject), mosaic=mosaic, lesion_slice=lesion_slice,
+        trajectories=_trajectory_figures(subject), qc_figure=qc_figure,
+        registration=table_html(registration_table(subject)),
+        inputs=table_html(input_notes(subject)), tables=_tables(subject),
+        methods=methods_paragraphs(subject),
+    )
 
 
 def write_subject_report(output_dir: Path, subject: str) -> Path:
-    """Write OUTPUT_DIR/sub-X.html from the subject's derivative tables."""
+    """Write OUTPUT_DIR/sub-X.html from the subject's derivatives.
+
+    Parameters
+    ----------
+    output_dir : Path
+        The pipeline's OUTPUT_DIR (holding ``sub-X/``).
+    subject : str
+        Subject label, with or without ``sub-``.
+
+    Returns
+    -------
+    Path
+        The report written (atomically).
+    """
     output_dir = Path(output_dir)
-    subj_dir = output_dir / f"sub-{subject}"
-    tables = []
-    for name, title in (("desc-sessions_timeseries", "Sessions over time"),
-                        ("desc-lesions_summary", "Lesions"),
-                        ("desc-events", "Events per interval")):
-        path = subj_dir / f"sub-{subject}_{name}.tsv"
-        if path.exists():
-            frame = pd.read_csv(path, sep="\t", na_values="n/a", dtype={"session": str})
-            tables.append({"title": title, "file": path.relative_to(output_dir).as_posix(),
-                           "html": frame.to_html(index=False, na_rep="n/a", float_format="%.4g",
-                                                 border=0, classes="table")})
-    files = sorted(p.relative_to(output_dir).as_posix() for p in subj_dir.rglob("*") if p.is_file())
-    html = _env().get_template("subject.html").render(subject=subject, tables=tables, files=files,
-                                                      version=__version__)
-    dst = output_dir / f"sub-{subject}.html"
+    derivatives = load_subject(output_dir, subject)
+    html = render_subject_report(derivatives)
+    dst = output_dir / f"sub-{derivatives.subject}.html"
     with atomic_path(dst) as tmp:
-        tmp.write_text(html)
+        tmp.write_text(html, encoding="utf-8")
     return dst
