@@ -429,6 +429,7 @@ def event_confusion(
     most at the from-session (or at the to-session for a lesion born in the interval); its
     event is the other id's event in that interval, ``missed`` when there is none. Other
     event rows whose id overlaps no truth lesion at either end are ``spurious``.
+    ``volume_ml``: the larger of the row's two volumes (truth lesion, or the spurious one).
     """
     rows = []
     for kind in KINDS:
@@ -443,13 +444,15 @@ def event_confusion(
             if other is None:
                 other = t2o_to.get(r.lesion_id) if r.volume_to_ml > 0 else None
             got = str(o_index.get((other, r.from_session), MISSED)) if other else MISSED
-            rows.append({"kind": kind, "truth": r.event, "pipeline": got})
+            rows.append({"kind": kind, "truth": r.event, "pipeline": got,
+                         "volume_ml": max(r.volume_from_ml, r.volume_to_ml)})
         for r in oev.itertuples():
             k = sessions.index(r.from_session)
             o2t_from, o2t_to = matches[k][1], matches[k + 1][1]
             if r.lesion_id not in o2t_from and r.lesion_id not in o2t_to:
-                rows.append({"kind": kind, "truth": SPURIOUS, "pipeline": r.event})
-    return pd.DataFrame(rows, columns=["kind", "truth", "pipeline"])
+                rows.append({"kind": kind, "truth": SPURIOUS, "pipeline": r.event,
+                             "volume_ml": max(r.volume_from_ml, r.volume_to_ml)})
+    return pd.DataFrame(rows, columns=["kind", "truth", "pipeline", "volume_ml"])
 
 
 def confusion_table(pairs: pd.DataFrame, row: str, col: str) -> pd.DataFrame:

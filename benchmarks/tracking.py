@@ -67,6 +67,7 @@ class Result:
     summary: pd.DataFrame
     dseg: dict[str, list[np.ndarray]]
     radc_in_truth_restricted: list[float] | None = None
+    adc_in_truth_restricted: list[float] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,7 +125,7 @@ def from_pipeline(out: Path, truth: C.Truth) -> Result:
               for name in ("sessions_timeseries", "events", "lesions_timeseries",
                            "lesions_summary")}
     dseg: dict[str, list] = {k: [] for k in C.KINDS}
-    radc_means = []
+    radc_means, adc_means = [], []
     for k, ses in enumerate(truth.sessions):
         transform = C.truth_to_subject(out, truth, ses)
         reference = sitk.ReadImage(str(truth.image(ses)))
@@ -138,8 +139,12 @@ def from_pipeline(out: Path, truth: C.Truth) -> Result:
             out, sub, ses, "*_space-subject_desc-relative_ADC.nii.gz"))), sitk.sitkFloat32)
         mapped = C.to_truth_space(radc, reference, transform, interpolator=sitk.sitkLinear)
         radc_means.append(dynamics.masked_mean(mapped, truth.masks["restricted"][k]))
+        adc = sitk.Cast(sitk.ReadImage(str(C.pipeline_file(
+            out, sub, ses, "*_space-subject_ADC.nii.gz"))), sitk.sitkFloat32)
+        mapped = C.to_truth_space(adc, reference, transform, interpolator=sitk.sitkLinear)
+        adc_means.append(dynamics.masked_mean(mapped, truth.masks["restricted"][k]))
     return Result(tables["sessions_timeseries"], tables["events"], tables["lesions_timeseries"],
-                  tables["lesions_summary"], dseg, radc_means)
+                  tables["lesions_summary"], dseg, radc_means, adc_means)
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,12 +159,7 @@ def evaluate(truth: C.Truth, res: Result, config: Config) -> dict[str, pd.DataFr
     # events against the truth tracking, spatially matched
     pairs = C.event_confusion(truth.tables["events"], res.events, truth.dseg, res.dseg,
                               truth.sessions)
-    tev = truth.tables["events"]
-    size = np.maximum(tev["volume_from_ml"], tev["volume_to_ml"]).to_numpy()
-    n_truth = len(tev)
-    pairs["detectable"] = True
-    pairs.loc[: n_truth - 1, "detectable"] = (
-        size >= config.segmentation.min_lesion_volume_mm3 / 1000.0)
+    pairs["detectable"] = pairs["volume_ml"] >= config.segmentation.min_lesion_volume_mm3 / 1000
     out["events"] = pairs.assign(**tag)
 
     # designed events (MS-like)
@@ -179,9 +179,14 @@ def evaluate(truth: C.Truth, res: Result, config: Config) -> dict[str, pd.DataFr
         for col in RADC_COLUMNS + ("pseudonormalized_fraction",) + VOLUME_COLUMNS:
             row[f"{col}_truth"] = float(want.loc[ses, col])
             row[f"{col}_got"] = float(got.loc[ses, col])
+        k = truth.sessions.index(ses)
+        ref = float(truth.sim["sessions"][k]["reference_adc_um2_s"])
+        row["adc_nawm_truth"] = ref
+        row["adc_nawm_got"] = float(got.loc[ses, "adc_nawm_um2_s"])
         if res.radc_in_truth_restricted is not None:
-            row["radc_map_in_truth_restricted"] = res.radc_in_truth_restricted[
-                truth.sessions.index(ses)]
+            row["radc_map_in_truth_restricted"] = res.radc_in_truth_restricted[k]
+            row["adc_map_in_truth_restricted"] = res.adc_in_truth_restricted[k]
+            row["adc_in_truth_restricted_truth"] = ref * float(want.loc[ses, "radc_mean_restricted"])
         rows.append(row)
     out["sessions"] = pd.DataFrame(rows)
 
@@ -235,6 +240,13 @@ def _pct(x: float) -> str:
     return "n/a" if not np.isfinite(x) else f"{100 * x:.1f} %"
 
 
+def _signed_pct(rel: pd.Series) -> str:
+    rel = rel[np.isfinite(rel)]
+    if not len(rel):
+        return "n/a"
+    return f"mean {100 * rel.mean():+.1f} %, range {100 * rel.min():+.1f} to {100 * rel.max():+.1f} %"
+
+
 def _abs_stats(err: pd.Series) -> tuple[float, float, int]:
     err = err[np.isfinite(err)]
     return (float(err.abs().mean()) if len(err) else np.nan,
@@ -262,16 +274,21 @@ def metrics(r: dict[str, pd.DataFrame]) -> dict[str, str]:
     parts = []
     for col in RADC_COLUMNS:
         mean, mx, n = _abs_stats(s[f"{col}_got"] - s[f"{col}_truth"])
-        parts.append(f"{col.replace('radc_mean_', '')} {mean:.4f} (max {mx:.3f}, n={n})")
+        parts.append(f"{col.replace('radc_mean_', '')} {mean:.2g} (max {mx:.2g}, n={n})")
     if "radc_map_in_truth_restricted" in s:
         mean, mx, n = _abs_stats(s["radc_map_in_truth_restricted"] - s["radc_mean_restricted_truth"])
-        parts.append(f"map in truth restricted mask {mean:.4f} (max {mx:.3f}, n={n})")
+        parts.append(f"map in truth restricted mask {mean:.2g} (max {mx:.2g}, n={n})")
+    if "adc_map_in_truth_restricted" in s:
+        rel = s["adc_map_in_truth_restricted"] / s["adc_in_truth_restricted_truth"] - 1
+        parts.append(f"(ADC map in truth restricted mask {_signed_pct(rel)}")
+        rel = s["adc_nawm_got"] / s["adc_nawm_truth"] - 1
+        parts.append(f"NAWM reference ADC {_signed_pct(rel)})")
     m["mean abs rADC error in lesion"] = "; ".join(parts)
     mean, mx, n = _abs_stats(s["pseudonormalized_fraction_got"] - s["pseudonormalized_fraction_truth"])
     missing = int((np.isfinite(s["pseudonormalized_fraction_truth"])
                    & ~np.isfinite(s["pseudonormalized_fraction_got"])).sum())
     m["mean abs pseudonormalized-fraction error"] = (
-        f"{100 * mean:.2f} pp (max {100 * mx:.1f} pp, n={n}, {missing} missing)")
+        f"{100 * mean:.2g} pp (max {100 * mx:.2g} pp, n={n}, {missing} missing)")
     pn = r.get("pn_day", pd.DataFrame())
     if len(pn):
         both = pn[pn["matched"] & ~pn["censored_truth"] & (pn["censored_got"] == False)]  # noqa: E712
@@ -280,7 +297,7 @@ def metrics(r: dict[str, pd.DataFrame]) -> dict[str, str]:
         cens = pn[pn["matched"]]
         agree = float((cens["censored_got"] == cens["censored_truth"]).mean()) if len(cens) else np.nan
         m["mean abs pseudonormalization-day error"] = (
-            f"{mean:.2f} d (max {mx:.1f} d, {_pct(within)} within 2 d, n={n} uncensored pairs); "
+            f"{mean:.2g} d (max {mx:.2g} d, {_pct(within)} within 2 d, n={n} uncensored pairs); "
             f"{int(pn['matched'].sum())}/{len(pn)} lesions matched, censoring agrees {_pct(agree)}")
     parts = []
     for col in VOLUME_COLUMNS:
@@ -316,13 +333,15 @@ def session_details(r: dict[str, pd.DataFrame]) -> pd.DataFrame:
 # report
 
 
-def report(args, info, runs: dict[str, dict], timings: dict[str, float], subs) -> str:
+def report(args, info, runs: dict[str, dict], timings: dict[str, float], subs, chain) -> str:
     lines = ["# Tracking and ADC dynamics benchmark", "",
              "Generated by `benchmarks/tracking.py`; do not edit by hand.", "",
              "Command:", "", "```", "python " + " ".join(sys.argv), "```", "",
              f"Phantom: preset `{args.preset}`, {len(subs)} subjects "
              f"({', '.join(f'{p}: {n}' for p, n in subs.items())}), seed {args.seed}, grid "
-             f"`{args.grid}`, sessions at days 0, 3, 8, 45.", "",
+             f"`{args.grid}`, sessions at days 0, 3, 8, 45. Whole chain on "
+             + (f"{sum(chain.values())} of them ({', '.join(f'{p}: {n}' for p, n in chain.items())})."
+                if chain else "none (--skip-pipeline)."), "",
              "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()), "",
              "Timings: " + "; ".join(f"{k} {v:.0f} s" for k, v in timings.items()), ""]
     names = list(runs)
@@ -344,7 +363,10 @@ def report(args, info, runs: dict[str, dict], timings: dict[str, float], subs) -
               "`MS_DESIGN`, so it is fused with the splitting pair in every subject.",
               "* rADC: session-table means in each run's own masks (restricted, FLAIR, "
               "ever-restricted), and the pipeline's rADC map averaged in the truth restricted "
-              "mask (isolates ADC from segmentation).",
+              "mask (isolates ADC from segmentation); in brackets the signed relative error of "
+              "the pipeline's ADC map in the truth restricted mask and of its NAWM reference "
+              "ADC (truth: noise-free phantom ADC), which split the rADC error into numerator "
+              "and denominator.",
               "* Pseudonormalization day: per truth lesion with a defined day, against the "
               "matched lesion (largest overlap at the truth lesion's first session).", ""]
     for n in names:
@@ -381,6 +403,8 @@ def main(argv=None) -> int:
     p.add_argument("--grid", default="small", choices=("small", "clinical"))
     p.add_argument("--workdir", type=Path, default=Path("/tmp/lesionlapse-bench-tracking"))
     p.add_argument("--nprocs", type=int, default=2)
+    p.add_argument("--pipeline-subjects", type=int, default=None, metavar="N",
+                   help="run the whole chain on the first N subjects only (default: all)")
     p.add_argument("--skip-pipeline", action="store_true", help="truth-mask part only")
     p.add_argument("--no-run", action="store_true",
                    help="evaluate existing pipeline outputs in WORKDIR/out without running it")
@@ -403,12 +427,15 @@ def main(argv=None) -> int:
                                    for t in truths.values()])}
     timings["truth-mask analytics"] = time.perf_counter() - t0
 
+    chain_subs = subs[: args.pipeline_subjects] if args.pipeline_subjects else subs
     if not args.skip_pipeline:
         if not args.no_run:
-            timings["pipeline (CLI)"] = run_pipeline(bids, deriv, work / "work", args.nprocs, subs)
+            timings["pipeline (CLI)"] = run_pipeline(bids, deriv, work / "work", args.nprocs,
+                                                     chain_subs)
         t0 = time.perf_counter()
         parts, failed = [], []
-        for s, truth in truths.items():
+        for s in chain_subs:
+            truth = truths[s]
             try:
                 parts.append(evaluate(truth, from_pipeline(deriv, truth), config))
             except (FileNotFoundError, KeyError) as exc:
@@ -420,7 +447,9 @@ def main(argv=None) -> int:
         timings["whole-chain evaluation"] = time.perf_counter() - t0
 
     counts = pd.Series([t.preset for t in truths.values()]).value_counts().to_dict()
-    text = report(args, C.machine_info(), runs, timings, counts)
+    chain = pd.Series([truths[s].preset for s in chain_subs]).value_counts().to_dict()
+    text = report(args, C.machine_info(), runs, timings, counts,
+                  None if args.skip_pipeline else chain)
     summary = pd.DataFrame({"target": TARGETS, **{n: metrics(r) for n, r in runs.items()}})
     with pd.option_context("display.max_colwidth", 200, "display.width", 250):
         print(summary.to_string())
