@@ -96,6 +96,12 @@ class Segmentation:
     min_lesion_volume_mm3: float = _rng(0, 1e6)
     cortex_rim_mm: float = _rng(0, 20)
     csf_adc_min_um2_s: float = _rng(0, 10000, lo_open=True)
+    reference_csf_adc_min_um2_s: float = _rng(0, 10000, lo_open=True)
+    csf_flair_max_ratio: float = _rng(0, 1)
+    reference_csf_margin_mm: float = _rng(0, 50)
+    reference_depth_mm: float = _rng(0, 50)
+    nawm_flair_z_max: float = _rng(-20, 20)
+    nawm_adc_trim_sd: float = _rng(0, 20, lo_open=True)
 
 
 @dataclass(frozen=True)

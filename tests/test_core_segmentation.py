@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from pipeline.core import segmentation as seg
 from pipeline.core.metrics import dice
@@ -192,3 +193,65 @@ def test_flair_series_uses_temporal_neighbours():
     assert not (series[1] & other).any()
     assert not (single & les).any()
     assert seg.segment_flair_series([], [], spacing_mm=SP, **PARAMS) == []
+
+
+def test_half_sample_mode_ignores_one_sided_tail():
+    rng = np.random.default_rng(0)
+    v = np.r_[rng.normal(700, 30, 5500), rng.normal(1000, 150, 4500)]  # WM + partial volume
+    mode = seg.half_sample_mode(v)
+    assert abs(mode - 700) < 15
+    assert np.median(v) > mode + 25  # the median is pulled up by the tail
+    ref = seg.mode_reference(v, np.ones(v.shape, bool))
+    assert abs(ref.median - 700) < 20 and abs(ref.sd - 30) < 5
+    with pytest.raises(ValueError):
+        seg.half_sample_mode(np.array([np.nan]))
+    with pytest.raises(ValueError, match="no spread"):
+        seg.mode_reference(np.ones(10), np.ones(10, bool))
+
+
+def test_csf_mask_from_adc_and_flair():
+    flair, adc, brain, csf = _brain(seed=4)
+    c = seg.csf_mask(flair, brain, adc, csf_adc_min_um2_s=1500.0, csf_flair_max_ratio=0.5)
+    assert np.mean(c[csf]) > 0.97 and np.mean(c[brain & ~csf]) < 0.01
+    c2 = seg.csf_mask(flair, brain, None, csf_adc_min_um2_s=1500.0, csf_flair_max_ratio=0.5)
+    assert np.mean(c2[csf]) > 0.97 and np.mean(c2[brain & ~csf]) < 0.01
+    with pytest.raises(ValueError, match="ADC shape"):
+        seg.csf_mask(flair, brain, adc[1:], csf_adc_min_um2_s=1500.0, csf_flair_max_ratio=0.5)
+
+
+def test_nawm_candidates_are_deep_white_matter():
+    les = _sphere((28, 36, 30), 4)
+    flair, adc, brain, csf = _brain(seed=9, lesions=[les])
+    cand = seg.nawm_candidates(flair, brain, adc, csf_adc_min_um2_s=1500.0,
+                               csf_flair_max_ratio=0.5, csf_margin_mm=2.0, depth_mm=3.0,
+                               flair_z_max=0.0, spacing_mm=SP)
+    gm = brain & ~csf & (flair > 0)  # the cortical ribbon
+    g = np.ogrid[tuple(slice(0, s) for s in SHAPE)]
+    r = sum(((gi - s / 2) / (0.42 * s)) ** 2 for gi, s in zip(g, SHAPE))
+    gm &= r > 0.72
+    assert cand.sum() > 1000
+    assert not (cand & csf).any() and not (cand & les).any()
+    assert (cand & gm).sum() < 0.01 * cand.sum()
+    assert abs(np.median(flair[cand]) - FLAIR_I["wm"]) < 5  # darker half of WM: ~ -0.8 SD
+
+
+def test_nawm_reference_mask_finds_pure_wm_adc():
+    """Partial volume raises ADC near CSF: the reference is the WM mode, not the median."""
+    flair, adc, brain, csf = _brain(seed=6)
+    restr = _sphere((28, 38, 26), 5)
+    adc[restr] = 400.0
+    near = ndimage.distance_transform_edt(~csf) < 4
+    adc[near & brain & ~csf] += 400.0  # a thick partial-volume rim
+    c = seg.csf_mask(flair, brain, adc, csf_adc_min_um2_s=1500.0, csf_flair_max_ratio=0.5)
+    deep = seg.deep_parenchyma(brain, c, csf_margin_mm=1.0, surface_margin_mm=1.0, spacing_mm=SP)
+    nawm = seg.nawm_reference_mask(adc, deep, [restr], lesion_margin_mm=3.0, trim_sd=2.5,
+                                   spacing_mm=SP)
+    assert not (nawm & restr).any()
+    assert abs(np.median(adc[nawm]) - ADC_I["wm"]) < 15
+    assert np.median(adc[deep]) > ADC_I["wm"] + 25  # without the mode it would be biased
+    res = seg.segment_restricted(
+        np.where(brain, 100.0, 0).astype(np.float32) + 100.0 * restr, adc, brain, nawm,
+        restricted_below=0.75, dwi_hyperintense_ratio=1.15, min_lesion_volume_mm3=10.0,
+        csf_adc_min_um2_s=2000.0, spacing_mm=SP,
+    )
+    assert dice(restr, res.restricted) > 0.95

@@ -446,6 +446,176 @@ def segment_flair_series(
     return out
 
 
+# --------------------------------------------------------------------------- NAWM ADC reference
+
+
+def half_sample_mode(values: np.ndarray) -> float:
+    """Half-sample mode (Bickel & Fruehwirth 2006) of the finite values: the centre of the
+    densest half, found by repeatedly keeping the shortest interval holding half of the values.
+
+    Robust to a one-sided tail of up to half of the values (lesions are bright on FLAIR; partial
+    volume with grey matter and CSF raises ADC), unlike the median.
+
+    Raises
+    ------
+    ValueError
+        If there is no finite value.
+    """
+    v = np.asarray(values, np.float64).ravel()
+    v = np.sort(v[np.isfinite(v)])
+    if v.size == 0:
+        raise ValueError("half-sample mode of an empty sample")
+    while v.size > 3:
+        h = (v.size + 1) // 2
+        widths = v[h - 1:] - v[: v.size - h + 1]
+        i = int(np.argmin(widths))
+        v = v[i: i + h]
+    return float(np.median(v))
+
+
+def mode_reference(image: np.ndarray, mask: np.ndarray) -> RobustRef:
+    """Location = :func:`half_sample_mode`, scale = 1.4826 * median distance below the mode
+    (the lower half-width) of the finite values of ``image`` in ``mask``.
+
+    Both ignore an upper tail (lesions, partial volume), so the normal tissue is described even
+    when a large part of the mask is abnormal on one side. ``RobustRef.median`` holds the mode.
+
+    Raises
+    ------
+    ValueError
+        If the mask has no finite voxel or the values below the mode have no spread.
+    """
+    v = np.asarray(image)[np.asarray(mask, bool)]
+    v = v[np.isfinite(v)].astype(np.float64)
+    if v.size == 0:
+        raise ValueError("reference mask holds no voxel with a finite value")
+    mode = half_sample_mode(v)
+    below = mode - v[v < mode]
+    sd = float(MAD_TO_SD * np.median(below)) if below.size else 0.0
+    if not sd > 0:
+        raise ValueError("reference voxels have no spread below the mode; cannot normalise")
+    return RobustRef(mode, sd, int(v.size))
+
+
+def csf_mask(
+    flair: np.ndarray,
+    brain_mask: np.ndarray,
+    adc_um2_s: np.ndarray | None = None,
+    *,
+    csf_adc_min_um2_s: float,
+    csf_flair_max_ratio: float,
+) -> np.ndarray:
+    """CSF including partial-volume CSF, inside the brain mask (bool).
+
+    A voxel is CSF when its ADC is above ``csf_adc_min_um2_s`` or not finite (when an ADC is
+    given), or when its FLAIR is below ``csf_flair_max_ratio`` times the half-sample mode of the
+    FLAIR of the remaining brain (suppressed CSF is dark on FLAIR).
+    """
+    flair = np.asarray(flair, np.float32)
+    brain = np.asarray(brain_mask, bool) & np.isfinite(flair)
+    if brain.shape != flair.shape:
+        raise ValueError(f"brain mask shape {brain.shape} differs from FLAIR {flair.shape}")
+    csf = np.zeros(flair.shape, bool)
+    if adc_um2_s is not None:
+        adc = np.asarray(adc_um2_s, np.float32)
+        if adc.shape != flair.shape:
+            raise ValueError(f"ADC shape {adc.shape} differs from FLAIR {flair.shape}")
+        csf = brain & ~(np.isfinite(adc) & (adc <= csf_adc_min_um2_s))
+    rest = brain & ~csf
+    if not rest.any():
+        return csf
+    level = half_sample_mode(flair[rest])
+    return csf | (rest & (flair < csf_flair_max_ratio * level))
+
+
+def deep_parenchyma(
+    brain_mask: np.ndarray,
+    csf: np.ndarray,
+    *,
+    csf_margin_mm: float,
+    surface_margin_mm: float,
+    spacing_mm: tuple[float, ...],
+) -> np.ndarray:
+    """Brain voxels farther than ``csf_margin_mm`` from CSF and deeper than
+    ``surface_margin_mm`` inside the brain mask: away from the partial-volume rims of
+    ventricles, sulci and cortex, i.e. mostly white matter (and deep grey nuclei)."""
+    brain = np.asarray(brain_mask, bool)
+    csf = np.asarray(csf, bool)
+    sp = _check_spacing(spacing_mm, brain.ndim)
+    out = brain & ~csf
+    if csf.any():
+        out &= ndimage.distance_transform_edt(~csf, sampling=sp) > csf_margin_mm
+    if surface_margin_mm > 0:
+        out &= ndimage.distance_transform_edt(brain, sampling=sp) > surface_margin_mm
+    return out
+
+
+def nawm_candidates(
+    flair: np.ndarray,
+    brain_mask: np.ndarray,
+    adc_um2_s: np.ndarray | None = None,
+    *,
+    csf_adc_min_um2_s: float,
+    csf_flair_max_ratio: float,
+    csf_margin_mm: float,
+    depth_mm: float,
+    flair_z_max: float,
+    spacing_mm: tuple[float, ...],
+) -> np.ndarray:
+    """Candidate normal-appearing white matter of one session (bool), without any class model.
+
+    Deep parenchyma (:func:`deep_parenchyma` around :func:`csf_mask`) whose FLAIR is at most
+    ``flair_z_max`` robust SDs above the FLAIR mode of the deep parenchyma
+    (:func:`mode_reference`): white matter is the darkest non-CSF tissue on FLAIR, lesions and
+    grey matter are brighter. Falls back to all non-CSF brain when the deep region is tiny.
+    """
+    flair = np.asarray(flair, np.float32)
+    sp = _check_spacing(spacing_mm, flair.ndim)
+    brain = np.asarray(brain_mask, bool) & np.isfinite(flair)
+    csf = csf_mask(flair, brain, adc_um2_s, csf_adc_min_um2_s=csf_adc_min_um2_s,
+                   csf_flair_max_ratio=csf_flair_max_ratio)
+    deep = deep_parenchyma(brain, csf, csf_margin_mm=csf_margin_mm, surface_margin_mm=depth_mm,
+                           spacing_mm=sp)
+    if np.count_nonzero(deep) < 100:  # tiny or thin brains: all parenchyma
+        deep = brain & ~csf
+    if not deep.any():
+        return deep
+    ref = mode_reference(flair, deep)
+    return deep & (flair <= ref.median + flair_z_max * ref.sd)
+
+
+def nawm_reference_mask(
+    adc_um2_s: np.ndarray,
+    candidates: np.ndarray,
+    lesion_masks: list[np.ndarray] | tuple[np.ndarray, ...],
+    *,
+    lesion_margin_mm: float,
+    trim_sd: float,
+    spacing_mm: tuple[float, ...],
+) -> np.ndarray:
+    """Normal-appearing WM for the ADC reference (bool).
+
+    ``candidates`` (e.g. :func:`nawm_candidates`) farther than ``lesion_margin_mm`` from every
+    lesion, keeping voxels whose ADC lies within ``trim_sd`` lower half-widths of the ADC
+    half-sample mode (:func:`mode_reference`). Partial volume with GM and CSF only raises ADC, so
+    the mode of deep tissue is pure WM and the symmetric trim centres the mask's median on it.
+    """
+    adc = np.asarray(adc_um2_s, np.float32)
+    sp = _check_spacing(spacing_mm, adc.ndim)
+    cand = np.asarray(candidates, bool)
+    if cand.shape != adc.shape:
+        raise ValueError(f"candidate mask shape {cand.shape} differs from ADC {adc.shape}")
+    ok = np.isfinite(adc) & (adc > 0)
+    kept = nawm_mask(cand, lesion_masks, erosion_mm=0.0, lesion_margin_mm=lesion_margin_mm,
+                     spacing_mm=sp) & ok
+    if np.count_nonzero(kept) < 10:
+        kept = cand & ok
+    if not kept.any():
+        return kept
+    ref = mode_reference(adc, kept)
+    return kept & (np.abs(adc - np.float32(ref.median)) <= trim_sd * ref.sd)
+
+
 # --------------------------------------------------------------------------- restricted diffusion
 
 

@@ -41,8 +41,10 @@ class _SegmentSessionsOutputSpec(TraitedSpec):
 class SegmentSessions(SimpleInterface):
     """FLAIR lesions (jointly over time), then NAWM, rADC and restricted diffusion per session.
 
-    The NAWM reference excludes every lesion of every session: a first pass excludes the FLAIR
-    lesions, a second pass also the restricted tissue found by the first.
+    The NAWM ADC reference is deep parenchyma darker than its FLAIR mode with ADC near its mode
+    (:func:`pipeline.core.segmentation.nawm_candidates`, ``nawm_reference_mask``), away from
+    every lesion of every session: a first pass excludes the FLAIR lesions, a second pass also
+    the restricted tissue found by the first.
     """
 
     input_spec = _SegmentSessionsInputSpec
@@ -63,16 +65,21 @@ class SegmentSessions(SimpleInterface):
             spacing_mm=spacing, csf_adc_min_um2_s=s["csf_adc_min_um2_s"],
         )
         lesions = seg.segment_flair_series(flairs, brains, adcs_um2_s=adcs, **flair_params)
-        wms = [
-            seg.tissue_model(f, b, a, csf_adc_min_um2_s=s["csf_adc_min_um2_s"]).wm > 0.5
+        cands = [
+            seg.nawm_candidates(
+                f, b, a, csf_adc_min_um2_s=s["reference_csf_adc_min_um2_s"],
+                csf_flair_max_ratio=s["csf_flair_max_ratio"],
+                csf_margin_mm=s["reference_csf_margin_mm"], depth_mm=s["reference_depth_mm"],
+                flair_z_max=s["nawm_flair_z_max"], spacing_mm=spacing)
             for f, b, a in zip(flairs, brains, adcs)
         ]
 
         def restricted_pass(exclude):
             out = []
-            for wm, trace, adc, brain in zip(wms, traces, adcs, brains):
-                nawm = seg.nawm_mask(wm, exclude, erosion_mm=d["nawm_erosion_mm"],
-                                     lesion_margin_mm=d["nawm_lesion_margin_mm"], spacing_mm=spacing)
+            for cand, trace, adc, brain in zip(cands, traces, adcs, brains):
+                nawm = seg.nawm_reference_mask(
+                    adc, cand, exclude, lesion_margin_mm=d["nawm_lesion_margin_mm"],
+                    trim_sd=s["nawm_adc_trim_sd"], spacing_mm=spacing)
                 out.append((nawm, seg.segment_restricted(
                     trace, adc, brain, nawm, restricted_below=d["restricted_below"],
                     dwi_hyperintense_ratio=s["dwi_hyperintense_ratio"],
