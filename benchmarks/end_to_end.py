@@ -15,7 +15,6 @@ the run (``getrusage(RUSAGE_CHILDREN)``); with MultiProc, workers add up to at m
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import subprocess
 import sys
@@ -38,10 +37,9 @@ def _stage(node_dir: Path, work: Path) -> str:
     """Stage name of a node folder: its node name without the session suffix."""
     parts = node_dir.relative_to(work).parts
     name = parts[-1]
-    for prefix in ("resample_", "select_xfm_"):
-        if name.startswith(prefix):
-            return prefix.rstrip("_")
-    return name
+    if name.startswith(("merge_", "select_xfm_")):
+        return "bookkeeping (merge/select nodes)"
+    return "resample" if name.startswith("resample_") else name
 
 
 def node_times(work: Path) -> dict[str, float]:
