@@ -43,3 +43,22 @@ def make_skeleton(root, sessions=("day0", "day3"), acq_times=None, subject="01",
         rows = "".join(f"ses-{s}\t{t}\n" for s, t in zip(sessions, acq_times))
         (sub / f"sub-{subject}_sessions.tsv").write_text("session_id\tacq_time\n" + rows)
     return root
+
+
+@pytest.fixture(scope="session")
+def sample_run(tmp_path_factory):
+    """lesionlapse run once over a copy of sample_data (participant level, MultiProc 2).
+
+    Session-scoped so that every test reading real derivatives (end-to-end checks, reports,
+    notebooks) shares one run. Returns paths and the exit status; the group level is not run.
+    """
+    import shutil
+
+    from pipeline.cli import main
+
+    root = tmp_path_factory.mktemp("sample_run")
+    bids = root / "bids"
+    shutil.copytree(REPO / "sample_data", bids)
+    out, work = root / "out", root / "work"
+    status = main([str(bids), str(out), "participant", "-w", str(work), "--nprocs", "2"])
+    return {"bids": bids, "out": out, "work": work, "status": status, "repo": REPO}

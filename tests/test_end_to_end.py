@@ -20,14 +20,9 @@ def _table(path: Path) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, repo):
-    """One participant run over sample_data (module-scoped: the tests below read it)."""
-    root = tmp_path_factory.mktemp("e2e")
-    bids = root / "bids"
-    shutil.copytree(repo / "sample_data", bids)
-    out, work = root / "out", root / "work"
-    status = main([str(bids), str(out), "participant", "-w", str(work), "--nprocs", "2"])
-    return {"bids": bids, "out": out, "work": work, "status": status, "repo": repo}
+def run(sample_run):
+    """The shared run over sample_data (tests/conftest.py)."""
+    return sample_run
 
 
 def test_participant_succeeds(run):
