@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from pipeline.io import write_image
+from pipeline.io import read_image, write_image
 
 
 def out_path(runtime, name: str) -> str:
@@ -42,8 +42,8 @@ def _jsonable(value):
 
 
 def read(path: str) -> sitk.Image:
-    """Read an image written by this pipeline (float or label NIfTI in the work dir)."""
-    return sitk.ReadImage(str(path))
+    """Read an image written by this pipeline, keeping NaN voxels (see io.read_image)."""
+    return read_image(path)
 
 
 def array(img: sitk.Image) -> np.ndarray:
