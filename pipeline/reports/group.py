@@ -104,7 +104,7 @@ def write_group_report(output_dir: Path) -> Path:
     html = environment().get_template("group.html").render(
         version=__version__, created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         subjects=rows, n_subjects=len(rows),
-        n_ok=sum(str(r["status"]).startswith("ok") for r in rows),
+        n_ok=sum(str(r["status"]) != "failed" for r in rows),
         figures=_figures(sessions, _cohort_config(output_dir)),
         sessions=table_html(sessions), n_rows=len(sessions),
     )

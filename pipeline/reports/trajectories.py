@@ -187,7 +187,7 @@ def plot_mean_ci(sessions: pd.DataFrame, column: str, ax: Axes, label: str | Non
                     label="95 % CI")
     ax.set_xlabel("day")
     ax.set_ylabel(label or column)
-    ax.set_title(f"{label or column}: mean and 95 % CI")
+    ax.set_title(f"{label or column}\nmean and 95 % CI", fontsize=10)
     ax.legend(fontsize=7)
     return ax
 
