@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rebuild the HTML reports from existing derivatives, run nothing else")
     p.add_argument("--plugin", default=None,
                    help="Nipype execution plugin: MultiProc (default), Linear, SLURM, SLURMGraph")
+    p.add_argument("--rerun", action="store_true",
+                   help="recompute subjects whose derivatives are up to date (default: skip them)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--plugin-args", type=str, help="plugin arguments as JSON")
     group.add_argument("--use-plugin", type=Path,
@@ -221,10 +223,13 @@ def run_participant(args) -> int:
             print(f"wrote {write_subject_report(args.output_dir, subject.subject)}")
         return status
     work_dir = args.work_dir or args.output_dir.resolve().parent / "lesionlapse_work"
-    summary = run_subjects(subjects, config=config, bids_dir=args.bids_dir,
-                           output_dir=args.output_dir, work_dir=work_dir, plugin=plugin,
-                           plugin_args=plugin_args)
-    failed = [row for row in summary if row["status"] != "ok"]
+    try:
+        summary = run_subjects(subjects, config=config, bids_dir=args.bids_dir,
+                               output_dir=args.output_dir, work_dir=work_dir, plugin=plugin,
+                               plugin_args=plugin_args, rerun=args.rerun)
+    except (ValueError, OSError) as exc:
+        return _fail(str(exc), 2)
+    failed = [row for row in summary if row["status"] == "failed"]  # "up-to-date" succeeded
     print(f"{len(summary) - len(failed)} of {len(summary)} subject(s) succeeded; "
           f"summary in {args.output_dir / 'logs' / 'run_summary.tsv'}")
     for row in failed:

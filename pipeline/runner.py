@@ -8,10 +8,20 @@ into place only when complete, so OUTPUT_DIR never holds a half-written subject.
 from __future__ import annotations
 
 import csv
+import fcntl
+import getpass
+import hashlib
 import json
 import logging
+import math
+import os
+import shlex
 import shutil
+import subprocess
+import sys
+import threading
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,7 +52,7 @@ sub-X/sub-X_desc-lesions_summary.tsv      per lesion: nadir, pseudonormalization
 sub-X/ses-Y/...                           images and masks (space-subject: the within-subject
                                           space; no space entity: the session's native grid)
 sub-X.html                                per-subject report
-logs/run_summary.tsv                      status of every subject of the last run
+logs/run_summary.tsv                      status of every subject (latest run of each)
 Every TSV has a JSON sidecar describing its columns and units.
 """
 
@@ -68,12 +78,28 @@ def write_dataset_description(output_dir: Path, bids_dir: Path | None = None) ->
             tmp.write_text(README)
 
 
+LOCAL_PLUGINS = ("MultiProc", "Linear")
+CLUSTER_PLUGINS = ("SLURM", "SLURMGraph")
+FINGERPRINT = ".lesionlapse-fingerprint.json"
+SUMMARY_FIELDS = ("subject", "status", "duration_s", "error", "finished", "log")
+# status values in logs/run_summary.tsv
+OK, FAILED, SKIPPED, RUNNING = "ok", "failed", "up-to-date", "running"
+REQUIRED_TABLES = ("desc-sessions_timeseries.tsv", "desc-lesions_timeseries.tsv",
+                   "desc-events.tsv", "desc-lineage.tsv", "desc-lesions_summary.tsv")
+
+log = logging.getLogger("lesionlapse")
+
+
+class RunError(ValueError):
+    """The run cannot start (e.g. a work directory compute nodes cannot see)."""
+
+
 def _configure_nipype(log_dir: Path, plugin: str) -> None:
     from nipype import config, logging
 
     # Nipype sleeps this long between scheduling rounds (default 2 s): local plugins poll fast,
     # cluster plugins slowly so as not to hammer the scheduler.
-    poll = 0.05 if plugin in ("MultiProc", "Linear") else 2.0
+    poll = 0.05 if plugin in LOCAL_PLUGINS else 2.0
     config.update_config({
         "execution": {
             "crashdump_dir": str(log_dir),
@@ -121,9 +147,94 @@ def _crash_message(log_dir: Path, since: float) -> str | None:
     return None
 
 
+# --- resume: fingerprints, staging leftovers, publication -------------------------------------
+
+def _input_files(subject: SubjectInputs) -> list[Path]:
+    files: set[Path] = set()
+    for ses in subject.sessions:
+        for path in (ses.flair, ses.dwi, ses.bval, ses.bvec, ses.adc, ses.trace, ses.trace_sidecar):
+            if path is None:
+                continue
+            files.add(Path(path))
+            name = Path(path).name
+            for ext in (".nii.gz", ".nii"):
+                if name.endswith(ext):  # the JSON sidecar can carry b-values, units, timing
+                    sidecar = Path(path).with_name(name[: -len(ext)] + ".json")
+                    if sidecar.exists():
+                        files.add(sidecar)
+    if subject.sessions:
+        first = Path(next(p for p in (subject.sessions[0].flair, subject.sessions[0].dwi,
+                                      subject.sessions[0].adc, subject.sessions[0].trace) if p))
+        sessions_tsv = first.parents[2] / f"sub-{subject.subject}_sessions.tsv"
+        if sessions_tsv.exists():
+            files.add(sessions_tsv)
+    return sorted(files)
+
+
+def fingerprint(subject: SubjectInputs, config: Config) -> dict:
+    """What a subject's derivatives depend on: input files (path, size, mtime), the sessions and
+    their days, the configuration (without [resources], which does not change results) and the
+    lesionlapse version. Stored in OUTPUT_DIR/sub-X/.lesionlapse-fingerprint.json."""
+    cfg = config.to_dict()
+    cfg.pop("resources", None)
+    inputs = []
+    for path in _input_files(subject):
+        st = path.stat()
+        inputs.append({"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return {
+        "version": __version__,
+        "subject": subject.subject,
+        "sessions": [{"session": s.session, "day": s.day} for s in subject.sessions],
+        "day_source": subject.day_source,
+        "config_sha256": hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest(),
+        "inputs": inputs,
+    }
+
+
+def is_up_to_date(subject: SubjectInputs, config: Config, output_dir: Path) -> bool:
+    """True when OUTPUT_DIR/sub-X is complete and was made from these inputs and config."""
+    final = Path(output_dir) / f"sub-{subject.subject}"
+    stamp = final / FINGERPRINT
+    if not stamp.is_file():
+        return False
+    if not all((final / f"sub-{subject.subject}_{name}").is_file() for name in REQUIRED_TABLES):
+        return False
+    try:
+        return json.loads(stamp.read_text()) == fingerprint(subject, config)
+    except (OSError, ValueError):
+        return False
+
+
+def _old_path(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old")
+
+
+def recover(output_dir: Path, label: str) -> None:
+    """Undo what an interruption (Ctrl-C, kill -9, node loss) may have left for one subject.
+
+    The staging folder is dropped (it is rebuilt from the Nipype cache). If the process died
+    between the two renames of :func:`_publish`, the previous complete derivatives are in
+    ``.sub-X.old`` and ``sub-X`` is missing: they are put back; otherwise ``.sub-X.old`` is a
+    leftover and is removed. Either way ``sub-X`` is absent or complete.
+    """
+    output_dir = Path(output_dir)
+    shutil.rmtree(output_dir / STAGING / f"sub-{label}", ignore_errors=True)
+    final = output_dir / f"sub-{label}"
+    old = _old_path(final)
+    if old.exists():
+        if final.exists():
+            shutil.rmtree(old)
+        else:
+            old.rename(final)
+
+
 def _publish(staging_subject: Path, final: Path) -> None:
-    """Replace ``final`` by the complete staging folder with renames (same filesystem)."""
-    old = final.with_name(f".{final.name}.old")
+    """Replace ``final`` by the complete staging folder with renames (same filesystem).
+
+    At every instant ``final`` is either absent, the previous complete version or the new
+    complete version; :func:`recover` handles an interruption between the renames.
+    """
+    old = _old_path(final)
     if old.exists():
         shutil.rmtree(old)
     if final.exists():
@@ -133,6 +244,120 @@ def _publish(staging_subject: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+# --- cluster plugins: resource hints, shared work directory, SLURMGraph completion -------------
+
+def _apply_resource_hints(workflow, plugin: str) -> None:
+    """Turn each node's mem_gb/n_procs hints into sbatch arguments (appended to the global
+    ``sbatch_args``, so they win), so that the scheduler can pack small jobs."""
+    if plugin not in CLUSTER_PLUGINS:
+        return
+    for node in workflow._get_all_nodes():
+        if node.run_without_submitting and plugin == "SLURM":
+            continue
+        mem_mb = max(256, int(math.ceil(node.mem_gb * 1024)))
+        args = f" --mem={mem_mb}M --cpus-per-task={max(1, int(node.n_procs))}"
+        node.plugin_args = {"sbatch_args": args, "overwrite": False}
+
+
+def _is_local_path(path: Path) -> bool:
+    """Under /tmp-like folders or on a memory filesystem: not visible from other nodes."""
+    path = Path(path).resolve()
+    if any(path.is_relative_to(p) for p in ("/tmp", "/var/tmp", "/dev/shm", "/run")):
+        return True
+    best, fstype = "", ""
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            parts = line.split()
+            if len(parts) > 2 and path.is_relative_to(parts[1]) and len(parts[1]) >= len(best):
+                best, fstype = parts[1], parts[2]
+    except OSError:
+        return False
+    return fstype in ("tmpfs", "ramfs")
+
+
+def check_work_dir(work_dir: Path, output_dir: Path, plugin: str, plugin_args: dict) -> list[str]:
+    """Check that the work dir is writable and, for Slurm, visible from the compute nodes.
+
+    Raises :class:`RunError`; returns warnings. For SLURM/SLURMGraph a probe file is written to
+    the work dir and the output dir and a one-second job (with the run's ``sbatch_args``) must
+    read both: node-local folders (/tmp on most clusters) fail here instead of hours later.
+    """
+    warnings: list[str] = []
+    probes = []
+    for kind, folder in (("work", work_dir), ("output", output_dir)):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".lesionlapse-probe-{uuid.uuid4().hex}"
+            probe.write_text("")
+            probes.append(probe)
+        except OSError as exc:
+            raise RunError(f"{kind} directory {folder} is not writable ({exc.strerror}); choose "
+                           "another with -w/--work-dir") from None
+    try:
+        if plugin not in CLUSTER_PLUGINS:
+            return warnings
+        for kind, folder in (("work", work_dir), ("output", output_dir)):
+            if _is_local_path(folder):
+                warnings.append(
+                    f"{kind} directory {folder} looks node-local (/tmp or a memory filesystem); "
+                    f"Slurm jobs on other nodes cannot see it. Use a shared filesystem unless "
+                    "the cluster is this single machine.")
+        if shutil.which("sbatch") is None:
+            raise RunError(f"--plugin {plugin} needs Slurm's sbatch on PATH")
+        sbatch_args = shlex.split(str(plugin_args.get("sbatch_args") or ""))
+        answer = work_dir / f".lesionlapse-probe-{uuid.uuid4().hex}.ok"
+        probes.append(answer)
+        test = " && ".join(f"test -e {shlex.quote(str(p))}" for p in probes[:-1])
+        cmd = ["sbatch", "--parsable", "-J", "lesionlapse-probe", "-o", "/dev/null",
+               "-e", "/dev/null", "--mem=64M", *sbatch_args,
+               f"--wrap={test} && touch {shlex.quote(str(answer))}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode == 0:
+            job = proc.stdout.strip().split(";")[0]
+            while subprocess.run(["squeue", "-h", "-j", job], capture_output=True,
+                                 text=True).stdout.strip():
+                time.sleep(0.5)
+        if proc.returncode != 0:
+            raise RunError(f"--plugin {plugin}: sbatch could not submit a probe job "
+                           f"(sbatch_args {plugin_args.get('sbatch_args', '')!r}): "
+                           f"{' '.join(proc.stderr.split())}")
+        if not answer.exists():
+            raise RunError(
+                f"a Slurm job could not see the work directory {work_dir} and the output "
+                f"directory {output_dir} ({proc.stderr.strip() or 'the probe job failed'}). "
+                "Both must be on a filesystem shared by the submitting machine and the compute "
+                "nodes (see docs/scaling.md).")
+        return warnings
+    finally:
+        for probe in probes:
+            probe.unlink(missing_ok=True)
+
+
+def _wait_for_jobs(token: str, poll_s: float) -> None:
+    """Wait until no Slurm job tagged ``token`` (in its comment) is pending or running.
+
+    SLURMGraph submits the whole graph and returns; jobs downstream of a failed one stay pending
+    forever ('DependencyNeverSatisfied') unless the cluster kills them: they are cancelled.
+    """
+    user = getpass.getuser()
+    while True:
+        proc = subprocess.run(["squeue", "-h", "-u", user, "-o", "%i|%T|%r|%k"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            time.sleep(poll_s)
+            continue
+        jobs = [ln.split("|", 3) for ln in proc.stdout.splitlines() if ln.endswith(token)]
+        if not jobs:
+            return
+        if all(state == "PENDING" and "DependencyNeverSatisfied" in reason
+               for _, state, reason, _ in jobs):
+            subprocess.run(["scancel", *[job for job, *_ in jobs]], capture_output=True)
+            return
+        time.sleep(poll_s)
+
+
+# --- one subject ---------------------------------------------------------------------------
+
 def run_subject(subject: SubjectInputs, *, config: Config, output_dir: Path, work_dir: Path,
                 plugin: str, plugin_args: dict) -> None:
     """Validate, build and run one subject's workflow, then publish its derivatives."""
@@ -140,55 +365,253 @@ def run_subject(subject: SubjectInputs, *, config: Config, output_dir: Path, wor
     from pipeline.workflows.base import init_subject_wf
 
     validate_subject(subject)
+    recover(output_dir, subject.subject)
     staging = output_dir / STAGING / f"sub-{subject.subject}"
     workflow = init_subject_wf(subject=subject, config=config, staging_dir=staging)
     workflow.base_dir = str(work_dir)
+    _apply_resource_hints(workflow, plugin)
+    args = dict(plugin_args)
+    token = ""
+    if plugin == "SLURMGraph":
+        token = f"lesionlapse-{uuid.uuid4().hex[:12]}"
+        args["sbatch_args"] = f"{args.get('sbatch_args', '')} --comment={token}".strip()
+        args.setdefault("dont_resubmit_completed_jobs", True)
+    if plugin in CLUSTER_PLUGINS and not os.environ.get("LOGNAME"):
+        os.environ["LOGNAME"] = getpass.getuser()  # Nipype's SLURM plugin names jobs with it
+    start = time.time()
     try:
-        workflow.run(plugin=plugin, plugin_args=dict(plugin_args))
-        _publish(staging / f"sub-{subject.subject}", output_dir / f"sub-{subject.subject}")
+        workflow.run(plugin=plugin, plugin_args=args)
+        if token:
+            _wait_for_jobs(token, poll_s=2.0)
+        produced = staging / f"sub-{subject.subject}"
+        if not all((produced / f"sub-{subject.subject}_{n}").is_file() for n in REQUIRED_TABLES):
+            crash = _crash_message(Path(config_crashdir()), start)
+            raise RuntimeError(crash or f"the workflow ended without writing the tables of "
+                               f"sub-{subject.subject} (see the Slurm .e files in {work_dir})")
+        with atomic_path(produced / FINGERPRINT) as tmp:
+            tmp.write_text(json.dumps(fingerprint(subject, config), indent=2))
+        _publish(produced, output_dir / f"sub-{subject.subject}")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     write_subject_report(output_dir, subject.subject)
 
 
+def config_crashdir() -> str:
+    from nipype import config
+
+    return config.get("execution", "crashdump_dir")
+
+
+# --- the run summary ---------------------------------------------------------------------------
+
+@contextmanager
+def _locked(path: Path):
+    """An exclusive lock (flock) so that concurrent runs (job arrays) update one summary."""
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def read_summary(path: Path) -> list[dict]:
+    """Rows of logs/run_summary.tsv (empty if absent)."""
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="") as fh:
+        return [{k: (v or "") for k, v in row.items() if k in SUMMARY_FIELDS}
+                for row in csv.DictReader(fh, delimiter="\t")]
+
+
+def update_summary(path: Path, rows: list[dict]) -> None:
+    """Merge ``rows`` into the summary: this run's subjects replace their earlier rows, the
+    other subjects' rows (earlier runs) are kept."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(path.with_name(".run_summary.lock")):
+        merged = {row["subject"]: row for row in read_summary(path)}
+        for row in rows:
+            merged[row["subject"]] = {k: row.get(k, "") for k in SUMMARY_FIELDS}
+        _write_summary(path, [merged[k] for k in sorted(merged)])
+
+
+def _write_summary(path: Path, rows: list[dict]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(SUMMARY_FIELDS), delimiter="\t",
+                                extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# --- progress ----------------------------------------------------------------------------------
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60:02d}:{rem % 60:02d}"
+
+
+class Progress:
+    """Subjects done/total, failures, elapsed time and an estimate of the time left.
+
+    On a terminal a single line on stderr is redrawn (every second while a subject runs);
+    otherwise nothing is drawn and only the one-line-per-subject log messages appear.
+    """
+
+    def __init__(self, total: int, *, enabled: bool | None = None, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.total, self.done, self.failed = total, 0, 0
+        self.durations: list[float] = []
+        self.start = time.time()
+        self.current = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def line(self) -> str:
+        elapsed = time.time() - self.start
+        left = self.total - self.done
+        text = f"[{self.done}/{self.total} subjects, {self.failed} failed, {_clock(elapsed)} elapsed"
+        if self.durations and left:
+            text += f", ~{_clock(left * sum(self.durations) / len(self.durations))} left"
+        text += "]"
+        return text + (f" running sub-{self.current}" if self.current and left else "")
+
+    def draw(self) -> None:
+        if self.enabled:
+            with self._lock:
+                self.stream.write("\r\x1b[2K" + self.line())
+                self.stream.flush()
+
+    def started(self, label: str) -> None:
+        self.current = label
+        self.draw()
+        if self.enabled and self._thread is None:
+            self._thread = threading.Thread(target=self._tick, daemon=True)
+            self._thread.start()
+
+    def finished(self, row: dict, message: str) -> None:
+        self.done += 1
+        self.failed += row["status"] == FAILED
+        if row["status"] != SKIPPED:
+            self.durations.append(float(row["duration_s"]))
+        if self.enabled:
+            with self._lock:
+                self.stream.write("\r\x1b[2K")
+        log.info(message)
+        self.draw()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        if self.enabled:
+            self.stream.write("\r\x1b[2K" + self.line() + "\n")
+            self.stream.flush()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(1.0):
+            self.draw()
+
+
+@contextmanager
+def _run_log(path: Path):
+    """One line per finished subject on stdout and in logs/lesionlapse.log."""
+    log.setLevel(logging.INFO)
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(file_handler)
+    log.addHandler(console)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(file_handler)
+        log.removeHandler(console)
+        file_handler.close()
+
+
+# --- the cohort -------------------------------------------------------------------------------
+
 def run_subjects(subjects: list[SubjectInputs], *, config: Config, bids_dir: Path,
-                 output_dir: Path, work_dir: Path, plugin: str, plugin_args: dict) -> list[dict]:
-    """Run each subject in turn; returns one summary row per subject (also in logs/)."""
+                 output_dir: Path, work_dir: Path, plugin: str, plugin_args: dict,
+                 rerun: bool = False, progress: bool | None = None) -> list[dict]:
+    """Run each subject in turn; returns one summary row per subject of this run.
+
+    Subjects whose derivatives are complete and whose inputs, configuration and lesionlapse
+    version are unchanged (see :func:`fingerprint`) are not recomputed unless ``rerun``; a
+    failing subject is recorded and the others go on. logs/run_summary.tsv is updated after
+    every subject, keeping the rows of subjects not run this time.
+    """
     output_dir = Path(output_dir).resolve()
     work_dir = Path(work_dir).resolve()
     log_root = output_dir / "logs"
     log_root.mkdir(parents=True, exist_ok=True)
+    summary_path = log_root / "run_summary.tsv"
+    for warning in check_work_dir(work_dir, output_dir, plugin, plugin_args):
+        print(f"lesionlapse: warning: {warning}", file=sys.stderr)
     write_dataset_description(output_dir, bids_dir)
     summary = []
-    for subject in subjects:
-        log_dir = log_root / f"sub-{subject.subject}"
-        log_dir.mkdir(parents=True, exist_ok=True)
+    bar = Progress(len(subjects), enabled=progress)
+    with _run_log(log_root / "lesionlapse.log"):
+        log.info(f"lesionlapse {__version__}: {len(subjects)} subject(s), plugin {plugin}, "
+                 f"work dir {work_dir}")
+        try:
+            for subject in subjects:
+                summary.append(_run_one(subject, config=config, output_dir=output_dir,
+                                        work_dir=work_dir, plugin=plugin,
+                                        plugin_args=plugin_args, rerun=rerun,
+                                        summary_path=summary_path, bar=bar))
+        finally:
+            bar.close()
+    try:
+        (output_dir / STAGING).rmdir()  # only if empty: a concurrent run may be staging
+    except OSError:
+        pass
+    return summary
+
+
+def _run_one(subject: SubjectInputs, *, config: Config, output_dir: Path, work_dir: Path,
+             plugin: str, plugin_args: dict, rerun: bool, summary_path: Path,
+             bar: Progress) -> dict:
+    label = subject.subject
+    log_dir = summary_path.parent / f"sub-{label}"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    row = {"subject": label, "status": OK, "duration_s": 0.0, "error": "",
+           "log": str((log_dir / "nipype.log").relative_to(output_dir))}
+    bar.started(label)
+    recover(output_dir, label)
+    if not rerun and is_up_to_date(subject, config, output_dir):
+        row["status"] = SKIPPED
+        if not (output_dir / f"sub-{label}.html").exists():
+            from pipeline.reports.subject import write_subject_report
+
+            write_subject_report(output_dir, label)
+    else:
+        update_summary(summary_path, [{**row, "status": RUNNING,
+                                       "finished": "", "duration_s": ""}])
         _configure_nipype(log_dir, plugin)
-        start = time.time()
-        row = {"subject": subject.subject, "status": "ok", "duration_s": 0.0, "error": ""}
         try:
             with _subject_log(log_dir / "nipype.log"):
                 run_subject(subject, config=config, output_dir=output_dir, work_dir=work_dir,
                             plugin=plugin, plugin_args=plugin_args)
         except Exception as exc:  # one subject's failure must not stop the cohort
-            row["status"] = "failed"
+            row["status"] = FAILED
             message = _crash_message(log_dir, start) if isinstance(exc, RuntimeError) else None
-            row["error"] = message or str(exc) or type(exc).__name__
-        row["duration_s"] = round(time.time() - start, 1)
-        summary.append(row)
-        print(f"sub-{subject.subject}: {row['status']} in {row['duration_s']:.0f} s"
-              + (f" ({row['error']})" if row["error"] else ""), flush=True)
-    shutil.rmtree(output_dir / STAGING, ignore_errors=True)
-    _write_summary(log_root / "run_summary.tsv", summary)
-    return summary
-
-
-def _write_summary(path: Path, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["subject", "status", "duration_s", "error"],
-                                delimiter="\t")
-        writer.writeheader()
-        writer.writerows(rows)
+            row["error"] = " ".join((message or str(exc) or type(exc).__name__).split())
+    row["duration_s"] = round(time.time() - start, 1)
+    row["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    update_summary(summary_path, [row])
+    text = {OK: f"done in {row['duration_s']:.0f} s", FAILED: f"FAILED after "
+            f"{row['duration_s']:.0f} s: {row['error']}",
+            SKIPPED: "up to date (inputs, config and version unchanged), not recomputed"}
+    bar.finished(row, f"sub-{label}: {text[row['status']]}")
+    return row
 
 
 GROUP_TABLES = ("desc-sessions_timeseries.tsv", "desc-lesions_timeseries.tsv", "desc-events.tsv",
@@ -196,18 +619,22 @@ GROUP_TABLES = ("desc-sessions_timeseries.tsv", "desc-lesions_timeseries.tsv", "
 
 
 def run_group_level(output_dir: Path) -> tuple[list[Path], list[str]]:
-    """Concatenate every subject's tables (with a ``subject`` column) into OUTPUT_DIR/group/."""
+    """Concatenate the tables of every subject with results into OUTPUT_DIR/group/.
+
+    Returns the written tables and the subjects of logs/run_summary.tsv left out (failed,
+    interrupted or without derivatives)."""
     import pandas as pd
 
     output_dir = Path(output_dir)
-    subjects = sorted(p.name[4:] for p in output_dir.glob("sub-*") if p.is_dir())
+    latest = {row["subject"]: row["status"]
+              for row in read_summary(output_dir / "logs" / "run_summary.tsv")}
+    # A subject whose latest run failed (or was interrupted) is left out even if an older
+    # complete result is still in its folder: that result no longer matches its inputs/config.
+    found = sorted(p.name[4:] for p in output_dir.glob("sub-*") if p.is_dir())
+    subjects = [s for s in found if latest.get(s) not in (FAILED, RUNNING)]
     if not subjects:
         raise ValueError(f"{output_dir} holds no subject results; run the participant level first")
-    summary = output_dir / "logs" / "run_summary.tsv"
-    missing: list[str] = []
-    if summary.exists():
-        runs = pd.read_csv(summary, sep="\t", dtype=str, keep_default_na=False)
-        missing = sorted(set(runs.loc[runs.status != "ok", "subject"]) - set(subjects))
+    missing = sorted(s for s, status in latest.items() if s not in subjects)
     written = []
     for name in GROUP_TABLES:
         frames = []
