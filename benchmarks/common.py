@@ -324,6 +324,28 @@ def design_regions(sim: dict, affine: np.ndarray, shape: tuple[int, ...]) -> dic
     return out
 
 
+def design_collisions(sim: dict, regions: dict[int, list]) -> set[int]:
+    """Designed lesions whose ovoid touches (26-neighbourhood) a designed lesion other than its
+    own merge/split partner at some session: the phantom fuses them, so their designed events
+    cannot all be observed (a phantom design problem, not a tracking one)."""
+    from scipy import ndimage
+
+    from pipeline.simulate.lesions import MS_DESIGN
+
+    pairs = {frozenset((i["id"], i["partner"])) for i in MS_DESIGN if "partner" in i}
+    out: set[int] = set()
+    ids = sorted(regions)
+    for a in ids:
+        for k, region in enumerate(regions[a]):
+            if not region.any():
+                continue
+            grown = ndimage.binary_dilation(region, np.ones((3, 3, 3), bool))
+            for b in ids:
+                if b != a and frozenset((a, b)) not in pairs and (grown & regions[b][k]).any():
+                    out |= {a, b}
+    return out
+
+
 def _majority_id(dseg: np.ndarray, region: np.ndarray) -> int:
     ids = dseg[region]
     ids = ids[ids > 0]
