@@ -62,8 +62,9 @@ def _session_images(sub_dir: Path, ses: str, lesions: list[tuple[int, slice]]) -
           (base + 150 * (dseg > 0)).astype(np.float32))
     _save(sub_dir / f"ses-{ses}/dwi/{p}_space-subject_desc-trace_dwi.nii.gz",
           (base + 120 * (dseg > 0)).astype(np.float32))
-    _save(sub_dir / f"ses-{ses}/dwi/{p}_space-subject_ADC.nii.gz",
-          (8 * base - 400 * (dseg > 0)).astype(np.float32))
+    adc = (8 * base - 400 * (dseg > 0)).astype(np.float32)
+    adc[:, 2:5, 4:8] = np.nan  # undefined ADC (the readers keep NaN)
+    _save(sub_dir / f"ses-{ses}/dwi/{p}_space-subject_ADC.nii.gz", adc)
     _save(sub_dir / f"ses-{ses}/anat/{p}_space-subject_desc-brain_mask.nii.gz", brain)
     _save(sub_dir / f"ses-{ses}/anat/{p}_space-subject_desc-flair_dseg.nii.gz", dseg)
     _save(sub_dir / f"ses-{ses}/dwi/{p}_space-subject_desc-restricted_dseg.nii.gz", dseg)
@@ -212,7 +213,7 @@ def test_subject_report_self_contained(fake_output):
     assert len(images) == 4  # mosaic, trajectories, lesion histories, registration QC
     for i, image in enumerate(images):
         _assert_not_blank(image, f"image {i}")
-    assert "ADC unit ambiguous" in html and "Day 5" not in html  # days are inside the mosaic
+    assert "ADC unit ambiguous" in html and "could not be drawn" not in html
 
 
 def test_subject_report_without_images_or_qc(tmp_path):
@@ -222,6 +223,13 @@ def test_subject_report_without_images_or_qc(tmp_path):
     (sub_dir / "sub-01_desc-events.tsv").rename(sub_dir / "sub-07_desc-events.tsv")
     html = write_subject_report(tmp_path, "07").read_text()
     assert "No images found" in html and "no QC report" in html
+
+
+def test_damaged_image_becomes_a_warning(fake_output):
+    flair = fake_output / "sub-01/ses-b/anat/sub-01_ses-b_space-subject_desc-preproc_FLAIR.nii.gz"
+    flair.write_bytes(b"not a nifti")
+    html = write_subject_report(fake_output, "01").read_text()
+    assert "the images could not be drawn" in html and "Lesion events per interval" in html
 
 
 def test_group_report_shows_failures(fake_output):
@@ -312,7 +320,8 @@ def test_reports_only_rewrites_the_report(sample_output, repo):
 def _pages() -> list[str]:
     participants = Path(__file__).resolve().parents[1] / "sample_data" / "participants.tsv"
     table = pd.read_csv(participants, sep="\t", dtype=str) if participants.exists() else None
-    return ([f"{p}.html" for p in table.participant_id] if table is not None else []) + ["group.html"]
+    subjects = [] if table is None else [f"{p}.html" for p in table.participant_id]
+    return subjects + ["group.html"]
 
 
 @needs_chromium

@@ -89,7 +89,8 @@ def display_window(slices: list[np.ndarray | None], masks: list[np.ndarray | Non
         if image is None:
             continue
         mask = masks[i] if masks and i < len(masks) and masks[i] is not None else image != 0
-        values.append(image[mask > 0] if np.any(mask) else image.ravel())
+        picked = image[mask > 0] if np.any(mask) else image.ravel()
+        values.append(picked[np.isfinite(picked)])
     values = [v for v in values if v.size]
     if not values:
         return 0.0, 1.0
@@ -289,6 +290,7 @@ def _mosaic_legend(fig: Figure) -> None:
 
 def flair_edges(flair2d: np.ndarray, sigma: float = 2.5) -> np.ndarray:
     """Strong Canny edges of a FLAIR slice (boolean): brain outline, ventricles, large lesions."""
+    flair2d = np.nan_to_num(flair2d)
     lo, hi = np.percentile(flair2d, (1, 99.5))
     scaled = np.clip((flair2d - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
     return canny(scaled, sigma=sigma, low_threshold=0.08, high_threshold=0.16)

@@ -59,6 +59,29 @@ def _tables(subject: SubjectDerivatives) -> list[dict]:
     return out
 
 
+def _image_figures(subject: SubjectDerivatives, problems: list[str]) -> dict:
+    """Mosaic and registration QC; a failure becomes a warning instead of a lost report."""
+    none = {"mosaic": None, "qc_figure": None, "lesion_slice": None}
+    if not _has_images(subject):
+        return none
+    try:
+        views = extract_views(subject)
+        fig = plot_mosaic(subject, views)
+        return {"mosaic": figure_data_uri(fig), "lesion_slice": fig.lesion_slice,
+                "qc_figure": figure_data_uri(plot_registration_qc(subject, views), dpi=80)}
+    except Exception as exc:  # a damaged image must not cost the tables and warnings
+        problems.append(f"the images could not be drawn ({type(exc).__name__}: {exc})")
+        return none
+
+
+def _plots(subject: SubjectDerivatives, problems: list[str]) -> list[dict]:
+    try:
+        return _trajectory_figures(subject)
+    except Exception as exc:  # an odd table must not cost the rest of the report
+        problems.append(f"the trajectories could not be drawn ({type(exc).__name__}: {exc})")
+        return []
+
+
 def render_subject_report(subject: SubjectDerivatives) -> str:
     """The HTML text of a subject's report.
 
@@ -70,25 +93,21 @@ def render_subject_report(subject: SubjectDerivatives) -> str:
     Returns
     -------
     str
-        A complete HTML document with every image embedded.
+        A complete HTML document with every image embedded. Figures that cannot be drawn
+        are listed among the warnings.
     """
-    mosaic = qc_figure = None
-    lesion_slice = None
-    if _has_images(subject):
-        views = extract_views(subject)
-        fig = plot_mosaic(subject, views)
-        mosaic, lesion_slice = figure_data_uri(fig), fig.lesion_slice
-        qc_figure = figure_data_uri(plot_registration_qc(subject, views), dpi=80)
+    problems: list[str] = []
+    images = _image_figures(subject, problems)
+    trajectories = _plots(subject, problems)
     return environment().get_template("subject.html").render(
         subject=subject.subject, version=__version__,
         created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         n_sessions=len(subject.sessions),
         days=", ".join(f"{s.day:g}" for s in subject.sessions),
-        warnings=collect_warnings(subject), mosaic=mosaic, lesion_slice=lesion_slice,
-        trajectories=_trajectory_figures(subject), qc_figure=qc_figure,
+        warnings=collect_warnings(subject) + problems, trajectories=trajectories,
         registration=table_html(registration_table(subject)),
         inputs=table_html(input_notes(subject)), tables=_tables(subject),
-        methods=methods_paragraphs(subject),
+        methods=methods_paragraphs(subject), **images,
     )
 
 
