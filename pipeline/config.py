@@ -89,9 +89,11 @@ class Registration:
 
 @dataclass(frozen=True)
 class Segmentation:
-    flair_z_seed: float = _rng(0, 20, lo_open=True)
-    flair_z_grow: float = _rng(0, 20, lo_open=True)
-    flair_max_csf_prob: float = _rng(0, 1)
+    flair_z_seed: float = _rng(0, 50, lo_open=True)
+    flair_z_grow: float = _rng(0, 50, lo_open=True)
+    flair_gm_z_seed: float = _rng(-50, 50)
+    flair_gm_z_grow: float = _rng(-50, 50)
+    csf_rim_mm: float = _rng(0, 20)
     dwi_hyperintense_ratio: float = _rng(0, 100, lo_open=True)
     min_lesion_volume_mm3: float = _rng(0, 1e6)
     cortex_rim_mm: float = _rng(0, 20)
@@ -227,6 +229,8 @@ def _check_relations(obj: Any, prefix: str) -> None:
         )
     if isinstance(obj, Segmentation) and obj.flair_z_grow > obj.flair_z_seed:
         raise ConfigError(f"config key '{prefix}.flair_z_grow' must not exceed flair_z_seed")
+    if isinstance(obj, Segmentation) and obj.flair_gm_z_grow > obj.flair_gm_z_seed:
+        raise ConfigError(f"config key '{prefix}.flair_gm_z_grow' must not exceed flair_gm_z_seed")
     if isinstance(obj, Dynamics) and obj.elevated_above <= obj.restricted_below:
         raise ConfigError(f"config key '{prefix}.elevated_above' must exceed restricted_below")
     if isinstance(obj, Inputs) and obj.adc_plausible_max_um2_s <= obj.adc_plausible_min_um2_s:

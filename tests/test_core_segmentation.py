@@ -14,8 +14,9 @@ SP = (1.0, 1.0, 1.0)
 FLAIR_I = {"csf": 30.0, "wm": 80.0, "gm": 100.0, "lesion": 140.0}
 ADC_I = {"csf": 3000.0, "wm": 800.0, "gm": 900.0}
 PARAMS = dict(
-    z_seed=3.0, z_grow=2.0, max_csf_prob=0.5, cortex_rim_mm=2.0, min_lesion_volume_mm3=10.0,
-    nawm_erosion_mm=2.0, nawm_lesion_margin_mm=3.0, csf_adc_min_um2_s=2000.0,
+    z_seed=5.0, z_grow=1.5, gm_z_seed=4.0, gm_z_grow=2.5, cortex_rim_mm=2.0, csf_rim_mm=1.0,
+    min_lesion_volume_mm3=10.0, csf_adc_min_um2_s=1500.0, csf_flair_max_ratio=0.5,
+    reference_csf_margin_mm=4.0, reference_depth_mm=6.0,
 )
 
 
@@ -182,10 +183,11 @@ def test_flair_series_uses_temporal_neighbours():
     les = _sphere((28, 36, 30), 4)
     f1, _, brain, _ = _brain(seed=7, lesions=[les])
     f2, _, _, _ = _brain(seed=8)
-    # Noise-free faint lesions at session 2: z ~ 2.4 against GM, between grow (2) and seed (3).
-    f2[les] = FLAIR_I["gm"] + 2.5 * 4.0
+    # Noise-free faint lesions at session 2: z ~ 3.5 above the normal (cortical) level and
+    # z_gm ~ 3.1, both between their grow (1.5, 2.5) and seed (5, 4) thresholds.
+    f2[les] = FLAIR_I["gm"] + 13.0
     other = _sphere((28, 36, 18), 3)  # faint at session 2 only: no seed at any session
-    f2[other] = FLAIR_I["gm"] + 2.5 * 4.0
+    f2[other] = FLAIR_I["gm"] + 13.0
     single = seg.segment_flair_lesions(f2, brain, spacing_mm=SP, **PARAMS)
     series = seg.segment_flair_series([f1, f2], [brain, brain], spacing_mm=SP, **PARAMS)
     assert dice(les, series[0]) > 0.9
@@ -255,3 +257,18 @@ def test_nawm_reference_mask_finds_pure_wm_adc():
         csf_adc_min_um2_s=2000.0, spacing_mm=SP,
     )
     assert dice(restr, res.restricted) > 0.95
+
+
+def test_bright_crisp_cortex_is_not_lesion():
+    """Grey matter well above white matter (real FLAIR): not lesion, lesions still found."""
+    les = _sphere((28, 36, 30), 4)
+    flair, adc, brain, csf = _brain(seed=11, lesions=[les])
+    g = np.ogrid[tuple(slice(0, s) for s in SHAPE)]
+    r = sum(((gi - s / 2) / (0.42 * s)) ** 2 for gi, s in zip(g, SHAPE))
+    cortex = brain & (r > 0.72) & ~csf
+    flair[cortex] += 12.0  # GM ~ WM + 8 SD
+    m = seg.segment_flair_lesions(flair, brain, adc_um2_s=adc, spacing_mm=SP, **PARAMS)
+    assert not (m & cortex).any()
+    assert dice(les, m) > 0.9
+    with pytest.raises(ValueError, match="gm_z_grow"):
+        seg.segment_flair_lesions(flair, brain, spacing_mm=SP, **{**PARAMS, "gm_z_grow": 5.0})

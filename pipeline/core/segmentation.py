@@ -5,20 +5,23 @@ Pure functions on numpy arrays already resampled into one subject space (isotrop
 
 Method (FLAIR lesions)
 ----------------------
-1. :func:`tissue_model`: a 3-class Gaussian mixture (CSF < WM < GM on FLAIR) is fitted by EM to
-   the FLAIR histogram inside the brain mask; posteriors give CSF / WM / GM probabilities.
-   When an ADC map is given, a voxel with ADC above ``csf_adc_min_um2_s`` is CSF (this also
-   catches CSF that FLAIR failed to suppress); elsewhere the FLAIR posterior decides.
-2. :func:`normalize_flair`: robust z against normal-appearing WM (median, MAD * 1.4826). The
-   median/MAD ignore up to half the reference voxels, so lesions inside the WM class do not
-   shift the reference; one refinement pass recomputes it with the found lesions (plus a margin)
-   removed (:func:`nawm_mask`).
-3. :func:`segment_flair_lesions`: hysteresis - seeds at z > ``z_seed``, grown through connected
-   voxels at z > ``z_grow``. A voxel must be hyperintense against BOTH normal WM and normal GM
-   (z is the smaller of the two robust z-scores), otherwise the cortex, which is brighter than WM
-   on FLAIR, would be labelled. CSF (probability > ``max_csf_prob``) and a rim of
-   ``cortex_rim_mm`` inside the brain-mask surface (skull-strip edge, cortex) are excluded; holes
-   enclosed by a lesion are filled; components below ``min_lesion_volume_mm3`` are dropped.
+1. :func:`csf_mask`: CSF incl. partial volume = ADC above ``reference_csf_adc_min_um2_s`` or
+   FLAIR below ``csf_flair_max_ratio`` x the parenchymal FLAIR mode. :func:`deep_parenchyma`:
+   brain farther than a margin from CSF and from the brain-mask surface.
+2. :func:`flair_session_maps`: ``z`` = FLAIR above the normal level (the brighter of the deep
+   and outer parenchyma half-sample modes) in units of the deep tissue's lower half-width;
+   ``z_gm`` = FLAIR above the outer (cortical) mode in units of that tissue's upper
+   half-width (grey-matter safeguard). Modes, unlike class medians, ignore lesion tails and
+   partial volume.
+3. :func:`hysteresis_series`: seeds above ``z_seed`` and ``gm_z_seed``; growth through voxels
+   above ``z_grow`` and ``gm_z_grow`` connected in space or in time (adjacent sessions);
+   CSF, ``csf_rim_mm`` around it and ``cortex_rim_mm`` inside the brain surface excluded;
+   enclosed holes filled; components below ``min_lesion_volume_mm3`` dropped.
+4. NAWM for the ADC reference (:func:`nawm_candidates`, :func:`nawm_reference_mask`): deep
+   parenchyma darker than its FLAIR mode, away from lesions, ADC near its mode.
+
+:func:`tissue_model` (3-class FLAIR mixture) is kept as a utility; the lesion method does not
+use it.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
-from skimage.filters import apply_hysteresis_threshold
 
 from pipeline.core import dynamics
 
@@ -260,111 +262,130 @@ def normalize_flair(flair: np.ndarray, wm_mask: np.ndarray) -> np.ndarray:
     return ((np.asarray(flair, np.float32) - ref.median) / ref.sd).astype(np.float32)
 
 
-def _lesion_z(
-    flair: np.ndarray, wm_ref_mask: np.ndarray, gm_ref_mask: np.ndarray | None
-) -> np.ndarray:
-    """Smaller of the robust z-scores against WM and (if available) GM."""
-    z = normalize_flair(flair, wm_ref_mask)
-    if gm_ref_mask is not None and np.count_nonzero(gm_ref_mask) >= 10:
-        try:
-            z = np.minimum(z, normalize_flair(flair, gm_ref_mask))
-        except ValueError:
-            pass
-    return z
+@dataclass(frozen=True)
+class FlairMaps:
+    """Per-session maps of :func:`flair_session_maps`."""
+
+    z: np.ndarray  #: float32, (FLAIR - normal level) / deep-tissue scale; NaN where not finite
+    z_wm: np.ndarray  #: float32, (FLAIR - deep mode) / deep-tissue scale
+    domain: np.ndarray  #: bool, where a FLAIR lesion may be
+    csf: np.ndarray  #: bool, CSF including partial volume (:func:`csf_mask`)
+    deep: np.ndarray  #: bool, deep parenchyma (:func:`deep_parenchyma`)
+    deep_ref: RobustRef  #: FLAIR mode and lower half-width of the deep parenchyma
+    outer_mode: float  #: FLAIR mode of the outer (cortical) parenchyma (NaN if too small)
+    z_gm: np.ndarray  #: float32, (FLAIR - outer mode) / outer upper half-width (grey-matter z)
 
 
-def _domain(
-    brain: np.ndarray,
-    csf_prob: np.ndarray | None,
-    max_csf_prob: float,
-    cortex_rim_mm: float,
-    sp: tuple[float, ...],
-) -> np.ndarray:
-    """Where FLAIR lesions may be: brain, not CSF, not within the rim inside the brain surface."""
-    dom = brain.copy()
-    if csf_prob is not None:
-        dom &= ~(np.asarray(csf_prob) > max_csf_prob)
-    if cortex_rim_mm > 0:
-        dom &= ndimage.distance_transform_edt(brain, sampling=sp) > cortex_rim_mm
-    return dom
-
-
-def _hysteresis(z: np.ndarray, domain: np.ndarray, z_seed: float, z_grow: float) -> np.ndarray:
-    zz = np.where(domain & np.isfinite(z), z, -np.inf)
-    # apply_hysteresis_threshold uses strict '>' for both thresholds, as documented here.
-    return apply_hysteresis_threshold(zz, z_grow, z_seed)
-
-
-def segment_flair_lesions(
+def flair_session_maps(
     flair: np.ndarray,
     brain_mask: np.ndarray,
-    *,
-    z_seed: float,
-    z_grow: float,
-    max_csf_prob: float,
-    cortex_rim_mm: float,
-    min_lesion_volume_mm3: float,
-    nawm_erosion_mm: float,
-    nawm_lesion_margin_mm: float,
-    spacing_mm: tuple[float, ...],
-    csf_adc_min_um2_s: float,
     adc_um2_s: np.ndarray | None = None,
-    tissue: TissueModel | None = None,
-) -> np.ndarray:
-    """FLAIR-hyperintense lesion mask (bool), see the module docstring for the method.
+    *,
+    csf_adc_min_um2_s: float,
+    csf_flair_max_ratio: float,
+    reference_csf_margin_mm: float,
+    reference_depth_mm: float,
+    cortex_rim_mm: float,
+    csf_rim_mm: float,
+    spacing_mm: tuple[float, ...],
+) -> FlairMaps:
+    """CSF, deep parenchyma, lesion domain and FLAIR z-map of one session.
 
-    Parameters
-    ----------
-    flair, brain_mask
-        FLAIR (bias-corrected) and brain mask on one grid.
-    z_seed, z_grow
-        Hysteresis thresholds in robust SD units (``z_grow <= z_seed``).
-    max_csf_prob
-        Voxels with a CSF probability above this are never lesion.
-    cortex_rim_mm
-        Voxels closer than this to the outside of the brain mask are never lesion (mm).
-    min_lesion_volume_mm3
-        Smaller connected components (26-connectivity) are dropped (mm^3).
-    nawm_erosion_mm, nawm_lesion_margin_mm
-        Erosion of the WM reference and its distance from found lesions in the refinement
-        pass (mm), see :func:`nawm_mask`.
-    spacing_mm
-        Voxel size, same axis order as the arrays (mm).
-    csf_adc_min_um2_s
-        ADC above which a voxel is CSF, used when ``adc_um2_s`` is given (um^2/s).
-    adc_um2_s
-        Optional ADC map (um^2/s) on the same grid.
-    tissue
-        A precomputed :func:`tissue_model` (computed here when None).
+    The normal-tissue level is the brighter of two half-sample modes (:func:`mode_reference`):
+    that of the deep parenchyma (mostly white matter) and that of the outer parenchyma (the
+    rest of the non-CSF brain: cortex, partial volume). Grey matter is brighter than white
+    matter on FLAIR, so a lesion must stand out against grey matter too; a mode, unlike a class
+    median, is the level of the bulk of crisp cortex and is not pulled down by partial volume.
+    The scale is the lower half-width of the deep parenchyma (noise plus normal variation),
+    which ignores the bright lesion tail. ``z = (FLAIR - level) / scale``.
+    ``z_gm = (FLAIR - outer mode) / upper half-width of the outer parenchyma`` measures how far
+    a voxel stands above the bright (grey-matter) side of the outer tissue, in units of that
+    side's own spread (crisp real cortex is a wide bright tail that a white-matter scale
+    under-rates). The domain is the brain minus CSF, minus ``csf_rim_mm`` around CSF and ``cortex_rim_mm``
+    inside the brain-mask surface (partial-volume rims, skull-strip edge).
     """
     flair = np.asarray(flair, np.float32)
     brain = np.asarray(brain_mask, bool)
     if brain.shape != flair.shape:
         raise ValueError(f"brain mask shape {brain.shape} differs from FLAIR {flair.shape}")
+    sp = _check_spacing(spacing_mm, flair.ndim)
+    brain = brain & np.isfinite(flair)
+    if np.count_nonzero(brain) < 100:
+        raise ValueError("brain mask has fewer than 100 voxels with a finite FLAIR value")
+    csf = csf_mask(flair, brain, adc_um2_s, csf_adc_min_um2_s=csf_adc_min_um2_s,
+                   csf_flair_max_ratio=csf_flair_max_ratio)
+    deep = deep_parenchyma(brain, csf, csf_margin_mm=reference_csf_margin_mm,
+                           surface_margin_mm=reference_depth_mm, spacing_mm=sp)
+    if np.count_nonzero(deep) < 100:  # tiny or thin brains: all parenchyma
+        deep = brain & ~csf
+    ref = mode_reference(flair, deep)
+    outer = brain & ~csf & ~deep
+    outer_mode = half_sample_mode(flair[outer]) if np.count_nonzero(outer) >= 100 else np.nan
+    level = max(ref.median, outer_mode) if np.isfinite(outer_mode) else ref.median
+    z_wm = ((flair - np.float32(ref.median)) / np.float32(ref.sd)).astype(np.float32)
+    z = ((flair - np.float32(level)) / np.float32(ref.sd)).astype(np.float32)
+    dom = brain & ~csf
+    if csf_rim_mm > 0 and csf.any():
+        dom &= ndimage.distance_transform_edt(~csf, sampling=sp) > csf_rim_mm
+    if cortex_rim_mm > 0:
+        dom &= ndimage.distance_transform_edt(brain, sampling=sp) > cortex_rim_mm
+    z_gm = z
+    if np.isfinite(outer_mode):
+        v = flair[outer]
+        up = v[v > outer_mode] - outer_mode
+        gsd = MAD_TO_SD * float(np.median(up)) if up.size else 0.0
+        if gsd > 0:
+            z_gm = ((flair - np.float32(outer_mode)) / np.float32(gsd)).astype(np.float32)
+    return FlairMaps(z, z_wm, dom, csf, deep, ref, float(outer_mode), z_gm)
+
+
+def hysteresis_series(
+    maps: list[FlairMaps],
+    brain_masks: list[np.ndarray],
+    *,
+    z_seed: float,
+    z_grow: float,
+    gm_z_seed: float,
+    gm_z_grow: float,
+    min_lesion_volume_mm3: float,
+    spacing_mm: tuple[float, ...],
+) -> list[np.ndarray]:
+    """Spatio-temporal hysteresis on the stacked z-maps of :func:`flair_session_maps`.
+
+    Seeds are domain voxels above ``z_seed`` (and ``gm_z_seed`` on the grey-matter z) in any
+    session; growth runs through domain voxels above ``z_grow`` (and ``gm_z_grow``) connected in space (26-neighbourhood within a session) or in time (the
+    same voxel in the previous or next session). Holes enclosed by a lesion are filled and
+    components below ``min_lesion_volume_mm3`` dropped, per session.
+    """
+    _check_thresholds(z_seed, z_grow, gm_z_seed, gm_z_grow)
+    n = len(maps)
+    if n == 0:
+        return []
+    sp = _check_spacing(spacing_mm, maps[0].z.ndim)
+    z4 = np.stack([
+        np.where(m.domain & np.isfinite(m.z) & (m.z_gm > gm_z_grow), m.z, -np.inf) for m in maps
+    ])
+    seeds = (z4 > z_seed) & np.stack([m.z_gm > gm_z_seed for m in maps])
+    st = np.zeros((3,) * 4, bool)
+    st[1] = ndimage.generate_binary_structure(3, 3)
+    st[0, 1, 1, 1] = st[2, 1, 1, 1] = True
+    lab, nlab = ndimage.label(z4 > z_grow, st)
+    seeded = np.zeros(nlab + 1, bool)
+    seeded[np.unique(lab[seeds])] = True
+    seeded[0] = False
+    grown = seeded[lab]
+    out = []
+    for t in range(n):
+        m = fill_holes_per_component(grown[t]) & np.asarray(brain_masks[t], bool)
+        out.append(remove_small_components(m, min_lesion_volume_mm3, sp))
+    return out
+
+
+def _check_thresholds(z_seed: float, z_grow: float, gm_z_seed: float, gm_z_grow: float) -> None:
     if z_grow > z_seed:
         raise ValueError(f"z_grow ({z_grow}) must not exceed z_seed ({z_seed})")
-    sp = _check_spacing(spacing_mm, flair.ndim)
-    brain &= np.isfinite(flair)
-    if tissue is None:
-        tissue = tissue_model(flair, brain, adc_um2_s, csf_adc_min_um2_s=csf_adc_min_um2_s)
-    dom = _domain(brain, tissue.csf, max_csf_prob, cortex_rim_mm, sp)
-    wm = tissue.labels == WM
-    gm = tissue.labels == GM
-    mask = np.zeros(flair.shape, bool)
-    for _ in range(2):  # first pass, then one pass with lesions removed from the references
-        ref_wm = nawm_mask(wm, [mask], erosion_mm=0.0, lesion_margin_mm=nawm_lesion_margin_mm,
-                           spacing_mm=sp)
-        if nawm_erosion_mm > 0:
-            eroded = nawm_mask(ref_wm, [], erosion_mm=nawm_erosion_mm, lesion_margin_mm=0.0,
-                               spacing_mm=sp)
-            if np.count_nonzero(eroded) >= 100:
-                ref_wm = eroded
-        ref_gm = gm & ~ndimage.binary_dilation(mask, iterations=2) if mask.any() else gm
-        z = _lesion_z(flair, ref_wm, ref_gm)
-        mask = _hysteresis(z, dom, z_seed, z_grow)
-        mask = fill_holes_per_component(mask) & brain
-        mask = remove_small_components(mask, min_lesion_volume_mm3, sp)
-    return mask
+    if gm_z_grow > gm_z_seed:
+        raise ValueError(f"gm_z_grow ({gm_z_grow}) must not exceed gm_z_seed ({gm_z_seed})")
 
 
 def segment_flair_series(
@@ -373,32 +394,55 @@ def segment_flair_series(
     *,
     z_seed: float,
     z_grow: float,
-    max_csf_prob: float,
-    cortex_rim_mm: float,
-    min_lesion_volume_mm3: float,
-    nawm_erosion_mm: float,
-    nawm_lesion_margin_mm: float,
-    spacing_mm: tuple[float, ...],
+    gm_z_seed: float,
+    gm_z_grow: float,
     csf_adc_min_um2_s: float,
+    csf_flair_max_ratio: float,
+    reference_csf_margin_mm: float,
+    reference_depth_mm: float,
+    cortex_rim_mm: float,
+    csf_rim_mm: float,
+    min_lesion_volume_mm3: float,
+    spacing_mm: tuple[float, ...],
     adcs_um2_s: list[np.ndarray | None] | None = None,
+    maps: list[FlairMaps] | None = None,
 ) -> list[np.ndarray]:
-    """FLAIR lesions of several sessions of one subject, already in one space.
+    """FLAIR lesions of several sessions of one subject, already in one space (time order).
 
-    Each session is first segmented on its own (:func:`segment_flair_lesions`), which fixes its
-    own tissue model and WM/GM references (each session normalised to its own NAWM). Then a
-    spatio-temporal hysteresis is run on the stacked lesion z-maps: seeds are voxels above
-    ``z_seed`` in any session; growth runs through voxels above ``z_grow`` connected in space
-    (26-neighbourhood within a session) or in time (the same voxel in the previous or next
-    session). So a faint (z between ``z_grow`` and ``z_seed``) voxel at one session is kept when
-    the same lesion is clearly seen at an adjacent session, while noise that is faint at every
-    session is not. Domain exclusions, hole filling and the minimum size are applied per
-    session. Sessions are given in time order.
+    Each session is normalised to its own normal tissue (:func:`flair_session_maps`, or the
+    precomputed ``maps``), then :func:`hysteresis_series` runs over all sessions: a faint voxel
+    at one session is kept when the same lesion is clearly seen at an adjacent session, while
+    noise faint at every session is not.
+
+    Parameters
+    ----------
+    z_seed, z_grow
+        Hysteresis thresholds on ``z`` (robust SD of the deep tissue above the normal level).
+    gm_z_seed, gm_z_grow
+        Seeds / grown voxels must also exceed these on ``z_gm`` (upper half-widths of the outer
+        parenchyma above its mode): the grey-matter safeguard.
+    csf_adc_min_um2_s, csf_flair_max_ratio
+        CSF rules of :func:`csf_mask`.
+    reference_csf_margin_mm, reference_depth_mm
+        Deep-parenchyma reference region, see :func:`deep_parenchyma` (mm).
+    cortex_rim_mm, csf_rim_mm
+        Voxels closer than these to the brain-mask surface / to CSF are never lesion (mm).
+    min_lesion_volume_mm3
+        Smaller connected components (26-connectivity) are dropped (mm^3).
+    spacing_mm
+        Voxel size, same axis order as the arrays (mm).
+    adcs_um2_s
+        Optional ADC maps (um^2/s), CSF detection.
+    maps
+        Precomputed :func:`flair_session_maps` (then the CSF / reference / rim parameters are
+        not used again).
 
     Returns
     -------
     list of numpy.ndarray
         One boolean lesion mask per session.
     """
+    _check_thresholds(z_seed, z_grow, gm_z_seed, gm_z_grow)
     n = len(flairs)
     if n == 0:
         return []
@@ -409,41 +453,41 @@ def segment_flair_series(
         raise ValueError(f"{n} FLAIR images but {len(adcs)} ADC maps")
     shape = np.shape(flairs[0])
     sp = _check_spacing(spacing_mm, len(shape))
-    zs, doms, brains = [], [], []
-    for flair, brain, adc in zip(flairs, brain_masks, adcs):
-        flair = np.asarray(flair, np.float32)
-        if flair.shape != shape:
-            raise ValueError(f"all sessions must share one grid: {flair.shape} vs {shape}")
-        brain = np.asarray(brain, bool) & np.isfinite(flair)
-        tissue = tissue_model(flair, brain, adc, csf_adc_min_um2_s=csf_adc_min_um2_s)
-        single = segment_flair_lesions(
-            flair, brain, z_seed=z_seed, z_grow=z_grow, max_csf_prob=max_csf_prob,
-            cortex_rim_mm=cortex_rim_mm, min_lesion_volume_mm3=min_lesion_volume_mm3,
-            nawm_erosion_mm=nawm_erosion_mm, nawm_lesion_margin_mm=nawm_lesion_margin_mm,
-            spacing_mm=sp, csf_adc_min_um2_s=csf_adc_min_um2_s, tissue=tissue,
-        )
-        ref_wm = nawm_mask(tissue.labels == WM, [single], erosion_mm=nawm_erosion_mm,
-                           lesion_margin_mm=nawm_lesion_margin_mm, spacing_mm=sp)
-        if np.count_nonzero(ref_wm) < 100:
-            ref_wm = (tissue.labels == WM) & ~single
-        ref_gm = (tissue.labels == GM) & ~single
-        zs.append(_lesion_z(flair, ref_wm, ref_gm))
-        doms.append(_domain(brain, tissue.csf, max_csf_prob, cortex_rim_mm, sp))
-        brains.append(brain)
-    z4 = np.stack([np.where(d & np.isfinite(z), z, -np.inf) for z, d in zip(zs, doms)])
-    st = np.zeros((3,) * 4, bool)
-    st[1] = ndimage.generate_binary_structure(3, 3)
-    st[0, 1, 1, 1] = st[2, 1, 1, 1] = True
-    lab, nlab = ndimage.label(z4 > z_grow, st)
-    seeded = np.zeros(nlab + 1, bool)
-    seeded[np.unique(lab[z4 > z_seed])] = True
-    seeded[0] = False
-    grown = seeded[lab]
-    out = []
-    for t in range(n):
-        m = fill_holes_per_component(grown[t]) & brains[t]
-        out.append(remove_small_components(m, min_lesion_volume_mm3, sp))
-    return out
+    for f in flairs:
+        if np.shape(f) != shape:
+            raise ValueError(f"all sessions must share one grid: {np.shape(f)} vs {shape}")
+    if maps is None:
+        maps = [
+            flair_session_maps(
+                f, b, a, csf_adc_min_um2_s=csf_adc_min_um2_s,
+                csf_flair_max_ratio=csf_flair_max_ratio,
+                reference_csf_margin_mm=reference_csf_margin_mm,
+                reference_depth_mm=reference_depth_mm, cortex_rim_mm=cortex_rim_mm,
+                csf_rim_mm=csf_rim_mm, spacing_mm=sp,
+            )
+            for f, b, a in zip(flairs, brain_masks, adcs)
+        ]
+    if len(maps) != n:
+        raise ValueError(f"{n} FLAIR images but {len(maps)} session maps")
+    brains = [np.asarray(b, bool) & np.isfinite(f) for f, b in zip(flairs, brain_masks)]
+    return hysteresis_series(maps, brains, z_seed=z_seed, z_grow=z_grow, gm_z_seed=gm_z_seed,
+                             gm_z_grow=gm_z_grow, min_lesion_volume_mm3=min_lesion_volume_mm3,
+                             spacing_mm=sp)
+
+
+def segment_flair_lesions(
+    flair: np.ndarray,
+    brain_mask: np.ndarray,
+    *,
+    adc_um2_s: np.ndarray | None = None,
+    **params,
+) -> np.ndarray:
+    """FLAIR-hyperintense lesion mask (bool) of one session: :func:`segment_flair_series` of a
+    single session (same keyword parameters)."""
+    flair = np.asarray(flair, np.float32)
+    if np.shape(brain_mask) != flair.shape:
+        raise ValueError(f"brain mask shape {np.shape(brain_mask)} differs from FLAIR {flair.shape}")
+    return segment_flair_series([flair], [brain_mask], adcs_um2_s=[adc_um2_s], **params)[0]
 
 
 # --------------------------------------------------------------------------- NAWM ADC reference

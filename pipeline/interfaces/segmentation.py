@@ -58,21 +58,23 @@ class SegmentSessions(SimpleInterface):
         brains = [array(read(f)) > 0 for f in self.inputs.brain_mask]
         traces = [array(read(f)) for f in self.inputs.trace]
         adcs = [array(read(f)) for f in self.inputs.adc]
-        flair_params = dict(
-            z_seed=s["flair_z_seed"], z_grow=s["flair_z_grow"], max_csf_prob=s["flair_max_csf_prob"],
-            cortex_rim_mm=s["cortex_rim_mm"], min_lesion_volume_mm3=s["min_lesion_volume_mm3"],
-            nawm_erosion_mm=d["nawm_erosion_mm"], nawm_lesion_margin_mm=d["nawm_lesion_margin_mm"],
-            spacing_mm=spacing, csf_adc_min_um2_s=s["csf_adc_min_um2_s"],
-        )
-        lesions = seg.segment_flair_series(flairs, brains, adcs_um2_s=adcs, **flair_params)
-        cands = [
-            seg.nawm_candidates(
+        maps = [
+            seg.flair_session_maps(
                 f, b, a, csf_adc_min_um2_s=s["reference_csf_adc_min_um2_s"],
                 csf_flair_max_ratio=s["csf_flair_max_ratio"],
-                csf_margin_mm=s["reference_csf_margin_mm"], depth_mm=s["reference_depth_mm"],
-                flair_z_max=s["nawm_flair_z_max"], spacing_mm=spacing)
+                reference_csf_margin_mm=s["reference_csf_margin_mm"],
+                reference_depth_mm=s["reference_depth_mm"], cortex_rim_mm=s["cortex_rim_mm"],
+                csf_rim_mm=s["csf_rim_mm"], spacing_mm=spacing)
             for f, b, a in zip(flairs, brains, adcs)
         ]
+        lesions = seg.hysteresis_series(
+            maps, brains, z_seed=s["flair_z_seed"], z_grow=s["flair_z_grow"],
+            gm_z_seed=s["flair_gm_z_seed"], gm_z_grow=s["flair_gm_z_grow"],
+            min_lesion_volume_mm3=s["min_lesion_volume_mm3"], spacing_mm=spacing)
+        # NAWM candidates from the same maps: deep parenchyma at most nawm_flair_z_max above
+        # its FLAIR mode (white matter is the darkest non-CSF tissue on FLAIR).
+        cands = [m.deep & (m.z_wm <= s["nawm_flair_z_max"]) for m in maps]
+        del maps
 
         def restricted_pass(exclude):
             out = []
