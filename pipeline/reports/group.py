@@ -111,4 +111,5 @@ def write_group_report(output_dir: Path) -> Path:
     dst = output_dir / "group.html"
     with atomic_path(dst) as tmp:
         tmp.write_text(html, encoding="utf-8")
+        tmp.chmod(0o644)  # a report is for reading (the temporary file is private)
     return dst

@@ -26,6 +26,7 @@ EDGE_COLOUR = (1.0, 0.15, 0.85)
 COLUMNS = (("dwi", "DWI (trace)", "restricted"), ("adc", "ADC", "restricted"),
            ("flair", "FLAIR", "flair"))
 KINDS = ("flair", "restricted")
+HEADROOM = {"dwi": 1.6, "flair": 1.6}  # white level >= this multiple of the brain median
 
 
 def axial(volume: np.ndarray, k: int) -> np.ndarray:
@@ -82,8 +83,12 @@ def crop_box(mask2d: np.ndarray | None, shape: tuple[int, int], margin: int = 4)
 
 
 def display_window(slices: list[np.ndarray | None], masks: list[np.ndarray | None] | None = None,
-                   percentiles=(1.0, 99.5)) -> tuple[float, float]:
-    """Grey-level window shared by all sessions: percentiles of the (brain) pixels shown."""
+                   percentiles=(1.0, 99.5), headroom: float = 0.0) -> tuple[float, float]:
+    """Grey-level window shared by all sessions: percentiles of the (brain) pixels shown.
+
+    ``headroom`` > 0 keeps the white level at least that multiple of the median, so normal
+    tissue stays grey on DWI and FLAIR when no lesion is bright (the clinical look).
+    """
     values = []
     for i, image in enumerate(slices):
         if image is None:
@@ -94,7 +99,10 @@ def display_window(slices: list[np.ndarray | None], masks: list[np.ndarray | Non
     values = [v for v in values if v.size]
     if not values:
         return 0.0, 1.0
-    lo, hi = np.percentile(np.concatenate(values), percentiles)
+    values = np.concatenate(values)
+    lo, hi = np.percentile(values, percentiles)
+    lo = min(lo, 0.0) if values.min() >= 0 else lo  # magnitude images: black is zero signal
+    hi = max(hi, headroom * float(np.median(values)))
     return float(lo), float(hi if hi > lo else lo + 1.0)
 
 
@@ -213,7 +221,8 @@ def _union_box(views: SubjectViews):
 
 def _windows(views: SubjectViews) -> dict[str, tuple[float, float]]:
     brains = [s.axial.get("brain") for s in views.sessions]
-    return {key: display_window([s.axial.get(key) for s in views.sessions], brains)
+    return {key: display_window([s.axial.get(key) for s in views.sessions], brains,
+                                headroom=HEADROOM.get(key, 0.0))
             for key, _, _ in COLUMNS}
 
 

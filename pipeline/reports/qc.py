@@ -92,9 +92,9 @@ def collect_warnings(subject: SubjectDerivatives) -> list[str]:
                 messages.append(f"ses-{session.label}: no {name} image in the subject space "
                                 "(missing contrast)")
     messages += _registration_warnings(subject)
-    for key, table in subject.tables.items():
-        if table.empty and key in ("sessions", "events", "lesions"):
-            messages.append(f"table {subject.table_path(key).name} is missing or empty")
+    for key in ("sessions", "events", "lesions"):
+        if not subject.table_path(key).exists():
+            messages.append(f"table {subject.table_path(key).name} is missing")
     return messages
 
 

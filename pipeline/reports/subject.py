@@ -132,4 +132,5 @@ def write_subject_report(output_dir: Path, subject: str) -> Path:
     dst = output_dir / f"sub-{derivatives.subject}.html"
     with atomic_path(dst) as tmp:
         tmp.write_text(html, encoding="utf-8")
+        tmp.chmod(0o644)  # a report is for reading (the temporary file is private)
     return dst

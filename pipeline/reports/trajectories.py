@@ -22,6 +22,8 @@ RADC_LINES = (("radc_mean_restricted", "restricted lesion", "#d62728"),
 
 def _empty(ax: Axes, message: str) -> Axes:
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
     return ax
 
 
@@ -59,10 +61,13 @@ def plot_radc(sessions: pd.DataFrame, config: dict, ax: Axes) -> Axes:
     """Mean rADC in the lesions against day, with the pseudonormal band shaded."""
     if not _has(sessions, "day"):
         return _empty(ax, "no session table")
+    lines = [line for line in RADC_LINES
+             if line[0] in sessions.columns and sessions[line[0]].notna().any()]
+    if not lines:
+        return _empty(ax, "no lesion: no lesion rADC")
     pseudonormal_band(ax, config)
-    for column, label, colour in RADC_LINES:
-        if column in sessions.columns and sessions[column].notna().any():
-            ax.plot(sessions["day"], sessions[column], marker="o", color=colour, label=label)
+    for column, label, colour in lines:
+        ax.plot(sessions["day"], sessions[column], marker="o", color=colour, label=label)
     ax.set_xlabel("day")
     ax.set_ylabel("rADC (ADC / NAWM ADC)")
     ax.set_title("rADC in the lesions")
@@ -72,8 +77,9 @@ def plot_radc(sessions: pd.DataFrame, config: dict, ax: Axes) -> Axes:
 
 def plot_pseudonormalized(sessions: pd.DataFrame, ax: Axes) -> Axes:
     """Fraction of ever-restricted tissue no longer restricted, against day."""
-    if not _has(sessions, "day", "pseudonormalized_fraction"):
-        return _empty(ax, "no pseudonormalized fraction")
+    if (not _has(sessions, "day", "pseudonormalized_fraction")
+            or sessions["pseudonormalized_fraction"].isna().all()):
+        return _empty(ax, "no restricted tissue: no pseudonormalized fraction")
     ax.plot(sessions["day"], sessions["pseudonormalized_fraction"], marker="o", color="#2ca02c")
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("day")
@@ -111,7 +117,7 @@ def plot_lesion_histories(lesions: pd.DataFrame, kind: str, column: str, ax: Axe
     max_lines : int
         Only the largest lesions are drawn (legibility).
     """
-    if not _has(lesions, "lesion_id", "kind", "day", column):
+    if lesions is None or not {"lesion_id", "kind", "day", column} <= set(lesions.columns):
         return _empty(ax, "no lesion table")
     rows = lesions[lesions["kind"] == kind]
     if rows.empty:
