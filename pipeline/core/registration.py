@@ -407,6 +407,8 @@ def _ncc(
     reg.SetMetricAsCorrelation()
     reg.SetInterpolator(sitk.sitkLinear)
     reg.SetMetricSamplingStrategy(reg.REGULAR)
+    reg.SetMetricUseMovingImageGradientFilter(False)  # no gradient image of the whole moving
+    reg.SetMetricUseFixedImageGradientFilter(False)
     n = float(np.prod(fixed.GetSize()))
     reg.SetMetricSamplingPercentage(float(min(1.0, 100000.0 / n)))
     if fixed_mask is not None:
@@ -679,15 +681,30 @@ def register_rigid(
         if working_spacing_mm and working_spacing_mm > 0
         else float(min(f.GetSpacing()))
     )
+    # pyramid built fine -> coarse, each level from the next finer one: the full-resolution
+    # images are smoothed once (smoothing them per level dominated the run time)
     levels = []
-    for k, (shrink, sigma) in enumerate(zip(shrink_factors, smoothing_sigmas_mm)):
+    src = [f, m, fm, mm]
+    prev_sigma = 0.0
+    order = sorted(range(len(shrink_factors)), key=lambda k: shrink_factors[k])
+    built = {}
+    for k in order:
+        shrink, sigma = shrink_factors[k], float(smoothing_sigmas_mm[k])
         fsp = _level_spacing(f, shrink, base)
         msp = _level_spacing(m, shrink, base)
-        fl = _level_image(f, fsp, sigma)
-        ml = _level_image(m, msp, sigma)
-        fml = _level_image(fm, fsp, 0.0, sitk.sitkNearestNeighbor) if fm is not None else None
-        need_mm = mm is not None and (moving_mask_in_metric or k == 0)
-        mml = _level_image(mm, msp, 0.0, sitk.sitkNearestNeighbor) if need_mm else None
+        # Gaussian sigmas add in quadrature: smooth the finer level by the difference only
+        extra = math.sqrt(max(sigma**2 - prev_sigma**2, 0.0))
+        fl = _level_image(src[0], fsp, extra)
+        ml = _level_image(src[1], msp, extra)
+        fml = (_level_image(src[2], fsp, 0.0, sitk.sitkNearestNeighbor)
+               if fm is not None else None)
+        mml = (_level_image(src[3], msp, 0.0, sitk.sitkNearestNeighbor)
+               if mm is not None else None)
+        built[k] = (fl, ml, fml, mml)
+        src = [fl, ml, fml, mml]
+        prev_sigma = max(sigma, prev_sigma)
+    for k, shrink in enumerate(shrink_factors):
+        fl, ml, fml, mml = built[k]
         samp = _n_samples(fml, fl, sampling_fraction, max_samples, min_samples)
         levels.append((fl, ml, fml, mml, samp, float(shrink)))
     common = dict(
