@@ -67,6 +67,7 @@ class Registration:
     sampling_fraction: float = _rng(0, 1, lo_open=True)
     shrink_factors: tuple[int, ...] = field()
     smoothing_sigmas_mm: tuple[float, ...] = field()
+    working_spacing_mm: float = _rng(0, 20)
     iterations: int = _rng(1, 10000)
     learning_rate: float = _rng(0, 100, lo_open=True)
     min_step: float = _rng(0, 1, lo_open=True)
