@@ -308,11 +308,19 @@ class Greedy:
     def __call__(self, fixed, moving, fmask, mmask, tmp):
         g = self.cls()
         cmd = self.command.format(init=self.init, threads=self.threads)
-        t0 = time.perf_counter()
-        with open(os.devnull, "w") as devnull:
-            g.execute(cmd, out=devnull, err=devnull, fixed=fixed, moving=moving,
+        sys.stdout.flush()
+        saved = os.dup(1)  # greedy's C++ log goes to file descriptor 1 whatever `out` says
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        try:
+            t0 = time.perf_counter()
+            g.execute(cmd, fixed=fixed, moving=moving,
                       fmask=sitk.Cast(fmask, sitk.sitkFloat32), xfm=None)
-        dt = time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+            os.close(devnull)
         ras = np.asarray(g["xfm"], float)  # RAS physical, fixed -> moving
         flip = np.diag([-1.0, -1.0, 1.0, 1.0])
         lps = flip @ ras @ flip
