@@ -34,6 +34,7 @@ CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/ch
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+                  "--disable-dev-shm-usage",
                   "--window-size=1400,3000", "--enable-logging=stderr", "--v=0")
 CONFIG = {"dynamics": {"restricted_below": 0.75, "elevated_above": 1.15},
           "registration": {"max_rotation_deg": 20.0, "max_translation_mm": 40.0}}
