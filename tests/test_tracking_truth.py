@@ -147,12 +147,6 @@ def test_designed_events_are_all_found(ms_like):
     assert wrong.empty, wrong.to_string()
 
 
-# Designed lesion 6 ("shrinking", centre (26, -4, 36) mm, radius 6 -> 3.5 mm) overlaps the
-# splitting pair's partner 11 (centre (20, -8, 40) mm, radius 5 mm) in pipeline/simulate/
-# lesions.py MS_DESIGN: the two ovoids fuse into one FLAIR lesion in every subject, so no
-# tracker can report lesion 6 as shrinking until the design separates them. Strict: this
-# starts failing (XPASS) once the phantom is fixed; then drop the marker.
-@pytest.mark.xfail(strict=True, reason="phantom design: lesion 6 fuses with split partner 11")
 def test_designed_lesions_do_not_touch(ms_like):
     obs = _designed(ms_like)
     assert not obs["collides"].any(), sorted(set(obs.loc[obs["collides"], "design_id"]))

@@ -53,13 +53,13 @@ FLAIR_TAU_DAYS = 3.0
 # --- MS-like: designed lesions (radius in mm at normalised time 0, 1/3, 2/3, 1) --------------
 MS_RADC_PLATEAU = 1.25  # chronic MS plaques have a raised ADC (ratio to NAWM)
 MS_DESIGN: tuple[dict, ...] = (
-    {"id": 1, "center": (-28.0, -10.0, 24.0), "radii": (4.0, 4.0, 4.0, 4.0), "design": "stable"},
+    {"id": 1, "center": (-30.0, -8.0, 18.0), "radii": (4.0, 4.0, 4.0, 4.0), "design": "stable"},
     {"id": 2, "center": (24.0, 22.0, 26.0), "radii": (3.5, 3.5, 3.5, 3.5), "design": "stable"},
     {"id": 3, "center": (30.0, -40.0, 28.0), "radii": (5.0, 5.0, 5.0, 5.0), "design": "stable"},
     {"id": 4, "center": (-22.0, 18.0, 30.0), "radii": (0.0, 0.0, 4.5, 4.5), "design": "new"},
-    {"id": 5, "center": (-30.0, -34.0, 34.0), "radii": (3.0, 4.5, 6.0, 6.0),
+    {"id": 5, "center": (-32.0, -40.0, 30.0), "radii": (3.0, 4.5, 6.0, 6.0),
      "design": "enlarging"},
-    {"id": 6, "center": (26.0, -4.0, 36.0), "radii": (6.0, 5.0, 4.0, 3.5), "design": "shrinking"},
+    {"id": 6, "center": (28.0, 6.0, 18.0), "radii": (6.0, 5.0, 4.0, 3.5), "design": "shrinking"},
     {"id": 7, "center": (-24.0, 4.0, 12.0), "radii": (4.5, 3.5, 0.0, 0.0), "design": "resolving"},
     {"id": 8, "center": (-18.0, -20.0, 40.0), "radii": (3.5, 4.0, 6.5, 6.5), "design": "merging",
      "partner": 9, "offset": (0.0, 13.0, 0.0)},
