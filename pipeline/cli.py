@@ -148,8 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     return run_group(args)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
 
 
 def _check_paths(bids_dir: Path, output_dir: Path) -> None:
@@ -253,3 +251,7 @@ def run_group(args) -> int:
     if missing:
         print(f"subjects without results (failed or not run): {', '.join(missing)}")
     return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -20,6 +20,8 @@ import numpy as np
 import SimpleITK as sitk
 
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class InputError(ValueError):
@@ -87,6 +89,7 @@ def atomic_path(path: Path):
     suffix = "".join(path.suffixes) or ".tmp"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name.split('.')[0]}-", suffix=suffix, dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; derivatives get the usual permissions
     try:
         yield Path(tmp)
         os.replace(tmp, path)

@@ -62,3 +62,19 @@ def sample_run(tmp_path_factory):
     out, work = root / "out", root / "work"
     status = main([str(bids), str(out), "participant", "-w", str(work), "--nprocs", "2"])
     return {"bids": bids, "out": out, "work": work, "status": status, "repo": REPO}
+
+
+@pytest.fixture(scope="session")
+def sample_output(sample_run):
+    """The shared sample_data run with its group level (reports, notebooks).
+
+    LESIONLAPSE_TEST_DERIVATIVES=DIR points the report and notebook tests at an existing run.
+    """
+    if os.environ.get("LESIONLAPSE_TEST_DERIVATIVES"):
+        return Path(os.environ["LESIONLAPSE_TEST_DERIVATIVES"])
+    from pipeline.cli import main
+
+    out = sample_run["out"]
+    if not (out / "group" / "group_desc-sessions_timeseries.tsv").exists():
+        main([str(sample_run["bids"]), str(out), "group"])
+    return out

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 from pathlib import Path
 
 import matplotlib.image as mpimg
@@ -31,16 +30,6 @@ def test_stored_without_outputs_and_parameterised(name):
 
 def test_every_notebook_is_tested():
     assert {p.name for p in NOTEBOOKS.glob("*.ipynb")} == set(EXPECTED_FIGURES)
-
-
-@pytest.fixture(scope="session")
-def sample_output(tmp_path_factory) -> Path:
-    """The same folder as tests/test_reports.py's fixture: the pipeline runs once per session."""
-    from pipeline.reports.sample import sample_derivatives
-
-    if os.environ.get("LESIONLAPSE_TEST_DERIVATIVES"):
-        return Path(os.environ["LESIONLAPSE_TEST_DERIVATIVES"])
-    return sample_derivatives(tmp_path_factory.getbasetemp() / "lesionlapse_sample_output")
 
 
 def _execute(name: str, output_dir: Path, cwd: Path):

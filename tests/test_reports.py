@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -270,17 +269,6 @@ def test_chromium_catches_javascript_errors(tmp_path):
     page.write_text("<html><body><p>x</p><script>undefined_function();</script></body></html>")
     messages = render_in_chromium(page, tmp_path / "broken.png")
     assert any("undefined_function" in m for m in messages)
-
-
-@pytest.fixture(scope="session")
-def sample_output(tmp_path_factory) -> Path:
-    """A participant + group run on sample_data (once per session; tests/test_notebooks.py
-    reuses the same folder). LESIONLAPSE_TEST_DERIVATIVES=DIR reuses an existing run."""
-    from pipeline.reports.sample import sample_derivatives
-
-    if os.environ.get("LESIONLAPSE_TEST_DERIVATIVES"):
-        return Path(os.environ["LESIONLAPSE_TEST_DERIVATIVES"])
-    return sample_derivatives(tmp_path_factory.getbasetemp() / "lesionlapse_sample_output")
 
 
 @pytest.fixture(scope="session")

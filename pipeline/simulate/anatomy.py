@@ -168,7 +168,6 @@ def subject_anatomy(grid: str, rng: np.random.Generator, *, vary: bool = True) -
         False returns the template itself (no deformation).
     """
     channels, affine = template(grid)
-    shape = channels["gm"].shape
     if not vary:
         return Anatomy(
             **{k: channels[k] for k in CHANNELS},
