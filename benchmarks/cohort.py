@@ -153,7 +153,7 @@ def _write(args, rows, notes, command, load_before) -> None:
         "single-node cluster of `scripts/local_slurm.sh` (2 CPUs), `--plugin SLURM` with "
         "`sbatch_args='-p debug --mem=1G'` plus per-node `--mem`/`--cpus-per-task` hints.", "",
         "| backend | exit | wall (s) | subjects/h | speed vs Linear | CPU s/subject | peak RSS (MB) "
-        "| output MB/subject | work MB/subject | tables = first |",
+        "| output MB/subject | work MB/subject | tables byte-identical to first |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
