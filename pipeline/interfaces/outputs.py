@@ -265,4 +265,5 @@ def _dseg_lut(dseg_file: str, dst: Path) -> None:
 def _describe(table: str, cols: dict) -> dict:
     """JSON sidecar of a TSV: the description of each column present (unknown ones flagged)."""
     header = pd.read_csv(table, sep="\t", nrows=0).columns
+    cols = {"kind": columns.LESION_COLUMNS["kind"], **cols}  # added when FLAIR/restricted join
     return {c: cols.get(c, {"Description": "(undocumented column)"}) for c in header}
