@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -407,16 +406,11 @@ def table(rows: list[dict]) -> str:
 
 
 def machine() -> str:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{platform.system()} {platform.release()}, {cpu}, {os.cpu_count()} logical CPUs, "
-            f"Python {platform.python_version()}, SimpleITK {sitk.Version.VersionString()}")
+    """The machine and versions, as every benchmark reports them (benchmarks/common.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import machine_info
+
+    return ", ".join(f"{k} {v}" for k, v in machine_info().items())
 
 
 def main(argv: list[str] | None = None) -> int:
