@@ -18,7 +18,6 @@ from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
     InputMultiObject,
-    OutputMultiObject,
     SimpleInterface,
     TraitedSpec,
     traits,
@@ -27,6 +26,7 @@ from nipype.interfaces.base import (
 from pipeline.bids import read_json
 from pipeline.core import dwi as core_dwi
 from pipeline.interfaces.base import array, like, out_path, read, save, save_json
+from pipeline.interfaces.segmentation import _SegmentSessionsOutputSpec
 from pipeline.io import InputError, load_series, load_volume, nib_to_sitk, read_bvals_bvecs
 
 
@@ -126,7 +126,7 @@ class LoadSession(SimpleInterface):
                 )
             adc = converted
             if computed_adc is not None:
-                report["computed_vs_scanner_adc"] = _compare(computed_adc, adc)
+                report["computed_vs_scanner_adc"] = _compare(computed_adc, adc, p["adc_max_um2_s"])
         elif computed_adc is not None:
             adc = computed_adc
             report["adc_source"] = "computed"
@@ -191,8 +191,8 @@ def _nan_like(grid: sitk.Image) -> sitk.Image:
     return like(np.full(array(img).shape, np.nan, np.float32), grid)
 
 
-def _compare(computed: np.ndarray, scanner: np.ndarray) -> dict:
-    both = (computed > 0) & (scanner > 0) & (scanner < 4000)
+def _compare(computed: np.ndarray, scanner: np.ndarray, adc_max_um2_s: float) -> dict:
+    both = (computed > 0) & (scanner > 0) & (scanner < adc_max_um2_s)
     if not both.any():
         return {"n_voxels": 0}
     diff = computed[both] - scanner[both]
@@ -221,15 +221,6 @@ class _SegmentIncompleteInputSpec(BaseInterfaceInputSpec):
 _SEG_OUTPUTS = ("flair_lesion", "restricted", "shine_through", "radc", "nawm", "references")
 
 
-class _SegmentIncompleteOutputSpec(TraitedSpec):
-    flair_lesion = OutputMultiObject(File())
-    restricted = OutputMultiObject(File())
-    shine_through = OutputMultiObject(File())
-    radc = OutputMultiObject(File())
-    nawm = OutputMultiObject(File())
-    references = OutputMultiObject(File(), desc="JSON: NAWM reference ADC per session")
-
-
 class SegmentIncompleteSessions(SimpleInterface):
     """Segment a subject whose sessions lack FLAIR or diffusion, with
     :class:`pipeline.interfaces.segmentation.SegmentSessions` (same outputs, one per session).
@@ -244,7 +235,7 @@ class SegmentIncompleteSessions(SimpleInterface):
     """
 
     input_spec = _SegmentIncompleteInputSpec
-    output_spec = _SegmentIncompleteOutputSpec
+    output_spec = _SegmentSessionsOutputSpec  # the same outputs as SegmentSessions
 
     def _run_interface(self, runtime):
         ins = self.inputs
