@@ -254,7 +254,7 @@ def _apply_resource_hints(workflow, plugin: str) -> None:
     for node in workflow._get_all_nodes():
         if node.run_without_submitting and plugin == "SLURM":
             continue
-        mem_mb = max(256, int(math.ceil(node.mem_gb * 1024)))
+        mem_mb = max(256, math.ceil(node.mem_gb * 1024))
         args = f" --mem={mem_mb}M --cpus-per-task={max(1, int(node.n_procs))}"
         node.plugin_args = {"sbatch_args": args, "overwrite": False}
 
@@ -311,11 +311,11 @@ def check_work_dir(work_dir: Path, output_dir: Path, plugin: str, plugin_args: d
         cmd = ["sbatch", "--parsable", "-J", "lesionlapse-probe", "-o", "/dev/null",
                "-e", "/dev/null", "--mem=64M", *sbatch_args,
                f"--wrap={test} && touch {shlex.quote(str(answer))}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode == 0:
             job = proc.stdout.strip().split(";")[0]
             while subprocess.run(["squeue", "-h", "-j", job], capture_output=True,
-                                 text=True).stdout.strip():
+                                 text=True, check=False).stdout.strip():
                 time.sleep(0.5)
         if proc.returncode != 0:
             raise RunError(f"--plugin {plugin}: sbatch could not submit a probe job "
@@ -342,7 +342,7 @@ def _wait_for_jobs(token: str, poll_s: float) -> None:
     user = getpass.getuser()
     while True:
         proc = subprocess.run(["squeue", "-h", "-u", user, "-o", "%i|%T|%r|%k"],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             time.sleep(poll_s)
             continue
@@ -351,7 +351,8 @@ def _wait_for_jobs(token: str, poll_s: float) -> None:
             return
         if all(state == "PENDING" and "DependencyNeverSatisfied" in reason
                for _, state, reason, _ in jobs):
-            subprocess.run(["scancel", *[job for job, *_ in jobs]], capture_output=True)
+            subprocess.run(["scancel", *[job for job, *_ in jobs]], capture_output=True,
+                           check=False)
             return
         time.sleep(poll_s)
 
@@ -364,7 +365,9 @@ def run_subject(subject: SubjectInputs, *, config: Config, output_dir: Path, wor
     from pipeline.reports.subject import write_subject_report
     from pipeline.workflows.base import init_subject_wf
 
-    validate_subject(subject)
+    # before any work: config-dependent checks (ADC unit, b0 threshold...) use the run's config
+    for warning in validate_subject(subject, config):
+        log.warning(f"sub-{subject.subject}: warning: {warning}")
     recover(output_dir, subject.subject)
     staging = output_dir / STAGING / f"sub-{subject.subject}"
     workflow = init_subject_wf(subject=subject, config=config, staging_dir=staging)
@@ -447,7 +450,7 @@ def _write_summary(path: Path, rows: list[dict]) -> None:
 # --- progress ----------------------------------------------------------------------------------
 
 def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     h, rem = divmod(seconds, 3600)
     return f"{h}:{rem // 60:02d}:{rem % 60:02d}" if h else f"{rem // 60:02d}:{rem % 60:02d}"
 
@@ -600,7 +603,7 @@ def _run_one(subject: SubjectInputs, *, config: Config, output_dir: Path, work_d
             with _subject_log(log_dir / "nipype.log"):
                 run_subject(subject, config=config, output_dir=output_dir, work_dir=work_dir,
                             plugin=plugin, plugin_args=plugin_args)
-        except Exception as exc:  # one subject's failure must not stop the cohort
+        except Exception as exc:  # noqa: BLE001 (one subject's failure must not stop the cohort)
             row["status"] = FAILED
             message = _crash_message(log_dir, start) if isinstance(exc, RuntimeError) else None
             row["error"] = " ".join((message or str(exc) or type(exc).__name__).split())
