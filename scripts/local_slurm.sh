@@ -84,7 +84,7 @@ SelectTypeParameters=CR_Core_Memory
 SlurmdParameters=config_overrides
 DependencyParameters=kill_invalid_depend
 ReturnToService=2
-MinJobAge=300
+MinJobAge=3600
 KillWait=5
 InactiveLimit=0
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$mem_mb State=UNKNOWN
