@@ -1,0 +1,497 @@
+"""Benchmark: FLAIR lesion and restricted-diffusion segmentation against two baselines.
+
+One run scores the project and two baselines computed on the same images:
+
+* **project**: ``pipeline.core.segmentation`` with the ``[segmentation]`` defaults
+  (FLAIR: :func:`flair_session_maps` per session + :func:`hysteresis_series` over the
+  sessions; restricted: the pipeline's own masks);
+* **baseline FLAIR z**: FLAIR global z-score inside the brain mask,
+  ``(FLAIR - mean) / SD > --baseline-z`` (a plain FLAIR z-score threshold, issue #5);
+* **baseline ADC**: absolute ``ADC < 620 um^2/s`` inside the brain mask.
+
+Both baselines drop components below ``segmentation.min_lesion_volume_mm3`` like the project.
+
+Cases (``--cases``, comma-separated):
+
+* ``phantom``: ``lesionlapse simulate --preset mixed`` (seed case, MS-like, control), the
+  ``lesionlapse`` CLI run on it (or ``--pipeline-out`` derivatives); FLAIR is segmented again
+  from the pipeline's subject-space images with the current code (``--resegment``, default) or
+  read from the pipeline's masks; every mask is mapped into the truth space (nearest neighbour,
+  the pipeline's and the phantom's transforms) and scored per session, per preset (pooled) and
+  for false positives in controls; lesions whose truth volume does not change keep their volume;
+* ``real-mni``: the real 1 mm MS FLAIR of ``ms_flair_mni`` and its 3-rater consensus mask
+  (brain = FLAIR > 0; no ADC): Dice, HD95, AVD, lesion-wise F1 (runs in seconds, for iterating);
+* ``real-long``: the two real MS pairs of ``ms_flair_longitudinal``: both raw FLAIRs resampled
+  into the common space with the reference affines, segmented jointly (two sessions); the
+  change = voxels lesion at exactly one time point; scored against the manual change mask
+  (recall of change voxels, false-positive change volume outside it, lesion-wise recall).
+
+Usage::
+
+    python benchmarks/segmentation.py                       # everything, 20 phantom subjects
+    python benchmarks/segmentation.py --cases real-mni      # seconds
+    python benchmarks/segmentation.py --cases phantom --subjects 3 --workdir /tmp/seg
+    python benchmarks/segmentation.py --pipeline-out OUT    # existing pipeline derivatives
+
+Writes ``benchmarks/results/segmentation.md`` (``--out``) with the command, machine and load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import common as C
+from benchmarks.tracking import run_pipeline, simulate
+from pipeline.config import Config, load_config
+from pipeline.core import metrics as M
+from pipeline.core import segmentation as seg
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+ADC_BASELINE_UM2_S = 620.0  #: absolute ADC threshold of the restricted-diffusion baseline
+CASES = ("phantom", "real-mni", "real-long")
+TARGETS = {
+    "phantom FLAIR Dice (pooled, lesion subjects)": ">= 0.90",
+    "phantom restricted Dice (pooled, seed case)": ">= 0.90",
+    "phantom FLAIR lesion F1 (pooled)": ">= 0.90",
+    "phantom FLAIR AVD": "<= 10 %",
+    "phantom control false positives per session": "< 0.5 mL",
+    "phantom unchanged lesions, volume spread over sessions": "<= 5 %",
+    "real MS FLAIR Dice": ">= 0.65, above both baselines",
+    "real MS FLAIR lesion F1": ">= 0.6, above both baselines",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# segmenters
+
+
+def flair_project(flairs: list[np.ndarray], brains: list[np.ndarray],
+                  adcs: list[np.ndarray | None], spacing: tuple[float, ...],
+                  config: Config) -> list[np.ndarray]:
+    """The project's FLAIR lesions: the calls of ``interfaces.segmentation.SegmentSessions``."""
+    s = config.segmentation
+    maps = [seg.flair_session_maps(
+        f, b, a, csf_adc_min_um2_s=s.reference_csf_adc_min_um2_s,
+        csf_flair_max_ratio=s.csf_flair_max_ratio,
+        reference_csf_margin_mm=s.reference_csf_margin_mm,
+        reference_depth_mm=s.reference_depth_mm, cortex_rim_mm=s.cortex_rim_mm,
+        csf_rim_mm=s.csf_rim_mm, spacing_mm=spacing) for f, b, a in zip(flairs, brains, adcs)]
+    return seg.hysteresis_series(
+        maps, brains, z_seed=s.flair_z_seed, z_grow=s.flair_z_grow, gm_z_seed=s.flair_gm_z_seed,
+        gm_z_grow=s.flair_gm_z_grow, min_lesion_volume_mm3=s.min_lesion_volume_mm3,
+        spacing_mm=spacing)
+
+
+def flair_baseline(flair: np.ndarray, brain: np.ndarray, z: float, min_mm3: float,
+                   spacing: tuple[float, ...]) -> np.ndarray:
+    """FLAIR global z-score threshold inside the brain mask."""
+    v = flair[brain & np.isfinite(flair)].astype(np.float64)
+    zmap = (flair - v.mean()) / v.std()
+    return seg.remove_small_components(brain & (zmap > z), min_mm3, spacing)
+
+
+def adc_baseline(adc: np.ndarray, brain: np.ndarray, min_mm3: float,
+                 spacing: tuple[float, ...]) -> np.ndarray:
+    """Absolute ADC < 620 um^2/s inside the brain mask (valid ADC only)."""
+    ok = brain & np.isfinite(adc) & (adc > 0)
+    return seg.remove_small_components(ok & (adc < ADC_BASELINE_UM2_S), min_mm3, spacing)
+
+
+def scores(truth: np.ndarray, pred: np.ndarray, spacing: tuple[float, ...]) -> dict:
+    """Challenge metrics of one mask pair (``pipeline.core.metrics``)."""
+    det = M.lesion_wise_detection(truth, pred)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    return {"dice": M.dice(truth, pred), "hd95_mm": M.hausdorff95(truth, pred, spacing),
+            "avd_pct": M.absolute_volume_difference_percent(truth, pred),
+            "recall": det.recall, "precision": det.precision, "f1": det.f1,
+            "n_truth": det.n_truth, "n_pred": det.n_pred,
+            "truth_ml": truth.sum() * voxel_ml, "pred_ml": pred.sum() * voxel_ml,
+            "fp_ml": np.count_nonzero(pred & ~truth) * voxel_ml,
+            "tp_vox": int(np.count_nonzero(truth & pred)), "t_vox": int(truth.sum()),
+            "p_vox": int(pred.sum())}
+
+
+# --------------------------------------------------------------------------------------------
+# real-mni
+
+
+def real_mni(config: Config, baseline_z: float) -> pd.DataFrame:
+    root = DATA / "ms_flair_mni"
+    rows = []
+    for pdir in sorted(d for d in root.glob("patient*") if d.is_dir()):
+        img = nib.load(str(pdir / "FLAIR_brain_MNI.nii.gz"))
+        flair = np.asarray(img.dataobj, np.float32)
+        truth = np.asarray(nib.load(str(pdir / "lesion_consensus_MNI.nii.gz")).dataobj) > 0
+        spacing = tuple(float(x) for x in img.header.get_zooms()[:3])
+        brain = flair > 0
+        min_mm3 = config.segmentation.min_lesion_volume_mm3
+        t0 = time.perf_counter()
+        proj = flair_project([flair], [brain], [None], spacing, config)[0]
+        sec = time.perf_counter() - t0
+        base = flair_baseline(flair, brain, baseline_z, min_mm3, spacing)
+        for method, pred in (("project", proj), (f"baseline FLAIR z > {baseline_z:g}", base)):
+            rows.append({"case": pdir.name, "method": method, **scores(truth, pred, spacing),
+                         "seconds": sec if method == "project" else np.nan})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# real-long
+
+
+def _zyx_spacing(img: sitk.Image) -> tuple[float, ...]:
+    return tuple(float(s) for s in reversed(img.GetSpacing()))
+
+
+def real_long(config: Config, baseline_z: float) -> pd.DataFrame:
+    root = DATA / "ms_flair_longitudinal"
+    rows = []
+    for pdir in sorted(d for d in root.glob("patient*") if d.is_dir()):
+        ref = sitk.ReadImage(str(pdir / "gt_lesion_change_common_space.nii.gz"))
+        truth = sitk.GetArrayFromImage(ref) > 0
+        brain = sitk.GetArrayFromImage(sitk.ReadImage(
+            str(pdir / "brainmask_common_space.nii.gz"))) > 0
+        spacing = _zyx_spacing(ref)
+        flairs = []
+        for k in (1, 2):
+            raw = sitk.Cast(sitk.ReadImage(str(pdir / f"study{k}_FLAIR_raw.nii.gz")),
+                            sitk.sitkFloat32)
+            tx = sitk.ReadTransform(str(pdir / f"study{k}_FLAIR_to_common_space.txt"))
+            flairs.append(sitk.GetArrayFromImage(
+                sitk.Resample(raw, ref, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32)))
+        brains = [brain & (f > 0) for f in flairs]
+        min_mm3 = config.segmentation.min_lesion_volume_mm3
+        t0 = time.perf_counter()
+        proj = flair_project(flairs, brains, [None, None], spacing, config)
+        sec = time.perf_counter() - t0
+        base = [flair_baseline(f, b, baseline_z, min_mm3, spacing) for f, b in zip(flairs, brains)]
+        vox = float(np.prod(spacing))
+        for method, (m1, m2) in (("project", proj), (f"baseline FLAIR z > {baseline_z:g}", base)):
+            change = m1 ^ m2
+            cd = M.change_detection(truth, change, vox)
+            rows.append({"case": pdir.name, "method": method,
+                         "change_voxel_recall": cd.voxel_recall,
+                         "change_lesion_recall": cd.lesion_recall,
+                         "fp_change_ml": cd.false_positive_volume_mm3 / 1000.0,
+                         "truth_change_ml": truth.sum() * vox / 1000.0,
+                         "pred_change_ml": change.sum() * vox / 1000.0,
+                         "lesion_ml_t1": m1.sum() * vox / 1000.0,
+                         "lesion_ml_t2": m2.sum() * vox / 1000.0,
+                         "seconds": sec if method == "project" else np.nan})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# phantom
+
+
+@dataclass
+class SubjectImages:
+    """The pipeline's subject-space images of one session (arrays z, y, x)."""
+
+    flair: np.ndarray
+    brain: np.ndarray
+    adc: np.ndarray
+    flair_mask: np.ndarray
+    restricted_mask: np.ndarray
+    reference: sitk.Image
+
+
+def _read(out: Path, sub: str, ses: str, pattern: str) -> sitk.Image:
+    return sitk.ReadImage(str(C.pipeline_file(out, sub, ses, pattern)))
+
+
+def subject_images(out: Path, sub: str, ses: str) -> SubjectImages:
+    flair = _read(out, sub, ses, "*_space-subject_desc-preproc_FLAIR.nii.gz")
+    arr = lambda img: sitk.GetArrayFromImage(img)
+    return SubjectImages(
+        flair=arr(flair).astype(np.float32),
+        brain=arr(_read(out, sub, ses, "*_space-subject_desc-brain_mask.nii.gz")) > 0,
+        adc=arr(_read(out, sub, ses, "*_space-subject_ADC.nii.gz")).astype(np.float32),
+        flair_mask=arr(_read(out, sub, ses,
+                             "*_space-subject_label-lesion_desc-flair_mask.nii.gz")) > 0,
+        restricted_mask=arr(_read(out, sub, ses,
+                                  "*_space-subject_label-lesion_desc-restricted_mask.nii.gz")) > 0,
+        reference=flair)
+
+
+def _to_truth(mask: np.ndarray, like: sitk.Image, truth_ref: sitk.Image,
+              transform: sitk.Transform) -> np.ndarray:
+    img = sitk.GetImageFromArray(mask.astype(np.uint8))
+    img.CopyInformation(like)
+    return C.to_truth_space(img, truth_ref, transform,
+                            interpolator=sitk.sitkNearestNeighbor) > 0
+
+
+def phantom_subject(out: Path, truth: C.Truth, config: Config, baseline_z: float,
+                    resegment: bool) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-session scores and unchanged-lesion volumes of one phantom subject."""
+    s = config.segmentation
+    imgs = [subject_images(out, truth.sub, ses) for ses in truth.sessions]
+    spacing = _zyx_spacing(imgs[0].reference)
+    if resegment:
+        flair_proj = flair_project([i.flair for i in imgs], [i.brain for i in imgs],
+                                   [i.adc for i in imgs], spacing, config)
+    else:
+        flair_proj = [i.flair_mask for i in imgs]
+    truth_spacing = tuple(float(x) for x in nib.affines.voxel_sizes(truth.affine))
+    rows, mapped = [], {"project": []}
+    for k, (ses, im) in enumerate(zip(truth.sessions, imgs)):
+        tx = C.truth_to_subject(out, truth, ses)
+        ref = sitk.ReadImage(str(truth.image(ses)))
+        preds = {
+            ("flair", "project"): flair_proj[k],
+            ("flair", "baseline"): flair_baseline(im.flair, im.brain, baseline_z,
+                                                  s.min_lesion_volume_mm3, spacing),
+            ("restricted", "project"): im.restricted_mask,
+            ("restricted", "baseline"): adc_baseline(im.adc, im.brain, s.min_lesion_volume_mm3,
+                                                     spacing),
+        }
+        for (kind, method), pred in preds.items():
+            p = _to_truth(pred, im.reference, ref, tx)
+            if (kind, method) == ("flair", "project"):
+                mapped["project"].append(p)
+            rows.append({"subject": truth.sub, "preset": truth.preset, "session": ses,
+                         "day": truth.days[k], "kind": kind, "method": method,
+                         **scores(truth.masks[kind][k], p, truth_spacing)})
+    return pd.DataFrame(rows), unchanged_volumes(truth, mapped["project"])
+
+
+def unchanged_volumes(truth: C.Truth, pred: list[np.ndarray]) -> pd.DataFrame:
+    """FLAIR truth lesions whose truth volume is the same at every session they exist in
+    (at least two): the predicted volume inside the lesion's truth region (dilated by 2 voxels,
+    not touching another truth lesion) per session; spread = (max - min) / mean."""
+    from scipy import ndimage
+
+    lt = truth.tables["lesions_timeseries"]
+    lt = lt[(lt["kind"] == "flair")] if "kind" in lt else lt
+    vol_col = next(c for c in ("volume_ml", "flair_volume_ml") if c in lt)
+    rows = []
+    for lid, g in lt.groupby("lesion_id"):
+        v = g[vol_col].to_numpy(float)
+        v = v[v > 0]
+        if v.size < 2 or (v.max() - v.min()) > 1e-9:
+            continue
+        vols = []
+        for k in range(len(truth.sessions)):
+            dseg = truth.dseg["flair"][k]
+            region = dseg == lid
+            if not region.any():
+                continue
+            grown = ndimage.binary_dilation(region, iterations=2)
+            others = ndimage.binary_dilation((dseg > 0) & ~region, iterations=2)
+            vols.append(np.count_nonzero(pred[k] & grown & ~others) * truth.voxel_ml)
+        if len(vols) >= 2 and np.mean(vols) > 0:
+            rows.append({"subject": truth.sub, "lesion_id": int(lid), "truth_ml": float(v[0]),
+                         "sessions": len(vols), "min_ml": min(vols), "max_ml": max(vols),
+                         "spread_pct": (max(vols) - min(vols)) / np.mean(vols) * 100.0})
+    return pd.DataFrame(rows)
+
+
+def pooled(df: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Dice over pooled voxels, mean lesion F1 / AVD, false positives per session."""
+    out = []
+    for key, g in df.groupby(by):
+        key = key if isinstance(key, tuple) else (key,)
+        has = g[g["t_vox"] > 0]
+        out.append({**dict(zip(by, key)), "sessions": len(g),
+                    "dice_pooled": (2 * has["tp_vox"].sum() / (has["t_vox"].sum() +
+                                                                has["p_vox"].sum())
+                                    if len(has) else np.nan),
+                    "dice_mean": has["dice"].mean() if len(has) else np.nan,
+                    "f1_mean": has["f1"].mean() if len(has) else np.nan,
+                    "avd_pct_mean": has["avd_pct"].mean() if len(has) else np.nan,
+                    "hd95_mm_mean": has["hd95_mm"].mean() if len(has) else np.nan,
+                    "fp_ml_mean": g["fp_ml"].mean(), "fp_ml_max": g["fp_ml"].max()})
+    return pd.DataFrame(out)
+
+
+def phantom(args, config: Config) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    work = args.workdir.resolve()
+    bids, deriv = work / "bids", work / "out"
+    work.mkdir(parents=True, exist_ok=True)
+    info: dict = {}
+    simulate(bids, args.subjects, args.seed, args.grid, "mixed")
+    subs = C.subjects(bids)
+    if args.pipeline_out:
+        deriv = args.pipeline_out.resolve()
+    else:
+        info["pipeline seconds"] = run_pipeline(bids, deriv, work / "work", args.nprocs, subs)
+    parts, stable, failed = [], [], []
+    for sub in subs:
+        truth = C.load_truth(bids, sub)
+        try:
+            a, b = phantom_subject(deriv, truth, config, args.baseline_z, args.resegment)
+        except (FileNotFoundError, RuntimeError) as exc:
+            failed.append(f"sub-{sub}: {exc}")
+            continue
+        parts.append(a)
+        stable.append(b)
+        print(f"  sub-{sub} ({truth.preset}) scored", flush=True)
+    info["failed"] = failed
+    info["presets"] = pd.Series([C.load_truth(bids, s).preset for s in subs]).value_counts()
+    return (pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(),
+            pd.concat(stable, ignore_index=True) if stable else pd.DataFrame(), info)
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+def summary(ph: pd.DataFrame | None, st: pd.DataFrame | None,
+            mni: pd.DataFrame | None) -> pd.DataFrame:
+    rows = {}
+
+    def put(name, project, baseline):
+        rows[name] = {"target": TARGETS[name], "project": project, "baseline": baseline}
+
+    fmt = lambda x, nd=3: "n/a" if x is None or not np.isfinite(x) else f"{x:.{nd}g}"
+    if ph is not None and len(ph):
+        les = ph[ph["preset"] != "control"]
+        get = lambda kind, meth, col, sel=les: pooled(
+            sel[(sel["kind"] == kind) & (sel["method"] == meth)], ["kind"])[col].iloc[0]
+        put("phantom FLAIR Dice (pooled, lesion subjects)",
+            fmt(get("flair", "project", "dice_pooled")), fmt(get("flair", "baseline", "dice_pooled")))
+        seed_case = ph[ph["preset"] == "seed-case"]
+        if len(seed_case):
+            put("phantom restricted Dice (pooled, seed case)",
+                fmt(get("restricted", "project", "dice_pooled", seed_case)),
+                fmt(get("restricted", "baseline", "dice_pooled", seed_case)))
+        put("phantom FLAIR lesion F1 (pooled)", fmt(get("flair", "project", "f1_mean")),
+            fmt(get("flair", "baseline", "f1_mean")))
+        put("phantom FLAIR AVD", fmt(get("flair", "project", "avd_pct_mean")) + " %",
+            fmt(get("flair", "baseline", "avd_pct_mean")) + " %")
+        ctl = ph[ph["preset"] == "control"]
+        if len(ctl):
+            def fp(meth):
+                c = ctl[ctl["method"] == meth].groupby(["subject", "session"])["pred_ml"].sum()
+                return f"max {c.max():.3g} mL, mean {c.mean():.3g} mL (FLAIR + restricted)"
+            put("phantom control false positives per session", fp("project"), fp("baseline"))
+    if st is not None and len(st):
+        put("phantom unchanged lesions, volume spread over sessions",
+            f"median {st['spread_pct'].median():.3g} %, {np.mean(st['spread_pct'] <= 5) * 100:.0f} "
+            f"% of {len(st)} within 5 %", "n/a")
+    if mni is not None and len(mni):
+        proj = mni[mni["method"] == "project"].iloc[0]
+        base = mni[mni["method"] != "project"].iloc[0]
+        put("real MS FLAIR Dice", fmt(proj["dice"]), fmt(base["dice"]))
+        put("real MS FLAIR lesion F1", fmt(proj["f1"]), fmt(base["f1"]))
+    return pd.DataFrame(rows).T
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default=",".join(CASES),
+                   help=f"comma-separated subset of {', '.join(CASES)}")
+    p.add_argument("--subjects", type=int, default=20, help="phantom subjects (default 20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grid", default="small", choices=("small", "clinical"))
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/lesionlapse-bench-segmentation"))
+    p.add_argument("--nprocs", type=int, default=2)
+    p.add_argument("--pipeline-out", type=Path, default=None, metavar="DIR",
+                   help="score existing pipeline derivatives of the same phantom instead of "
+                        "running the CLI")
+    p.add_argument("--no-resegment", dest="resegment", action="store_false",
+                   help="score the pipeline's written FLAIR masks instead of segmenting the "
+                        "pipeline's subject-space FLAIR again with the current code")
+    p.add_argument("--baseline-z", type=float, default=2.0,
+                   help="FLAIR global z-score threshold of the baseline (default 2.0)")
+    p.add_argument("--out", type=Path,
+                   default=REPO / "benchmarks" / "results" / "segmentation.md")
+    args = p.parse_args(argv)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    bad = set(cases) - set(CASES)
+    if bad:
+        p.error(f"unknown case(s) {sorted(bad)}; choose from {CASES}")
+    config = load_config()
+    machine = C.machine_info()
+    timings, ph, st, mni, lon, info = {}, None, None, None, None, {}
+    pd.set_option("display.width", 250)
+    pd.set_option("display.max_columns", 30)
+    if "real-mni" in cases:
+        t0 = time.perf_counter()
+        mni = real_mni(config, args.baseline_z)
+        timings["real-mni"] = time.perf_counter() - t0
+        print(mni.drop(columns=["tp_vox", "t_vox", "p_vox"]).round(3).to_string(index=False))
+    if "real-long" in cases:
+        t0 = time.perf_counter()
+        lon = real_long(config, args.baseline_z)
+        timings["real-long"] = time.perf_counter() - t0
+        print(lon.round(3).to_string(index=False))
+    if "phantom" in cases:
+        t0 = time.perf_counter()
+        ph, st, info = phantom(args, config)
+        timings["phantom"] = time.perf_counter() - t0
+        if len(ph):
+            print(pooled(ph, ["preset", "kind", "method"]).round(3).to_string(index=False))
+    table = summary(ph, st, mni)
+    print(table.to_string())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(report(args, machine, timings, table, ph, st, mni, lon, info))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def report(args, machine, timings, table, ph, st, mni, lon, info) -> str:
+    cmd = "python benchmarks/segmentation.py " + " ".join(sys.argv[1:])
+    lines = [
+        "# Segmentation benchmark", "",
+        "Generated by `benchmarks/segmentation.py`; do not edit by hand.", "",
+        "Command:", "", "```", cmd.strip(), "```", "",
+        "Machine: " + "; ".join(f"{k} {v}" for k, v in machine.items()), "",
+        "Timings: " + "; ".join(f"{k} {v:.0f} s" for k, v in timings.items()), "",
+        (f"Baselines: FLAIR global z-score > {args.baseline_z:g} inside the brain mask; "
+        f"ADC < {ADC_BASELINE_UM2_S:g} um^2/s inside the brain mask; both drop components "
+        "below `segmentation.min_lesion_volume_mm3`."), "",
+        "## Summary", "", C.markdown(table.rename_axis("metric")), "",
+    ]
+    if mni is not None:
+        lines += ["## Real MS FLAIR (ms_flair_mni, consensus of 3 raters)", "",
+                  ("Brain = FLAIR > 0 (skull-stripped); no ADC. Lesion-wise detection: "
+                  "26-connected components, >= 1 voxel overlap."), "",
+                  C.markdown(mni.drop(columns=["tp_vox", "t_vox", "p_vox"]), index=False), ""]
+    if lon is not None:
+        lines += ["## Real MS change (ms_flair_longitudinal)", "",
+                  ("Both raw FLAIRs resampled into the common space with the reference affines; "
+                  "predicted change = lesion at exactly one of the two time points (the manual "
+                  "mask covers appearing and regressing voxels)."), "",
+                  C.markdown(lon, index=False), ""]
+    if ph is not None and len(ph):
+        presets = ", ".join(f"{k}: {v}" for k, v in info["presets"].items())
+        lines += ["## Phantom", "",
+                  f"`lesionlapse simulate --preset mixed --subjects {args.subjects} --seed "
+                  f"{args.seed} --grid {args.grid}` ({presets}); the pipeline's subject-space "
+                  "images and masks mapped into the truth space (nearest neighbour). FLAIR "
+                  + ("segmented again from the pipeline's subject-space FLAIR with the current "
+                     "code." if args.resegment else "masks as the pipeline wrote them.")
+                  + (f" Pipeline run: {info['pipeline seconds']:.0f} s."
+                     if "pipeline seconds" in info else ""), ""]
+        if info.get("failed"):
+            lines += ["Not scored: " + "; ".join(info["failed"]), ""]
+        lines += [("Pooled per preset (Dice over pooled voxels of sessions with lesions; means "
+                  "over those sessions; false positives = predicted volume outside the truth "
+                  "per session, mL):"), "",
+                  C.markdown(pooled(ph, ["preset", "kind", "method"]), index=False), "",
+                  "Per session (lesion subjects, mean over subjects):", "",
+                  C.markdown(pooled(ph, ["preset", "session", "kind", "method"]), index=False),
+                  ""]
+    if st is not None and len(st):
+        lines += ["Unchanged truth lesions (project FLAIR), volume spread over sessions:", "",
+                  C.markdown(st.describe().T[["count", "mean", "50%", "max"]]), ""]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
