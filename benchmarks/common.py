@@ -209,7 +209,8 @@ def analyse(
             connectivity=trk.connectivity, min_overlap_voxels=trk.min_overlap_voxels,
             shift_tolerance_voxels=trk.shift_tolerance_voxels,
             enlarging_relative=trk.enlarging_relative,
-            enlarging_absolute_ml=trk.enlarging_absolute_ml)
+            enlarging_absolute_ml=trk.enlarging_absolute_ml,
+            fragment_ratio=trk.fragment_ratio)
         dsegs[kind] = result.dseg
         ev = result.events.copy()
         ev.insert(1, "kind", kind)

@@ -114,6 +114,7 @@ class Tracking:
     shift_tolerance_voxels: int = _rng(0, 5)
     enlarging_relative: float = _rng(0, 10)
     enlarging_absolute_ml: float = _rng(0, 1000)
+    fragment_ratio: float = _rng(0, 1)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,14 +22,15 @@ from pipeline.core.tracking import (
 )
 
 VOXEL_ML = 0.001  # 1 mm^3 voxels
-PARAMS = dict(
-    connectivity=26,
-    min_overlap_voxels=3,
-    shift_tolerance_voxels=1,
-    enlarging_relative=0.25,
-    enlarging_absolute_ml=0.03,
-    voxel_volume_ml=VOXEL_ML,
-)
+PARAMS = {
+    "connectivity": 26,
+    "min_overlap_voxels": 3,
+    "shift_tolerance_voxels": 1,
+    "enlarging_relative": 0.25,
+    "enlarging_absolute_ml": 0.03,
+    "fragment_ratio": 0.1,
+    "voxel_volume_ml": VOXEL_ML,
+}
 SHAPE = (16, 16, 8)
 
 
@@ -296,6 +299,168 @@ def test_session_labels_and_columns_documented():
     assert set(columns.LINEAGE_COLUMNS["origin"]["Levels"]) == set(ORIGINS)
 
 
+# --- fragments ----------------------------------------------------------------------------
+
+
+def test_absorbed_fragment_is_not_a_merge():
+    big = box(blank(), (2, 7), (2, 7), (2, 6))  # 100 voxels
+    speck = blank()
+    speck[8, 4, 3] = True  # one voxel, two voxels away from big
+    grown = big.copy()
+    grown[7:9, 3:6, 2:5] = True  # big grows over the speck (+18 voxels: stable)
+    assert label_components(big | speck).max() == 2 and label_components(grown).max() == 1
+    res = track([big | speck, grown, grown.copy()])
+    assert res.n_lesions == 2  # no new id for the grown lesion
+    e = event(res, 1, 0)
+    assert (e.event, e.predecessor_ids, e.successor_ids) == ("stable", "2", "")
+    f = event(res, 2, 0)
+    assert (f.event, f.successor_ids, f.volume_to_ml) == ("merged", "1", 0.0)
+    assert (lineage(res, 2).fate, lineage(res, 2).children) == ("merged", "1")
+    assert (lineage(res, 1).origin, lineage(res, 1).fate) == ("baseline", "present")
+    assert lineage(res, 1).n_sessions == 3
+    assert (res.dseg[1][grown] == 1).all()
+    # per interval the volumes still add up to the mask volumes
+    first = res.events[res.events.from_session == 0]
+    assert first.volume_from_ml.sum() == pytest.approx((big | speck).sum() * VOXEL_ML)
+    # without the fragment rule the same masks give a merge into a new id: the test can fail
+    res0 = track([big | speck, grown, grown.copy()], fragment_ratio=0.0)
+    assert res0.n_lesions == 3 and event(res0, 1, 0).event == "merged"
+    assert lineage(res0, 3).parents == "1;2"
+
+
+def test_shed_fragment_is_a_split_piece_not_a_split():
+    lesion = box(blank(), (2, 7), (2, 7), (2, 6))
+    lesion[7:9, 4, 3] = True  # a two-voxel tail
+    later = lesion.copy()
+    later[7, 4, 3] = False  # the tail's tip is cut off: a one-voxel piece
+    assert label_components(later).max() == 2
+    res = track([lesion, later])
+    assert res.n_lesions == 2
+    e = event(res, 1, 0)
+    assert (e.event, e.successor_ids) == ("stable", "2")
+    piece = lineage(res, 2)
+    assert (piece.origin, piece.parents) == ("split", "1")
+    assert (event(res, 2, 0).event, event(res, 2, 0).predecessor_ids) == ("split", "1")
+    assert lineage(res, 1).fate == "present"
+    res0 = track([lesion, later], fragment_ratio=0.0)
+    assert lineage(res0, 1).fate == "split" and res0.n_lesions == 3
+
+
+def test_fragment_ratio_keeps_comparable_merges():
+    """Two lesions of 36 and 48 voxels (ratio 0.75) merge under any ratio up to 0.75."""
+    a = box(blank(), (2, 5), (2, 6), (2, 5))
+    b = box(blank(), (8, 12), (2, 6), (2, 5))
+    merged = a | b | box(blank(), (5, 8), (3, 5), (3, 4))
+    for ratio in (0.1, 0.7):
+        res = track([a | b, merged], fragment_ratio=ratio)
+        assert lineage(res, 3).origin == "merge" and lineage(res, 3).parents == "1;2"
+    res = track([a | b, merged], fragment_ratio=0.8)  # now a is a fragment of b
+    assert res.n_lesions == 2 and lineage(res, 2).fate == "merged"
+    with pytest.raises(ValueError, match="fragment_ratio"):
+        track([a], fragment_ratio=1.5)
+
+
+# --- unobserved sessions ------------------------------------------------------------------
+
+
+def test_unobserved_session_is_bridged():
+    m = box(blank(), (2, 6), (2, 6), (2, 5))
+    other = box(blank(), (10, 13), (10, 13), (2, 5))
+    # session 1 was not acquired: whatever its mask holds (here nothing) is not an observation
+    res = track([m, blank(), m.copy(), m.copy()], observed=[True, False, True, True])
+    assert res.n_lesions == 1
+    assert res.observed == (True, False, True, True)
+    assert list(zip(res.events.from_session, res.events.to_session)) == [(0, 2), (2, 3)]
+    assert list(res.events.event) == ["stable", "stable"]
+    assert list(res.events.from_day) == [0.0, 8.0] and list(res.events.to_day) == [8.0, 45.0]
+    assert not res.dseg[1].any()
+    row = lineage(res, 1)
+    assert (row.first_session, row.last_session, row.n_sessions) == (0, 3, 3)
+    # a placeholder mask with content is ignored as well
+    res2 = track([m, other, m.copy()], observed=[True, False, True])
+    assert res2.n_lesions == 1 and not res2.dseg[1].any()
+    # without the flag the empty session reads as "resolved, then new"
+    res0 = track([m, blank(), m.copy(), m.copy()])
+    assert "resolved" in set(res0.events.event) and res0.n_lesions == 2
+
+
+def test_unobserved_first_session_and_change_across_gap():
+    small = box(blank(), (2, 6), (2, 6), (2, 4))  # 32 voxels
+    large = box(blank(), (2, 6), (2, 6), (2, 7))  # 80 voxels
+    res = track([blank(), small, blank(), large], observed=[False, True, False, True])
+    assert lineage(res, 1).first_session == 1 and lineage(res, 1).origin == "baseline"
+    assert res.events[["from_session", "to_session", "event"]].values.tolist() == [
+        [1, 3, "enlarging"]
+    ]
+    nothing = track([blank(), blank()], observed=[False, False])
+    assert nothing.n_lesions == 0 and len(nothing.events) == 0
+    with pytest.raises(ValueError, match="observed"):
+        track([small, small], observed=[True])
+
+
+def test_tables_say_not_observed():
+    shape = (1, 1, 6)
+    dseg = [np.zeros(shape, np.int32) for _ in range(3)]
+    dseg[0][0, 0, :3] = 1
+    dseg[2][0, 0, :4] = 1
+    radc = [np.full(shape, 0.5), np.full(shape, 0.7), np.full(shape, np.nan)]
+    restricted = [dynamics.restricted_mask(r, 0.75) for r in radc]
+    common = {
+        "adc_um2_s": [r * 800 for r in radc],
+        "radc": radc,
+        "restricted": restricted,
+        "days": [0, 3, 8],
+        "sessions": ["a", "b", "c"],
+        "voxel_volume_ml": VOXEL_ML,
+        "restricted_below": 0.75,
+    }
+    # FLAIR missing at b, diffusion missing at c
+    table = dynamics.lesion_table(
+        dseg,
+        kind="flair",
+        observed=[True, False, True],
+        diffusion_observed=[True, True, False],
+        **common,
+    )
+    a, b, c = (table.iloc[i] for i in range(3))
+    assert a.observed and a.present and a.volume_ml == pytest.approx(0.003)
+    assert not b.observed and not b.present
+    assert np.isnan(b.volume_ml) and np.isnan(b.restricted_volume_ml)
+    assert b.radc_mean_initial == pytest.approx(0.7)  # the tissue is still measured
+    assert c.observed and c.volume_ml == pytest.approx(0.004)
+    for col in ("radc_mean", "restricted_volume_ml", "pseudonormalized_fraction"):
+        assert np.isnan(c[col]), col
+    # the restricted kind is unobserved wherever diffusion is
+    table = dynamics.lesion_table(
+        dseg, kind="restricted", diffusion_observed=[True, True, False], **common
+    )
+    assert table.observed.tolist() == [True, True, False]
+    assert np.isnan(table.volume_ml.iloc[2])
+    # session table: NaN (not 0) for the contrast that is missing
+    ref = dynamics.ReferenceADC(800.0, 50.0, 100)
+    kwargs = {
+        "flair_lesion": dseg[0] > 0,
+        "restricted": restricted[0],
+        "shine_through": blank()[:1, :1, :6],
+        "ever_restricted": restricted[0],
+        "adc_um2_s": radc[0] * 800,
+        "radc": radc[0],
+        "reference": ref,
+        "voxel_volume_ml": VOXEL_ML,
+        "restricted_below": 0.75,
+    }
+    full = dynamics.session_summary(**kwargs)
+    assert not any(np.isnan(v) for v in full.values())
+    no_flair = dynamics.session_summary(**kwargs, flair_observed=False)
+    assert np.isnan(no_flair["flair_volume_ml"]) and np.isnan(no_flair["radc_mean_flair"])
+    assert no_flair["restricted_volume_ml"] == full["restricted_volume_ml"]
+    no_dwi = dynamics.session_summary(**{**kwargs, "radc": radc[2]}, diffusion_observed=False)
+    assert no_dwi["flair_volume_ml"] == full["flair_volume_ml"]
+    for col in dynamics.DIFFUSION_SESSION_COLUMNS:
+        assert np.isnan(no_dwi[col]), col
+    assert set(full) == set(columns.SESSION_COLUMNS) - {"session", "day"}
+
+
 # --- per-lesion ADC analytics -------------------------------------------------------------
 
 
@@ -412,9 +577,14 @@ def mask_series(draw):
     connectivity=st.sampled_from([6, 18, 26]),
     min_overlap=st.integers(1, 3),
     tolerance=st.integers(0, 1),
+    fragment_ratio=st.sampled_from([0.0, 0.1, 0.5]),
+    seen=st.lists(st.booleans(), min_size=4, max_size=4),
 )
-def test_property_every_component_gets_one_id(masks, connectivity, min_overlap, tolerance):
+def test_property_every_component_gets_one_id(
+    masks, connectivity, min_overlap, tolerance, fragment_ratio, seen
+):
     days = [0.0, 3.0, 8.0, 45.0][: len(masks)]
+    seen = seen[: len(masks)]
     res = track_lesions(
         masks,
         days,
@@ -423,8 +593,12 @@ def test_property_every_component_gets_one_id(masks, connectivity, min_overlap, 
         shift_tolerance_voxels=tolerance,
         enlarging_relative=0.25,
         enlarging_absolute_ml=0.03,
+        fragment_ratio=fragment_ratio,
         voxel_volume_ml=VOXEL_ML,
+        observed=seen,
     )
+    masks = [m & s for m, s in zip(masks, seen)]  # unobserved masks are ignored
+    steps = [t for t in range(len(masks)) if seen[t]]
     n_ids = res.n_lesions
     assert list(res.lineage.lesion_id) == list(range(1, n_ids + 1))
     seen_at: dict[int, list[int]] = {}
@@ -436,17 +610,21 @@ def test_property_every_component_gets_one_id(masks, connectivity, min_overlap, 
         assert len(np.unique(pairs[0])) == pairs.shape[1] == len(np.unique(pairs[1]))
         for lesion in np.unique(d[mask]):
             seen_at.setdefault(int(lesion), []).append(t)
-    for lesion, sessions in seen_at.items():  # ids live over one contiguous run of sessions
-        assert sessions == list(range(sessions[0], sessions[-1] + 1))
+    for lesion, sessions in seen_at.items():  # ids live over one run of observed sessions
+        i = steps.index(sessions[0])
+        assert sessions == steps[i : i + len(sessions)]
         row = lineage(res, lesion)
         assert (row.first_session, row.last_session) == (sessions[0], sessions[-1])
+        assert row.n_sessions == len(sessions)
     ev = res.events
     assert set(ev.event) <= set(EVENTS)
     assert not ev.duplicated(["lesion_id", "from_session"]).any()
-    for t in range(len(masks) - 1):
+    assert set(ev.from_session) | set(ev.to_session) <= set(steps)
+    for t, u in itertools.pairwise(steps):
         e = ev[ev.from_session == t]
+        assert (e.to_session == u).all()
         assert e.volume_from_ml.sum() == pytest.approx(masks[t].sum() * VOXEL_ML)
-        assert e.volume_to_ml.sum() == pytest.approx(masks[t + 1].sum() * VOXEL_ML)
+        assert e.volume_to_ml.sum() == pytest.approx(masks[u].sum() * VOXEL_ML)
     radc = [np.ones(m.shape) for m in masks]
     table = dynamics.lesion_table(
         res.dseg,

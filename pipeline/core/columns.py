@@ -7,7 +7,12 @@ directly; JSON sidecars are generated from these dictionaries.
 from __future__ import annotations
 
 SESSION_COLUMNS: dict[str, dict[str, str]] = {
-    "session": {"Description": "BIDS session label (without 'ses-')"},
+    "session": {
+        "Description": (
+            "BIDS session label (without 'ses-'). Columns that need a contrast the session lacks "
+            "(FLAIR, or diffusion) are n/a: not observed, not 0"
+        ),
+    },
     "day": {"Description": "Days since the subject's first session", "Units": "day"},
     "flair_volume_ml": {"Description": "Volume of FLAIR-hyperintense white-matter lesion", "Units": "mL"},
     "restricted_volume_ml": {
@@ -46,14 +51,17 @@ LINEAGE_COLUMNS: dict[str, dict[str, object]] = {
             "baseline": "present at the first session",
             "new": "no overlapping predecessor",
             "merge": "one component formed from two or more earlier lesions (a merge always gets a new id)",
-            "split": "one of two or more pieces of earlier lesion(s)",
+            "split": "one of two or more pieces of earlier lesion(s), or a fragment split off a lesion that keeps its id",
         },
     },
     "first_session": {"Description": f"First session with this id. {_SESSION_LABEL}"},
     "first_day": {"Description": "Day of the first session with this id", "Units": "day"},
     "last_session": {"Description": f"Last session with this id. {_SESSION_LABEL}"},
     "last_day": {"Description": "Day of the last session with this id", "Units": "day"},
-    "n_sessions": {"Description": "Number of consecutive sessions with this id", "Units": "count"},
+    "n_sessions": {
+        "Description": "Number of sessions with this id (consecutive observed sessions; unobserved ones are not counted)",
+        "Units": "count",
+    },
     "parents": {"Description": "Ids this lesion came from by merge or split (';'-joined, ascending; empty otherwise)"},
     "children": {"Description": "Ids this lesion went into by merge or split (';'-joined, ascending; empty otherwise)"},
     "fate": {
@@ -61,14 +69,20 @@ LINEAGE_COLUMNS: dict[str, dict[str, object]] = {
         "Levels": {
             "present": "present at the subject's last session",
             "resolved": "no overlapping successor",
-            "merged": "merged with other lesions into a new id (see children)",
+            "merged": "merged with other lesions into a new id, or absorbed as a fragment by a lesion that keeps its id (see children)",
             "split": "split into several new ids (see children)",
         },
     },
 }
 
 EVENT_COLUMNS: dict[str, dict[str, object]] = {
-    "lesion_id": {"Description": "Persistent lesion id; one row per id per interval in which it exists at either end"},
+    "lesion_id": {
+        "Description": (
+            "Persistent lesion id; one row per id per interval in which it exists at either end. "
+            "Intervals join consecutive sessions where this kind was observed (a session without "
+            "the contrast is bridged, ids continue across it)"
+        ),
+    },
     "from_session": {"Description": f"Session at the start of the interval. {_SESSION_LABEL}"},
     "to_session": {"Description": f"Session at the end of the interval. {_SESSION_LABEL}"},
     "from_day": {"Description": "Day of from_session", "Units": "day"},
@@ -81,8 +95,14 @@ EVENT_COLUMNS: dict[str, dict[str, object]] = {
             "stable": "present at both; change within either threshold",
             "shrinking": "present at both; shrank by more than both the relative and the absolute threshold",
             "resolved": "present at from_session, no overlapping successor",
-            "merged": "part of a merge: an id ending in a merge (successor_ids) or the merged id born at to_session (predecessor_ids)",
-            "split": "part of a split: an id ending in a split (successor_ids) or a piece born at to_session (predecessor_ids)",
+            "merged": (
+                "part of a merge: an id ending in a merge (successor_ids), the merged id born at "
+                "to_session (predecessor_ids), or a fragment absorbed by a continuing id"
+            ),
+            "split": (
+                "part of a split: an id ending in a split (successor_ids), a piece born at "
+                "to_session (predecessor_ids), or a fragment split off a continuing id"
+            ),
         },
     },
     "volume_from_ml": {"Description": "Volume of this id at from_session (0 if it does not exist yet)", "Units": "mL"},
@@ -92,8 +112,18 @@ EVENT_COLUMNS: dict[str, dict[str, object]] = {
         "Description": "change_ml / volume_from_ml (n/a when the id does not exist at from_session)",
         "Units": "ratio",
     },
-    "predecessor_ids": {"Description": "For an id born by merge/split: the ids it came from (';'-joined)"},
-    "successor_ids": {"Description": "For an id ending in a merge/split: the ids it went into (';'-joined)"},
+    "predecessor_ids": {
+        "Description": (
+            "For an id born by merge/split: the ids it came from; for an id present at both "
+            "ends: the fragments it absorbed (see [tracking] fragment_ratio) (';'-joined)"
+        ),
+    },
+    "successor_ids": {
+        "Description": (
+            "For an id ending in a merge/split: the ids it went into; for an id present at both "
+            "ends: the fragments split off it (';'-joined)"
+        ),
+    },
 }
 
 LESION_COLUMNS: dict[str, dict[str, object]] = {
@@ -104,8 +134,22 @@ LESION_COLUMNS: dict[str, dict[str, object]] = {
     },
     "session": {"Description": _SESSION_LABEL},
     "day": {"Description": "Days since the subject's first session", "Units": "day"},
-    "present": {"Description": "Whether the id exists at this session (rows continue after it ends, to follow its tissue)"},
-    "volume_ml": {"Description": "Volume of the lesion at this session (0 when not present)", "Units": "mL"},
+    "observed": {
+        "Description": (
+            "Whether this kind's lesion mask was acquired at this session (FLAIR for flair, "
+            "diffusion for restricted); when false the lesion columns are n/a, not 0"
+        ),
+    },
+    "present": {
+        "Description": (
+            "Whether the id exists at this session (rows continue after it ends, to follow its "
+            "tissue); false also when the session is not observed"
+        ),
+    },
+    "volume_ml": {
+        "Description": "Volume of the lesion at this session (0 when not present, n/a when not observed)",
+        "Units": "mL",
+    },
     "adc_mean_um2_s": {"Description": "Mean ADC in the lesion", "Units": "um^2/s"},
     "adc_median_um2_s": {"Description": "Median ADC in the lesion", "Units": "um^2/s"},
     "radc_mean": {"Description": "Mean rADC (ADC / NAWM ADC) in the lesion", "Units": "ratio"},
@@ -140,7 +184,7 @@ LESION_SUMMARY_COLUMNS: dict[str, dict[str, object]] = {
     "pseudonormalization_day": {
         "Description": (
             "Day radc_mean_initial climbs back to the restriction cut-off, linearly interpolated "
-            "between sessions; the last day when censored; n/a when never below the cut-off"
+            "between sessions; when censored, the last day with an rADC measurement; n/a when never below the cut-off"
         ),
         "Units": "day",
     },

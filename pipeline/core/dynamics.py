@@ -146,15 +146,20 @@ def session_summary(
     reference: ReferenceADC,
     voxel_volume_ml: float,
     restricted_below: float,
+    flair_observed: bool = True,
+    diffusion_observed: bool = True,
 ) -> dict[str, float]:
     """One row of the per-session table (columns described in :mod:`pipeline.core.columns`).
 
     All masks are boolean arrays on the same grid as ``adc_um2_s``/``radc``;
     ``ever_restricted`` is the union of the restricted masks up to and including this session.
+    A session without FLAIR (``flair_observed`` False) has NaN in the FLAIR columns, one
+    without diffusion (``diffusion_observed`` False) NaN in every diffusion column: not
+    observed, not zero.
     """
     flair_lesion, restricted = np.asarray(flair_lesion, bool), np.asarray(restricted, bool)
     ever = np.asarray(ever_restricted, bool)
-    return {
+    row = {
         "flair_volume_ml": float(flair_lesion.sum() * voxel_volume_ml),
         "restricted_volume_ml": float(restricted.sum() * voxel_volume_ml),
         "shine_through_volume_ml": float(np.count_nonzero(shine_through) * voxel_volume_ml),
@@ -167,6 +172,26 @@ def session_summary(
         "radc_mean_ever_restricted": masked_mean(radc, ever),
         "pseudonormalized_fraction": pseudonormalized_fraction(ever, radc, restricted_below),
     }
+    unobserved = (() if flair_observed else FLAIR_SESSION_COLUMNS) + (
+        () if diffusion_observed else DIFFUSION_SESSION_COLUMNS
+    )
+    return {k: (float("nan") if k in unobserved else v) for k, v in row.items()}
+
+
+#: Session-table columns that need the FLAIR, and those that need diffusion (NaN without it).
+FLAIR_SESSION_COLUMNS = ("flair_volume_ml", "radc_mean_flair")
+DIFFUSION_SESSION_COLUMNS = (
+    "restricted_volume_ml",
+    "shine_through_volume_ml",
+    "ever_restricted_volume_ml",
+    "adc_nawm_um2_s",
+    "adc_nawm_iqr_um2_s",
+    "adc_mean_restricted_um2_s",
+    "radc_mean_restricted",
+    "radc_mean_flair",
+    "radc_mean_ever_restricted",
+    "pseudonormalized_fraction",
+)
 
 
 # --- per-lesion ADC analytics over sessions -------------------------------------------------
@@ -193,6 +218,8 @@ def lesion_table(
     sessions: list | tuple,
     voxel_volume_ml: float,
     restricted_below: float,
+    observed: list[bool] | tuple[bool, ...] | None = None,
+    diffusion_observed: list[bool] | tuple[bool, ...] | None = None,
 ) -> pd.DataFrame:
     """Per-lesion, per-session ADC table (columns: :data:`pipeline.core.columns.LESION_COLUMNS`).
 
@@ -216,6 +243,13 @@ def lesion_table(
         Volume of one voxel (mL).
     restricted_below : float
         rADC cut-off of restriction (ratio), for the pseudonormalized fraction.
+    observed : sequence of bool, optional
+        Per session, whether the lesion masks of ``kind`` were acquired (default all True).
+        At an unobserved session ``observed`` is False, ``present`` False and the columns
+        that need the lesion mask are NaN (not 0); ``radc_mean_initial`` is still measured.
+    diffusion_observed : sequence of bool, optional
+        Per session, whether diffusion was acquired (default all True); without it every ADC
+        column is NaN and the ever-restricted union is not updated.
 
     Notes
     -----
@@ -238,6 +272,15 @@ def lesion_table(
     ):
         if len(seq) != n_sessions:
             raise ValueError(f"{name} has {len(seq)} entries for {n_sessions} sessions")
+    seen = [True] * n_sessions if observed is None else [bool(o) for o in observed]
+    dwi = (
+        [True] * n_sessions if diffusion_observed is None else [bool(o) for o in diffusion_observed]
+    )
+    if len(seen) != n_sessions or len(dwi) != n_sessions:
+        raise ValueError(f"observed flags must have {n_sessions} entries")
+    if kind == "restricted":
+        seen = [a and b for a, b in zip(seen, dwi)]
+    nan = float("nan")
     dseg = [np.asarray(d) for d in dseg]
     n_ids = max((int(d.max(initial=0)) for d in dseg), default=0)
     objects = [ndimage.find_objects(d, max_label=n_ids) for d in dseg]
@@ -251,30 +294,40 @@ def lesion_table(
         initial = dseg[first][box] == lesion
         ever = np.zeros(initial.shape, bool)
         for s in range(first, n_sessions):
-            here = dseg[s][box] == lesion
+            here = (dseg[s][box] == lesion) & seen[s]
             adc_s, radc_s = adc_um2_s[s][box], radc[s][box]
-            ever |= here & np.asarray(restricted[s][box], bool)
+            restricted_here = here & np.asarray(restricted[s][box], bool) & dwi[s]
+            ever |= restricted_here
+            both = seen[s] and dwi[s]
             rows.append(
                 {
                     "lesion_id": lesion,
                     "kind": kind,
                     "session": sessions[s],
                     "day": float(days[s]),
+                    "observed": seen[s],
                     "present": bool(here.any()),
-                    "volume_ml": float(np.count_nonzero(here) * voxel_volume_ml),
-                    "adc_mean_um2_s": masked_mean(adc_s, here),
-                    "adc_median_um2_s": masked_median(adc_s, here),
-                    "radc_mean": masked_mean(radc_s, here),
-                    "radc_median": masked_median(radc_s, here),
-                    "radc_mean_initial": masked_mean(radc_s, initial),
+                    "volume_ml": float(np.count_nonzero(here) * voxel_volume_ml)
+                    if seen[s]
+                    else nan,
+                    "adc_mean_um2_s": masked_mean(adc_s, here) if dwi[s] else nan,
+                    "adc_median_um2_s": masked_median(adc_s, here) if dwi[s] else nan,
+                    "radc_mean": masked_mean(radc_s, here) if dwi[s] else nan,
+                    "radc_median": masked_median(radc_s, here) if dwi[s] else nan,
+                    "radc_mean_initial": masked_mean(radc_s, initial) if dwi[s] else nan,
                     "restricted_volume_ml": float(
-                        np.count_nonzero(here & np.asarray(restricted[s][box], bool))
-                        * voxel_volume_ml
-                    ),
-                    "ever_restricted_volume_ml": float(np.count_nonzero(ever) * voxel_volume_ml),
+                        np.count_nonzero(restricted_here) * voxel_volume_ml
+                    )
+                    if both
+                    else nan,
+                    "ever_restricted_volume_ml": float(np.count_nonzero(ever) * voxel_volume_ml)
+                    if both
+                    else nan,
                     "pseudonormalized_fraction": pseudonormalized_fraction(
                         ever, radc_s, restricted_below
-                    ),
+                    )
+                    if dwi[s]
+                    else nan,
                 }
             )
     columns = [
@@ -282,6 +335,7 @@ def lesion_table(
         "kind",
         "session",
         "day",
+        "observed",
         "present",
         "volume_ml",
         "adc_mean_um2_s",

@@ -1,8 +1,8 @@
 """Lesion tracking over sessions: persistent lesion ids, lineage and events.
 
 All arrays of one subject are on one grid (the subject space). A lesion is a connected
-component of a session's binary mask. Components of consecutive sessions are linked by
-overlap (see :func:`overlap_links`); the connected components of the bipartite link graph of
+component of a session's binary mask. Components of consecutive *observed* sessions are linked
+by overlap (see :func:`overlap_links`); the connected components of the bipartite link graph of
 one interval are the *groups* that define what happened:
 
 =========  ==========================  ===========================================
@@ -16,13 +16,27 @@ n:1        merged (n >= 2)             NEW id, origin ``merge``, parents = the n
 n:m        merged and split            m NEW ids, origin ``split``, parents = all n ids
 =========  ==========================  ===========================================
 
+Fragments: within a group, a component smaller than ``fragment_ratio`` times the largest
+component on its side of the group is a *fragment*. A group with exactly one non-fragment
+component on each side is a continuation of that lesion (it keeps its id and gets a volume
+event); the fragments stay explicit in the lineage: a fragment at t ends with event/fate
+``merged`` and the continuing id in ``children``/``successor_ids``; a fragment at t+1 is a new
+id with origin ``split`` and the continuing id as parent. The continuing id's event row lists
+those fragment ids in ``predecessor_ids``/``successor_ids``. So a large lesion that absorbs or
+sheds a one-voxel speck is not reported as merged or split.
+
+Unobserved sessions (``observed`` False: the contrast was not acquired) are bridged: their
+masks are ignored, intervals join consecutive observed sessions (no event into or out of an
+unobserved session) and lesions keep their ids across them.
+
 Conventions
 -----------
 * A merge never re-uses a parent's id: every id denotes one connected component per session
-  over one contiguous run of sessions, so a lesion's volume series never jumps because
-  another lesion joined it. The lineage table records parents and children explicitly.
+  over one contiguous run of observed sessions, so a lesion's volume series never jumps
+  because another lesion (other than a fragment) joined it. The lineage table records parents
+  and children explicitly.
 * An id that disappears is never revived: a lesion that resolves and reappears at the same
-  place (with a gap of one or more sessions) gets a new id.
+  place (with a gap of one or more observed sessions) gets a new id.
 * Ids are 1..N, assigned session by session; within a session new ids are ordered by
   decreasing volume, then by the (permutation-invariant) coordinate sums of the component,
   then by its lowest C-order flat index. Ids therefore do not depend on the memory layout of
@@ -30,18 +44,21 @@ Conventions
   geometric ties).
 * In an n:m group the ending parents get the event ``merged`` and the new pieces ``split``
   (their ``parents``/``predecessor_ids`` list all n parents).
-* The ``dseg`` arrays of the result are read-only (the result is a frozen value).
-* Events are one row per lesion id per interval in which the id exists at either end; volumes
-  are always the id's *own* volume (0 where it does not exist), so per interval the sum of
-  ``volume_from_ml`` is the mask volume at ``from_session`` and the sum of ``volume_to_ml`` is
-  the mask volume at ``to_session``. ``predecessor_ids``/``successor_ids`` name the other ids of
-  a merge or split.
+* The ``dseg`` arrays of the result are read-only (the result is a frozen value); they are all
+  zero at unobserved sessions.
+* Events are one row per lesion id per interval (between consecutive observed sessions) in
+  which the id exists at either end; volumes are always the id's *own* volume (0 where it does
+  not exist), so per interval the sum of ``volume_from_ml`` is the mask volume at
+  ``from_session`` and the sum of ``volume_to_ml`` is the mask volume at ``to_session``.
+  ``predecessor_ids``/``successor_ids`` name the other ids of a merge or split (or the
+  fragments a continuing id absorbed or shed).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -249,9 +266,7 @@ def _empty_links() -> pd.DataFrame:
     )
 
 
-def link_groups(
-    n_from: int, n_to: int, links: pd.DataFrame
-) -> list[tuple[np.ndarray, np.ndarray]]:
+def link_groups(n_from: int, n_to: int, links: pd.DataFrame) -> list[tuple[np.ndarray, np.ndarray]]:
     """Connected components of the bipartite link graph of one interval.
 
     Returns a list of ``(from_labels, to_labels)`` pairs (sorted label arrays; either may be
@@ -291,6 +306,8 @@ class TrackingResult:
         Day of every session.
     sessions : tuple
         Session labels (the indices 0..T-1 when none were given).
+    observed : tuple of bool
+        Per session, whether its mask was observed (unobserved sessions are bridged).
     """
 
     dseg: tuple[np.ndarray, ...]
@@ -299,6 +316,7 @@ class TrackingResult:
     links: pd.DataFrame
     days: tuple[float, ...]
     sessions: tuple[Any, ...]
+    observed: tuple[bool, ...]
 
     @property
     def n_lesions(self) -> int:
@@ -338,6 +356,13 @@ def _join(ids: Sequence[int] | np.ndarray) -> str:
     return ";".join(str(int(i)) for i in sorted(int(i) for i in ids))
 
 
+def _majors(labels: np.ndarray, volumes: np.ndarray, fragment_ratio: float) -> np.ndarray:
+    """The components of one side of a link group that are not fragments: volume at least
+    ``fragment_ratio`` times the largest volume among ``labels`` (1-based)."""
+    v = volumes[labels - 1]
+    return labels[v >= fragment_ratio * v.max()]
+
+
 def track_lesions(
     masks: Sequence[np.ndarray],
     days: Sequence[float],
@@ -348,7 +373,9 @@ def track_lesions(
     enlarging_relative: float,
     enlarging_absolute_ml: float,
     voxel_volume_ml: float,
+    fragment_ratio: float = 0.0,
     sessions: Sequence[Any] | None = None,
+    observed: Sequence[bool] | None = None,
 ) -> TrackingResult:
     """Persistent lesion ids, lineage and per-interval events over a subject's sessions.
 
@@ -368,8 +395,15 @@ def track_lesions(
         Absolute volume change (mL) that must also be exceeded.
     voxel_volume_ml : float
         Volume of one voxel (mL).
+    fragment_ratio : float
+        A component smaller than this fraction of the largest component on its side of a link
+        group is a fragment and does not make a merge or split (see the module docstring);
+        0 (default) treats every component as a lesion of its own.
     sessions : sequence, optional
         Session labels used in the tables; default the session indices 0..T-1.
+    observed : sequence of bool, optional
+        Per session, whether the contrast of ``masks`` was acquired; default all True. The
+        masks of unobserved sessions are ignored and those sessions bridged (module docstring).
 
     Returns
     -------
@@ -389,11 +423,20 @@ def track_lesions(
         raise ValueError("all session masks must have the same shape (one subject grid)")
     if not voxel_volume_ml > 0:
         raise ValueError("voxel_volume_ml must be positive")
+    if not 0.0 <= fragment_ratio <= 1.0:
+        raise ValueError(f"fragment_ratio must be within [0, 1], got {fragment_ratio}")
     labels_s = tuple(sessions) if sessions is not None else tuple(range(n_sessions))
     if len(labels_s) != n_sessions:
         raise ValueError(f"{n_sessions} masks but {len(labels_s)} session labels")
+    seen = [True] * n_sessions if observed is None else [bool(o) for o in observed]
+    if len(seen) != n_sessions:
+        raise ValueError(f"{n_sessions} masks but {len(seen)} observed flags")
+    steps = [t for t in range(n_sessions) if seen[t]]  # the observed sessions, in time order
 
-    labels = [label_components(m, connectivity) for m in masks]
+    labels = [
+        label_components(m, connectivity) if seen[t] else np.zeros(m.shape, np.int32)
+        for t, m in enumerate(masks)
+    ]
     counts = [int(lab.max(initial=0)) for lab in labels]
     stats = [_component_stats(lab, n) for lab, n in zip(labels, counts)]
     vols = [s[0] for s in stats]
@@ -417,51 +460,71 @@ def track_lesions(
         }
         return lesion
 
-    for lab_index in stats[0][1]:
-        ids[0][lab_index] = new_lesion(0, "baseline", [])
+    if steps:
+        for lab_index in stats[steps[0]][1]:
+            ids[steps[0]][lab_index] = new_lesion(steps[0], "baseline", [])
 
     event_rows: list[dict[str, Any]] = []
     link_frames: list[pd.DataFrame] = []
-    for t in range(n_sessions - 1):
+    for t, u in pairwise(steps):  # consecutive observed sessions
         links = overlap_links(
             labels[t],
-            labels[t + 1],
+            labels[u],
             min_overlap_voxels=min_overlap_voxels,
             shift_tolerance_voxels=shift_tolerance_voxels,
         )
         pending: dict[int, tuple[str, list[int]]] = {}  # to-label index -> (origin, parents)
         group_of_pending: list[tuple[np.ndarray, np.ndarray]] = []
-        for a, b in link_groups(counts[t], counts[t + 1], links):
+        shed: dict[int, np.ndarray] = {}  # continuing id -> fragment labels split off at u
+        absorbed: dict[int, list[int]] = {}  # continuing id -> fragment ids merged into it
+        for a, b in link_groups(counts[t], counts[u], links):
             parent_ids = [int(i) for i in ids[t][a - 1]]
-            if a.size == 1 and b.size == 1:
-                lesion = parent_ids[0]
-                ids[t + 1][b[0] - 1] = lesion
-                lineage[lesion]["last"] = t + 1
-            elif b.size == 0:
+            if b.size == 0:
                 for lesion in parent_ids:
                     lineage[lesion]["fate"] = "resolved"
-            elif a.size == 0:
+                continue
+            if a.size == 0:
                 pending[int(b[0]) - 1] = ("new", [])
-            else:
-                origin = "merge" if b.size == 1 else "split"
-                for j in b:
-                    pending[int(j) - 1] = (origin, parent_ids)
-                group_of_pending.append((a, b))
-        for lab_index in stats[t + 1][1]:  # canonical order of this session's components
+                continue
+            major_a = _majors(a, vols[t], fragment_ratio)
+            major_b = _majors(b, vols[u], fragment_ratio)
+            if major_a.size == 1 and major_b.size == 1:  # one lesion continues (with fragments)
+                lesion = int(ids[t][major_a[0] - 1])
+                ids[u][major_b[0] - 1] = lesion
+                lineage[lesion]["last"] = u
+                absorbed[lesion] = [int(i) for i in ids[t][np.setdiff1d(a, major_a) - 1]]
+                for fragment in absorbed[lesion]:
+                    lineage[fragment]["fate"] = "merged"
+                    lineage[fragment]["children"] = [lesion]
+                shed[lesion] = np.setdiff1d(b, major_b)
+                for j in shed[lesion]:
+                    pending[int(j) - 1] = ("split", [lesion])
+                continue
+            origin = "merge" if b.size == 1 else "split"
+            for j in b:
+                pending[int(j) - 1] = (origin, parent_ids)
+            group_of_pending.append((a, b))
+        for lab_index in stats[u][1]:  # canonical order of this session's components
             if int(lab_index) in pending:
                 origin, parents = pending[int(lab_index)]
-                ids[t + 1][lab_index] = new_lesion(t + 1, origin, parents)
+                ids[u][lab_index] = new_lesion(u, origin, parents)
         for a, b in group_of_pending:
-            child_ids = sorted(int(i) for i in ids[t + 1][b - 1])
+            child_ids = sorted(int(i) for i in ids[u][b - 1])
             for lesion in ids[t][a - 1]:
                 lineage[int(lesion)]["children"] = child_ids
                 lineage[int(lesion)]["fate"] = "merged" if a.size >= 2 else "split"
+        fragments = {
+            lesion: (_join(absorbed[lesion]), _join(ids[u][shed[lesion] - 1]))
+            for lesion in absorbed
+        }
         event_rows.extend(
             _interval_events(
                 t,
+                u,
                 ids,
                 vols,
                 lineage,
+                fragments,
                 days=days_arr,
                 voxel_volume_ml=voxel_volume_ml,
                 enlarging_relative=enlarging_relative,
@@ -473,9 +536,9 @@ def track_lesions(
                 pd.DataFrame(
                     {
                         "from_session": [labels_s[t]] * len(links),
-                        "to_session": [labels_s[t + 1]] * len(links),
+                        "to_session": [labels_s[u]] * len(links),
                         "from_id": ids[t][links["from_label"].to_numpy() - 1],
-                        "to_id": ids[t + 1][links["to_label"].to_numpy() - 1],
+                        "to_id": ids[u][links["to_label"].to_numpy() - 1],
                         "overlap_voxels": links["overlap_voxels"].to_numpy(),
                         "tolerant_overlap_voxels": links["tolerant_overlap_voxels"].to_numpy(),
                         "via_tolerance": links["via_tolerance"].to_numpy(),
@@ -499,7 +562,7 @@ def track_lesions(
                 "first_day": float(days_arr[rec["first"]]),
                 "last_session": labels_s[rec["last"]],
                 "last_day": float(days_arr[rec["last"]]),
-                "n_sessions": rec["last"] - rec["first"] + 1,
+                "n_sessions": sum(seen[rec["first"] : rec["last"] + 1]),
                 "parents": _join(rec["parents"]),
                 "children": _join(rec["children"]),
                 "fate": rec["fate"],
@@ -545,6 +608,7 @@ def track_lesions(
         links=links_df,
         days=tuple(float(d) for d in days_arr),
         sessions=labels_s,
+        observed=tuple(seen),
     )
 
 
@@ -566,18 +630,22 @@ _EVENT_KEYS = (
 
 def _interval_events(
     t: int,
+    u: int,
     ids: list[np.ndarray],
     vols: list[np.ndarray],
     lineage: dict[int, dict[str, Any]],
+    fragments: dict[int, tuple[str, str]],
     *,
     days: np.ndarray,
     voxel_volume_ml: float,
     enlarging_relative: float,
     enlarging_absolute_ml: float,
 ) -> list[dict[str, Any]]:
-    """Event rows of interval t -> t+1, one per id present at t or t+1, sorted by id."""
+    """Event rows of the interval between observed sessions t and u, one per id present at
+    either end, sorted by id. ``fragments`` maps a continuing id to the ';'-joined ids of the
+    fragments it absorbed and shed in this interval."""
     vol_from = {int(i): float(v) * voxel_volume_ml for i, v in zip(ids[t], vols[t])}
-    vol_to = {int(i): float(v) * voxel_volume_ml for i, v in zip(ids[t + 1], vols[t + 1])}
+    vol_to = {int(i): float(v) * voxel_volume_ml for i, v in zip(ids[u], vols[u])}
     rows = []
     for lesion in sorted(set(vol_from) | set(vol_to)):
         rec = lineage[lesion]
@@ -590,7 +658,8 @@ def _interval_events(
                 enlarging_relative=enlarging_relative,
                 enlarging_absolute_ml=enlarging_absolute_ml,
             )
-        elif lesion in vol_to:  # born at t+1
+            pred, succ = fragments.get(lesion, ("", ""))
+        elif lesion in vol_to:  # born at u
             event = {"new": "new", "merge": "merged", "split": "split"}[rec["origin"]]
             pred = _join(rec["parents"])
         else:  # ends at t
@@ -600,9 +669,9 @@ def _interval_events(
             {
                 "lesion_id": lesion,
                 "from_session": t,
-                "to_session": t + 1,
+                "to_session": u,
                 "from_day": float(days[t]),
-                "to_day": float(days[t + 1]),
+                "to_day": float(days[u]),
                 "event": event,
                 "volume_from_ml": v0,
                 "volume_to_ml": v1,

@@ -27,6 +27,8 @@ class _TrackLesionsInputSpec(BaseInterfaceInputSpec):
     radc = InputMultiObject(File(exists=True), mandatory=True)
     references = InputMultiObject(File(exists=True), mandatory=True, desc="NAWM reference JSONs")
     labels = traits.List(traits.Str, mandatory=True)
+    has_flair = traits.List(traits.Bool, desc="per session: FLAIR acquired (default all)")
+    has_dwi = traits.List(traits.Bool, desc="per session: diffusion acquired (default all)")
     days = traits.List(traits.Float, mandatory=True)
     tracking = traits.Dict(mandatory=True, desc="the [tracking] section of the configuration")
     dynamics = traits.Dict(mandatory=True, desc="the [dynamics] section of the configuration")
@@ -43,7 +45,11 @@ class _TrackLesionsOutputSpec(TraitedSpec):
 
 
 class TrackLesions(SimpleInterface):
-    """Track FLAIR and restricted lesions separately and measure ADC dynamics per session/lesion."""
+    """Track FLAIR and restricted lesions separately and measure ADC dynamics per session/lesion.
+
+    A session without FLAIR (``has_flair``) or without diffusion (``has_dwi``) is not observed
+    for that contrast: tracking bridges it and its table entries are n/a (not 0).
+    """
 
     input_spec = _TrackLesionsInputSpec
     output_spec = _TrackLesionsOutputSpec
@@ -52,31 +58,40 @@ class TrackLesions(SimpleInterface):
         ins, trk, dyn = self.inputs, self.inputs.tracking, self.inputs.dynamics
         ref_img = read(ins.flair_lesion[0])
         voxel_ml = float(np.prod(ref_img.GetSpacing())) / 1000.0
-        load = lambda files, dtype: [array(read(f)).astype(dtype) for f in files]  # noqa: E731
+        load = lambda files, dtype: [array(read(f)).astype(dtype) for f in files]
         flair, restricted = load(ins.flair_lesion, bool), load(ins.restricted, bool)
         shine, adc, radc = load(ins.shine_through, bool), load(ins.adc, np.float32), load(ins.radc, np.float32)
         refs = [ReferenceADC(**load_json(f)) for f in ins.references]
+        n = len(ins.labels)
+        has_flair = list(ins.has_flair) if ins.has_flair else [True] * n
+        has_dwi = list(ins.has_dwi) if ins.has_dwi else [True] * n
+        if len(has_flair) != n or len(has_dwi) != n:
+            raise ValueError(f"has_flair/has_dwi need {n} entries, one per session")
 
         rows, ever = [], np.zeros_like(restricted[0])
         for i, label in enumerate(ins.labels):
-            ever = ever | restricted[i]
+            if has_dwi[i]:
+                ever = ever | restricted[i]
             row = {"session": label, "day": ins.days[i]}
             row.update(dynamics.session_summary(
                 flair_lesion=flair[i], restricted=restricted[i], shine_through=shine[i],
                 ever_restricted=ever, adc_um2_s=adc[i], radc=radc[i], reference=refs[i],
                 voxel_volume_ml=voxel_ml, restricted_below=dyn["restricted_below"],
+                flair_observed=has_flair[i], diffusion_observed=has_dwi[i],
             ))
             rows.append(row)
         sessions = pd.DataFrame(rows)
 
         lesion_tables, event_tables, lineage_tables = [], [], []
-        for kind, masks in (("flair", flair), ("restricted", restricted)):
+        for kind, masks, observed in (("flair", flair, has_flair),
+                                      ("restricted", restricted, has_dwi)):
             result = tracking.track_lesions(
                 masks, ins.days, sessions=list(ins.labels), voxel_volume_ml=voxel_ml,
                 connectivity=trk["connectivity"], min_overlap_voxels=trk["min_overlap_voxels"],
                 shift_tolerance_voxels=trk["shift_tolerance_voxels"],
                 enlarging_relative=trk["enlarging_relative"],
                 enlarging_absolute_ml=trk["enlarging_absolute_ml"],
+                fragment_ratio=trk["fragment_ratio"], observed=observed,
             )
             self._results[f"{kind}_dseg"] = [
                 save(like(d.astype(np.int32), ref_img), runtime, f"{kind}_dseg_{i:02d}.nii.gz", np.int32)
@@ -85,7 +100,8 @@ class TrackLesions(SimpleInterface):
             lesion_tables.append(dynamics.lesion_table(
                 result.dseg, kind=kind, adc_um2_s=adc, radc=radc, restricted=restricted,
                 days=ins.days, sessions=list(ins.labels), voxel_volume_ml=voxel_ml,
-                restricted_below=dyn["restricted_below"],
+                restricted_below=dyn["restricted_below"], observed=observed,
+                diffusion_observed=has_dwi,
             ))
             event_tables.append(result.events.assign(kind=kind))
             lineage_tables.append(result.lineage.assign(kind=kind))

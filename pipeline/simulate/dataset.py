@@ -307,7 +307,7 @@ def _simulate_subject(
             shift_tolerance_voxels=trk.shift_tolerance_voxels,
             enlarging_relative=trk.enlarging_relative,
             enlarging_absolute_ml=trk.enlarging_absolute_ml,
-            voxel_volume_ml=vox_ml, sessions=sessions)
+            fragment_ratio=trk.fragment_ratio, voxel_volume_ml=vox_ml, sessions=sessions)
         ev = result.events.copy()
         ev.insert(1, "kind", kind)
         event_tables.append(ev)

@@ -206,7 +206,7 @@ def init_subject_wf(
 
     track = pe.Node(
         TrackLesions(tracking=cfg["tracking"], dynamics=cfg["dynamics"], labels=labels,
-                     days=days),
+                     days=days, has_flair=has_flair, has_dwi=has_dwi),
         name="track", mem_gb=2.0,
     )
     workflow.connect([
