@@ -191,16 +191,18 @@ def analyse(
     trk, dyn = config.tracking, config.dynamics
     refs = reference_um2_s or [1.0] * len(sessions)
     adc = [r * np.float32(ref) for r, ref in zip(radc, refs)]
+    shine = [np.zeros(r.shape, bool) for r in radc]
     rows, ever = [], np.zeros(radc[0].shape, bool)
     for i, (ses, day) in enumerate(zip(sessions, days)):
         ever |= masks["restricted"][i]
         row = {"session": ses, "day": day}
         row.update(dynamics.session_summary(
             flair_lesion=masks["flair"][i], restricted=masks["restricted"][i],
-            shine_through=np.zeros(radc[i].shape, bool), ever_restricted=ever,
+            shine_through=shine[i], ever_restricted=ever,
             adc_um2_s=adc[i], radc=radc[i],
             reference=dynamics.ReferenceADC(float(refs[i]), float("nan"), 0),
-            voxel_volume_ml=voxel_ml, restricted_below=dyn.restricted_below))
+            voxel_volume_ml=voxel_ml, restricted_below=dyn.restricted_below,
+            elevated_above=dyn.elevated_above))
         rows.append(row)
     events, lesions, dsegs = [], [], {}
     for kind in KINDS:
@@ -217,8 +219,8 @@ def analyse(
         events.append(ev)
         lesions.append(dynamics.lesion_table(
             result.dseg, kind=kind, adc_um2_s=adc, radc=radc, restricted=masks["restricted"],
-            days=days, sessions=sessions, voxel_volume_ml=voxel_ml,
-            restricted_below=dyn.restricted_below))
+            shine_through=shine, days=days, sessions=sessions, voxel_volume_ml=voxel_ml,
+            restricted_below=dyn.restricted_below, elevated_above=dyn.elevated_above))
     lesion_df = pd.concat(lesions, ignore_index=True)
     return Analysis(
         sessions=pd.DataFrame(rows),

@@ -409,10 +409,12 @@ def test_tables_say_not_observed():
         "adc_um2_s": [r * 800 for r in radc],
         "radc": radc,
         "restricted": restricted,
+        "shine_through": [np.zeros(shape, bool)] * 3,
         "days": [0, 3, 8],
         "sessions": ["a", "b", "c"],
         "voxel_volume_ml": VOXEL_ML,
         "restricted_below": 0.75,
+        "elevated_above": 1.15,
     }
     # FLAIR missing at b, diffusion missing at c
     table = dynamics.lesion_table(
@@ -428,7 +430,14 @@ def test_tables_say_not_observed():
     assert np.isnan(b.volume_ml) and np.isnan(b.restricted_volume_ml)
     assert b.radc_mean_initial == pytest.approx(0.7)  # the tissue is still measured
     assert c.observed and c.volume_ml == pytest.approx(0.004)
-    for col in ("radc_mean", "restricted_volume_ml", "pseudonormalized_fraction"):
+    for col in (
+        "radc_mean",
+        "restricted_volume_ml",
+        "pseudonormalized_fraction",
+        "shine_through_volume_ml",
+        "pseudonormal_volume_ml",
+        "elevated_volume_ml",
+    ):
         assert np.isnan(c[col]), col
     # the restricted kind is unobserved wherever diffusion is
     table = dynamics.lesion_table(
@@ -448,6 +457,7 @@ def test_tables_say_not_observed():
         "reference": ref,
         "voxel_volume_ml": VOXEL_ML,
         "restricted_below": 0.75,
+        "elevated_above": 1.15,
     }
     full = dynamics.session_summary(**kwargs)
     assert not any(np.isnan(v) for v in full.values())
@@ -482,16 +492,20 @@ def _toy_adc_case():
 
 def test_lesion_table_exact_toy_values():
     dseg, radc, restricted, adc = _toy_adc_case()
+    shine = [np.zeros(radc[0].shape, bool) for _ in radc]
+    shine[0][0, 0, [3, 6]] = True  # one voxel inside the lesion, one outside
     table = dynamics.lesion_table(
         dseg,
         kind="flair",
         adc_um2_s=adc,
         radc=radc,
         restricted=restricted,
+        shine_through=shine,
         days=[0, 3, 8],
         sessions=["a", "b", "c"],
         voxel_volume_ml=VOXEL_ML,
         restricted_below=0.75,
+        elevated_above=0.85,
     )
     assert list(table.columns) == list(columns.LESION_COLUMNS)
     assert len(table) == 3
@@ -501,6 +515,8 @@ def test_lesion_table_exact_toy_values():
     assert s0.radc_median == pytest.approx(0.65)
     assert s0.restricted_volume_ml == pytest.approx(0.003)
     assert s0.pseudonormalized_fraction == pytest.approx(0.0)
+    assert s0.shine_through_volume_ml == pytest.approx(0.001)
+    assert s0.pseudonormal_volume_ml == 0 and s0.elevated_volume_ml == 0
     # session 1: lesion {1..5}; initial tissue {0..3}; ever restricted {0,1,2} | {1,2,4,5}
     assert s1.present and s1.volume_ml == pytest.approx(0.005)
     assert s1.radc_mean == pytest.approx(3.44 / 5)
@@ -508,12 +524,42 @@ def test_lesion_table_exact_toy_values():
     assert s1.restricted_volume_ml == pytest.approx(0.004)
     assert s1.ever_restricted_volume_ml == pytest.approx(0.005)
     assert s1.pseudonormalized_fraction == pytest.approx(1 / 5)
+    assert s1.pseudonormal_volume_ml == pytest.approx(0.001)  # voxel 0 at 0.8
+    assert s1.elevated_volume_ml == 0 and s1.shine_through_volume_ml == 0
     # session 2: the lesion is gone but its tissue is still followed
     assert not s2.present and s2.volume_ml == 0 and np.isnan(s2.radc_mean)
     assert s2.radc_mean_initial == pytest.approx(0.9)
     assert s2.ever_restricted_volume_ml == pytest.approx(0.005)
     assert s2.pseudonormalized_fraction == pytest.approx(4 / 5)
+    assert s2.pseudonormal_volume_ml == 0  # voxels 0, 1, 2, 5 at 0.9 > 0.85: elevated
+    assert s2.elevated_volume_ml == pytest.approx(0.004)
     assert s2.session == "c" and s2.day == 8
+
+
+def test_session_summary_exact_toy_values():
+    dseg, radc, restricted, adc = _toy_adc_case()
+    row = dynamics.session_summary(
+        flair_lesion=dseg[1] > 0,
+        restricted=restricted[1],
+        shine_through=np.zeros(radc[1].shape, bool),
+        ever_restricted=restricted[0] | restricted[1],
+        adc_um2_s=adc[1],
+        radc=radc[1],
+        reference=dynamics.ReferenceADC(800.0, 40.0, 10),
+        voxel_volume_ml=VOXEL_ML,
+        restricted_below=0.75,
+        elevated_above=0.85,
+    )
+    assert row["radc_median_flair"] == pytest.approx(0.7)  # 0.6 0.74 0.9 0.5 0.7
+    assert row["radc_median_restricted"] == pytest.approx(0.65)  # 0.6 0.74 0.5 0.7
+    assert row["adc_median_restricted_um2_s"] == pytest.approx(520.0)
+    assert row["ever_restricted_volume_ml"] == pytest.approx(0.005)  # voxels 0 1 2 4 5
+    assert row["pseudonormal_volume_ml"] == pytest.approx(0.001)  # voxel 0 at 0.8
+    assert row["elevated_volume_ml"] == 0
+    assert row["pseudonormalized_fraction"] == pytest.approx(
+        (row["pseudonormal_volume_ml"] + row["elevated_volume_ml"])
+        / row["ever_restricted_volume_ml"]
+    )
 
 
 def _summary_for(values, days=(3, 8, 45)):
@@ -529,10 +575,12 @@ def _summary_for(values, days=(3, 8, 45)):
         adc_um2_s=[r * 800 for r in radc],
         radc=radc,
         restricted=restricted,
+        shine_through=[np.zeros(shape, bool) for _ in values],
         days=list(days),
         sessions=[str(d) for d in days],
         voxel_volume_ml=VOXEL_ML,
         restricted_below=0.75,
+        elevated_above=1.15,
     )
     summary = dynamics.lesion_summary(table, cutoff=0.75)
     assert list(summary.columns) == list(columns.LESION_SUMMARY_COLUMNS)
@@ -632,10 +680,12 @@ def test_property_every_component_gets_one_id(
         adc_um2_s=[r * 800 for r in radc],
         radc=radc,
         restricted=list(masks),
+        shine_through=list(masks),
         days=days,
         sessions=list(range(len(masks))),
         voxel_volume_ml=VOXEL_ML,
         restricted_below=0.75,
+        elevated_above=1.15,
     )
     per_session = table.groupby("session").volume_ml.sum()
     for t, mask in enumerate(masks):

@@ -21,13 +21,14 @@ import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed
-from benchmarks import common  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.simulate import simulate_dataset  # noqa: E402
+from benchmarks import common
+from pipeline.config import load_config
+from pipeline.simulate import simulate_dataset
 
 CONFIG = load_config()
 HALF_QUANTUM = 0.0005 + 1e-6  # rADC stored to 1e-3 (plus float32 rounding)
-RADC_COLUMNS = ["radc_mean_restricted", "radc_mean_flair", "radc_mean_ever_restricted"]
+RADC_COLUMNS = ["radc_mean_restricted", "radc_mean_flair", "radc_mean_ever_restricted",
+                "radc_median_restricted", "radc_median_flair"]
 VOLUME_COLUMNS = ["flair_volume_ml", "restricted_volume_ml", "ever_restricted_volume_ml"]
 
 
@@ -155,7 +156,7 @@ def test_designed_lesions_do_not_touch(ms_like):
 
 def test_designed_events_fail_on_wrong_tracking(ms_like):
     """The check can fail: without 26-connectivity the merge bridge is lost or events change."""
-    truth, good = ms_like
+    truth, _good = ms_like
     masks = {k: [m.copy() for m in v] for k, v in truth.masks.items()}
     # erase the designed new lesion at its first session: the comparison must notice
     regions = common.design_regions(truth.sim, truth.affine, truth.radc[0].shape)

@@ -30,12 +30,26 @@ SESSION_COLUMNS: dict[str, dict[str, str]] = {
     "adc_nawm_um2_s": {"Description": "Median ADC of normal-appearing white matter (reference)", "Units": "um^2/s"},
     "adc_nawm_iqr_um2_s": {"Description": "Interquartile range of NAWM ADC", "Units": "um^2/s"},
     "adc_mean_restricted_um2_s": {"Description": "Mean ADC in the restricted-diffusion mask", "Units": "um^2/s"},
+    "adc_median_restricted_um2_s": {"Description": "Median ADC in the restricted-diffusion mask", "Units": "um^2/s"},
     "radc_mean_restricted": {"Description": "Mean rADC (ADC / NAWM ADC) in the restricted-diffusion mask", "Units": "ratio"},
+    "radc_median_restricted": {"Description": "Median rADC in the restricted-diffusion mask", "Units": "ratio"},
     "radc_mean_flair": {"Description": "Mean rADC in the FLAIR lesion mask", "Units": "ratio"},
+    "radc_median_flair": {"Description": "Median rADC in the FLAIR lesion mask", "Units": "ratio"},
     "radc_mean_ever_restricted": {"Description": "Mean rADC over voxels restricted at this or any earlier session", "Units": "ratio"},
     "pseudonormalized_fraction": {
         "Description": "Fraction of ever-restricted voxels whose rADC is no longer below the restriction cut-off",
         "Units": "ratio",
+    },
+    "pseudonormal_volume_ml": {
+        "Description": (
+            "Volume of ever-restricted voxels whose rADC is now pseudonormal (between "
+            "[dynamics] restricted_below and elevated_above)"
+        ),
+        "Units": "mL",
+    },
+    "elevated_volume_ml": {
+        "Description": "Volume of ever-restricted voxels whose rADC is now elevated (above [dynamics] elevated_above)",
+        "Units": "mL",
     },
 }
 
@@ -162,6 +176,7 @@ LESION_COLUMNS: dict[str, dict[str, object]] = {
         "Units": "ratio",
     },
     "restricted_volume_ml": {"Description": "Volume of restricted-diffusion voxels inside the lesion", "Units": "mL"},
+    "shine_through_volume_ml": {"Description": "Volume of T2 shine-through voxels inside the lesion", "Units": "mL"},
     "ever_restricted_volume_ml": {
         "Description": "Volume of voxels that were restricted inside this lesion at this or any earlier session",
         "Units": "mL",
@@ -169,6 +184,14 @@ LESION_COLUMNS: dict[str, dict[str, object]] = {
     "pseudonormalized_fraction": {
         "Description": "Fraction of the lesion's ever-restricted voxels whose rADC is no longer below the restriction cut-off",
         "Units": "ratio",
+    },
+    "pseudonormal_volume_ml": {
+        "Description": "Volume of the lesion's ever-restricted voxels whose rADC is now pseudonormal",
+        "Units": "mL",
+    },
+    "elevated_volume_ml": {
+        "Description": "Volume of the lesion's ever-restricted voxels whose rADC is now elevated",
+        "Units": "mL",
     },
 }
 

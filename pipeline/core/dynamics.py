@@ -97,6 +97,25 @@ def pseudonormalized_fraction(
     return float(np.count_nonzero(np.isfinite(values) & (values >= restricted_below)) / n)
 
 
+def recovered_volumes_ml(
+    ever_restricted: np.ndarray,
+    radc_now: np.ndarray,
+    *,
+    restricted_below: float,
+    elevated_above: float,
+    voxel_volume_ml: float,
+) -> tuple[float, float]:
+    """Volumes (mL) of the ever-restricted voxels whose rADC class (:func:`classify_radc`) is
+    now pseudonormal and elevated; together they are the pseudonormalized fraction's numerator."""
+    classes = classify_radc(
+        radc_now[np.asarray(ever_restricted, bool)], restricted_below, elevated_above
+    )
+    return (
+        float(np.count_nonzero(classes == PSEUDONORMAL) * voxel_volume_ml),
+        float(np.count_nonzero(classes == ELEVATED) * voxel_volume_ml),
+    )
+
+
 def masked_mean(values: np.ndarray, mask: np.ndarray) -> float:
     """Mean of finite values in mask; NaN for an empty mask."""
     v = values[np.asarray(mask, bool)]
@@ -146,6 +165,7 @@ def session_summary(
     reference: ReferenceADC,
     voxel_volume_ml: float,
     restricted_below: float,
+    elevated_above: float,
     flair_observed: bool = True,
     diffusion_observed: bool = True,
 ) -> dict[str, float]:
@@ -159,6 +179,13 @@ def session_summary(
     """
     flair_lesion, restricted = np.asarray(flair_lesion, bool), np.asarray(restricted, bool)
     ever = np.asarray(ever_restricted, bool)
+    pseudonormal_ml, elevated_ml = recovered_volumes_ml(
+        ever,
+        radc,
+        restricted_below=restricted_below,
+        elevated_above=elevated_above,
+        voxel_volume_ml=voxel_volume_ml,
+    )
     row = {
         "flair_volume_ml": float(flair_lesion.sum() * voxel_volume_ml),
         "restricted_volume_ml": float(restricted.sum() * voxel_volume_ml),
@@ -167,10 +194,15 @@ def session_summary(
         "adc_nawm_um2_s": reference.median_um2_s,
         "adc_nawm_iqr_um2_s": reference.iqr_um2_s,
         "adc_mean_restricted_um2_s": masked_mean(adc_um2_s, restricted),
+        "adc_median_restricted_um2_s": masked_median(adc_um2_s, restricted),
         "radc_mean_restricted": masked_mean(radc, restricted),
+        "radc_median_restricted": masked_median(radc, restricted),
         "radc_mean_flair": masked_mean(radc, flair_lesion),
+        "radc_median_flair": masked_median(radc, flair_lesion),
         "radc_mean_ever_restricted": masked_mean(radc, ever),
         "pseudonormalized_fraction": pseudonormalized_fraction(ever, radc, restricted_below),
+        "pseudonormal_volume_ml": pseudonormal_ml,
+        "elevated_volume_ml": elevated_ml,
     }
     unobserved = (() if flair_observed else FLAIR_SESSION_COLUMNS) + (
         () if diffusion_observed else DIFFUSION_SESSION_COLUMNS
@@ -179,7 +211,7 @@ def session_summary(
 
 
 #: Session-table columns that need the FLAIR, and those that need diffusion (NaN without it).
-FLAIR_SESSION_COLUMNS = ("flair_volume_ml", "radc_mean_flair")
+FLAIR_SESSION_COLUMNS = ("flair_volume_ml", "radc_mean_flair", "radc_median_flair")
 DIFFUSION_SESSION_COLUMNS = (
     "restricted_volume_ml",
     "shine_through_volume_ml",
@@ -187,10 +219,15 @@ DIFFUSION_SESSION_COLUMNS = (
     "adc_nawm_um2_s",
     "adc_nawm_iqr_um2_s",
     "adc_mean_restricted_um2_s",
+    "adc_median_restricted_um2_s",
     "radc_mean_restricted",
+    "radc_median_restricted",
     "radc_mean_flair",
+    "radc_median_flair",
     "radc_mean_ever_restricted",
     "pseudonormalized_fraction",
+    "pseudonormal_volume_ml",
+    "elevated_volume_ml",
 )
 
 
@@ -214,10 +251,12 @@ def lesion_table(
     adc_um2_s: list[np.ndarray] | tuple[np.ndarray, ...],
     radc: list[np.ndarray] | tuple[np.ndarray, ...],
     restricted: list[np.ndarray] | tuple[np.ndarray, ...],
+    shine_through: list[np.ndarray] | tuple[np.ndarray, ...],
     days: list[float] | tuple[float, ...] | np.ndarray,
     sessions: list | tuple,
     voxel_volume_ml: float,
     restricted_below: float,
+    elevated_above: float,
     observed: list[bool] | tuple[bool, ...] | None = None,
     diffusion_observed: list[bool] | tuple[bool, ...] | None = None,
 ) -> pd.DataFrame:
@@ -235,14 +274,14 @@ def lesion_table(
         Which lesion masks were tracked; copied into the table.
     adc_um2_s, radc : sequence of float ndarray
         Per session, ADC (um^2/s) and rADC (ratio to NAWM ADC) on the same grid.
-    restricted : sequence of bool ndarray
-        Per session, the restricted-diffusion mask.
+    restricted, shine_through : sequence of bool ndarray
+        Per session, the restricted-diffusion and T2 shine-through masks.
     days, sessions : sequence
         Day and label of every session.
     voxel_volume_ml : float
         Volume of one voxel (mL).
-    restricted_below : float
-        rADC cut-off of restriction (ratio), for the pseudonormalized fraction.
+    restricted_below, elevated_above : float
+        rADC cut-offs (ratio) of the voxel classes (:func:`classify_radc`).
     observed : sequence of bool, optional
         Per session, whether the lesion masks of ``kind`` were acquired (default all True).
         At an unobserved session ``observed`` is False, ``present`` False and the columns
@@ -267,6 +306,7 @@ def lesion_table(
         ("adc_um2_s", adc_um2_s),
         ("radc", radc),
         ("restricted", restricted),
+        ("shine_through", shine_through),
         ("days", days),
         ("sessions", sessions),
     ):
@@ -299,6 +339,13 @@ def lesion_table(
             restricted_here = here & np.asarray(restricted[s][box], bool) & dwi[s]
             ever |= restricted_here
             both = seen[s] and dwi[s]
+            recovered = recovered_volumes_ml(
+                ever,
+                radc_s,
+                restricted_below=restricted_below,
+                elevated_above=elevated_above,
+                voxel_volume_ml=voxel_volume_ml,
+            )
             rows.append(
                 {
                     "lesion_id": lesion,
@@ -320,6 +367,12 @@ def lesion_table(
                     )
                     if both
                     else nan,
+                    "shine_through_volume_ml": float(
+                        np.count_nonzero(here & np.asarray(shine_through[s][box], bool))
+                        * voxel_volume_ml
+                    )
+                    if both
+                    else nan,
                     "ever_restricted_volume_ml": float(np.count_nonzero(ever) * voxel_volume_ml)
                     if both
                     else nan,
@@ -328,6 +381,8 @@ def lesion_table(
                     )
                     if dwi[s]
                     else nan,
+                    "pseudonormal_volume_ml": recovered[0] if dwi[s] else nan,
+                    "elevated_volume_ml": recovered[1] if dwi[s] else nan,
                 }
             )
     columns = [
@@ -344,8 +399,11 @@ def lesion_table(
         "radc_median",
         "radc_mean_initial",
         "restricted_volume_ml",
+        "shine_through_volume_ml",
         "ever_restricted_volume_ml",
         "pseudonormalized_fraction",
+        "pseudonormal_volume_ml",
+        "elevated_volume_ml",
     ]
     return pd.DataFrame(rows, columns=columns)
 

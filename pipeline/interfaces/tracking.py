@@ -77,7 +77,7 @@ class TrackLesions(SimpleInterface):
                 flair_lesion=flair[i], restricted=restricted[i], shine_through=shine[i],
                 ever_restricted=ever, adc_um2_s=adc[i], radc=radc[i], reference=refs[i],
                 voxel_volume_ml=voxel_ml, restricted_below=dyn["restricted_below"],
-                flair_observed=has_flair[i], diffusion_observed=has_dwi[i],
+                elevated_above=dyn["elevated_above"], flair_observed=has_flair[i], diffusion_observed=has_dwi[i],
             ))
             rows.append(row)
         sessions = pd.DataFrame(rows)
@@ -99,8 +99,9 @@ class TrackLesions(SimpleInterface):
             ]
             lesion_tables.append(dynamics.lesion_table(
                 result.dseg, kind=kind, adc_um2_s=adc, radc=radc, restricted=restricted,
-                days=ins.days, sessions=list(ins.labels), voxel_volume_ml=voxel_ml,
-                restricted_below=dyn["restricted_below"], observed=observed,
+                shine_through=shine, days=ins.days, sessions=list(ins.labels),
+                voxel_volume_ml=voxel_ml, restricted_below=dyn["restricted_below"],
+                elevated_above=dyn["elevated_above"], observed=observed,
                 diffusion_observed=has_dwi,
             ))
             event_tables.append(result.events.assign(kind=kind))

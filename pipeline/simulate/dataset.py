@@ -218,6 +218,7 @@ def _simulate_subject(
     truth_root = out / "derivatives" / "truth" / f"sub-{sub}"
 
     flair_masks, restricted_masks, adcs, radcs, poses_meta, rows = [], [], [], [], [], []
+    shine_masks: list[np.ndarray] = []
     poses = []
     ever = np.zeros(anatomy.shape, bool)
     for k, (ses, day) in enumerate(zip(sessions, days)):
@@ -236,10 +237,12 @@ def _simulate_subject(
         row.update(dynamics.session_summary(
             flair_lesion=flair_mask, restricted=restricted, shine_through=shine,
             ever_restricted=ever, adc_um2_s=truth.adc_um2_s, radc=radc, reference=ref,
-            voxel_volume_ml=vox_ml, restricted_below=dyn.restricted_below))
+            voxel_volume_ml=vox_ml, restricted_below=dyn.restricted_below,
+            elevated_above=dyn.elevated_above))
         rows.append(row)
         flair_masks.append(flair_mask)
         restricted_masks.append(restricted)
+        shine_masks.append(shine)
         adcs.append(truth.adc_um2_s)
         radcs.append(radc)
 
@@ -313,8 +316,8 @@ def _simulate_subject(
         event_tables.append(ev)
         lesion_tables.append(dynamics.lesion_table(
             result.dseg, kind=kind, adc_um2_s=adcs, radc=radcs, restricted=restricted_masks,
-            days=days, sessions=sessions, voxel_volume_ml=vox_ml,
-            restricted_below=dyn.restricted_below))
+            shine_through=shine_masks, days=days, sessions=sessions, voxel_volume_ml=vox_ml,
+            restricted_below=dyn.restricted_below, elevated_above=dyn.elevated_above))
         folder = "anat" if kind == "flair" else "dwi"
         for k, ses in enumerate(sessions):
             prefix = f"sub-{sub}_ses-{ses}"
