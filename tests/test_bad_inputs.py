@@ -645,5 +645,5 @@ def test_partial_sessions_end_to_end(tmp_path):
                         na_values="n/a")
     assert len(table) == 3
     assert np.isnan(table["adc_nawm_um2_s"].iloc[2])  # FLAIR-only: no ADC reference
-    assert table["flair_volume_ml"].iloc[1] == 0  # DWI-only: no FLAIR lesion
+    assert np.isnan(table["flair_volume_ml"].iloc[1])  # DWI-only: FLAIR not observed (n/a, not 0)
     assert table["flair_volume_ml"].iloc[[0, 2]].gt(0).all()
