@@ -20,6 +20,9 @@ import numpy as np
 import SimpleITK as sitk
 
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+#: gzip level of .nii.gz files written (nibabel's default; level 6 is about 3x slower for a few
+#: per cent smaller files).
+GZIP_LEVEL = 1
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -102,7 +105,8 @@ def write_image(img: sitk.Image, path: Path, dtype: np.dtype | type | None = Non
     """Write a 3D SimpleITK image as NIfTI (atomically), optionally cast to ``dtype``."""
     nimg = sitk_to_nib(img)
     if dtype is not None:
-        nimg = nib.Nifti1Image(np.asarray(nimg.dataobj).astype(dtype), nimg.affine, nimg.header)
+        data = np.asarray(nimg.dataobj).astype(dtype, copy=False)
+        nimg = nib.Nifti1Image(data, nimg.affine, nimg.header)
         nimg.set_data_dtype(dtype)
     with atomic_path(Path(path)) as tmp:
         nib.save(nimg, str(tmp))

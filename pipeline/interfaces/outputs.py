@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ from pipeline.bids import derivative_name
 from pipeline.core import columns
 from pipeline.core import registration as core_reg
 from pipeline.interfaces.base import array, like, read, save
-from pipeline.io import atomic_path, write_image
+from pipeline.io import GZIP_LEVEL, atomic_path, write_image
 
 
 class _NativeMasksInputSpec(BaseInterfaceInputSpec):
@@ -80,6 +82,7 @@ class _WriteDerivativesInputSpec(BaseInterfaceInputSpec):
     days = traits.List(traits.Float, mandatory=True)
     day_source = traits.Str("sessions.tsv", usedefault=True)
     config = traits.Dict(mandatory=True)
+    n_threads = traits.Int(1, usedefault=True, desc="threads compressing the images")
     flair = _files("FLAIR, subject space")
     trace = _files("trace DWI, subject space")
     adc = _files("ADC (um^2/s), subject space")
@@ -134,6 +137,7 @@ class WriteDerivatives(SimpleInterface):
             shutil.rmtree(root)
         sub = ins.subject
         subj_dir = root / f"sub-{sub}"
+        copies: list[tuple[str, Path]] = []  # (work-dir file, derivative), run in threads below
         space_ref = f"sub-{sub}/anat/" + derivative_name(sub, None, "mask", space="subject", desc="brain")
         union = None
         for i, ses in enumerate(ins.labels):
@@ -151,7 +155,7 @@ class WriteDerivatives(SimpleInterface):
             def put(src, datatype, suffix, meta, *, space="subject", label=None, desc=None, ext=".nii.gz"):
                 name = derivative_name(sub, ses, suffix, space=space, label=label, desc=desc, ext=ext)
                 dst = subj_dir / f"ses-{ses}" / datatype / name
-                _copy(src, dst)
+                copies.append((src, dst))
                 if ext.startswith(".nii"):
                     _sidecar(dst, {**(common if space else {}), **day, **meta})
                 return dst
@@ -191,10 +195,13 @@ class WriteDerivatives(SimpleInterface):
                 {"Type": "Lesion", "Description": "Restricted diffusion on the native DWI grid"},
                 space=None, label="lesion", desc="restricted")
             xfm_dir = subj_dir / f"ses-{ses}" / "anat"
-            _copy(ins.subject_xfms[i], xfm_dir / derivative_name(
-                sub, ses, "xfm", extra={"from": "FLAIR", "to": "subject", "mode": "image"}, ext=".txt"))
-            _copy(ins.dwi_to_flair[i], subj_dir / f"ses-{ses}" / "dwi" / derivative_name(
-                sub, ses, "xfm", extra={"from": "DWI", "to": "FLAIR", "mode": "image"}, ext=".txt"))
+            copies.append((ins.subject_xfms[i], xfm_dir / derivative_name(
+                sub, ses, "xfm", extra={"from": "FLAIR", "to": "subject", "mode": "image"}, ext=".txt")))
+            copies.append((ins.dwi_to_flair[i], subj_dir / f"ses-{ses}" / "dwi" / derivative_name(
+                sub, ses, "xfm", extra={"from": "DWI", "to": "FLAIR", "mode": "image"}, ext=".txt")))
+        # gzip releases the GIL: the images are compressed in parallel
+        with ThreadPoolExecutor(max(1, ins.n_threads)) as pool:
+            list(pool.map(lambda job: _copy(*job), copies))
 
         for field, (name, cols) in _TABLES.items():
             dst = subj_dir / f"sub-{sub}_{name}"
@@ -239,8 +246,14 @@ def _b_value(report: str) -> float:
 
 
 def _copy(src: str, dst: Path) -> None:
+    """Copy a work-dir file to its derivative name, gzip-compressing a ``.nii`` into a
+    ``.nii.gz`` (work-dir images are uncompressed, see :func:`pipeline.interfaces.base.save`)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
+    if dst.name.endswith(".nii.gz") and not str(src).endswith(".gz"):
+        with open(src, "rb") as fin, gzip.open(dst, "wb", compresslevel=GZIP_LEVEL) as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+    else:
+        shutil.copyfile(src, dst)
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -227,8 +227,8 @@ def init_subject_wf(
 
     sink = pe.Node(
         WriteDerivatives(out_dir=str(staging_dir), subject=subject.subject, labels=labels,
-                         days=days, config=cfg,
-                         day_source=subject.day_source),
+                         days=days, config=cfg, day_source=subject.day_source,
+                         n_threads=config.resources.nprocs),
         name="write_derivatives", run_without_submitting=True, overwrite=True,
     )
     workflow.connect([
