@@ -69,13 +69,14 @@ class SessionFiles:
     day: float
     paths: dict[str, Path | None] = field(default_factory=dict)
 
-    def load(self, key: str) -> np.ndarray | None:
-        """The image ``key`` (see IMAGES) as a float array in RAS orientation, or None."""
+    def load(self, key: str, dtype: type | None = np.float32) -> np.ndarray | None:
+        """The image ``key`` (see IMAGES) in RAS orientation as ``dtype`` (``None``: the type
+        stored on disk), or None when absent."""
         path = self.paths.get(key)
         if path is None:
             return None
         img = nib.as_closest_canonical(nib.load(str(path)))
-        return np.asarray(img.dataobj, dtype=np.float32)
+        return np.asarray(img.dataobj, dtype=dtype)
 
 
 @dataclass
