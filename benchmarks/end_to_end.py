@@ -240,7 +240,8 @@ def main() -> int:
     global EXE_RUN
     EXE_RUN = args.exe
     command = (f"`python benchmarks/end_to_end.py --sessions {' '.join(map(str, args.sessions))}"
-               f" --grid {args.grid} --nprocs {args.nprocs}`")
+               f" --grid {args.grid} --nprocs {args.nprocs}"
+               + (f" --exe {args.exe}" if args.exe != EXE else "") + "`")
 
     if args.from_json:  # rebuild the report from earlier runs (e.g. run side by side)
         parts = [json.loads(p.read_text()) for p in args.from_json]
