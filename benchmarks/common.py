@@ -54,8 +54,12 @@ def subjects(bids: Path) -> list[str]:
     return sorted(p.name[4:] for p in (Path(bids) / TRUTH).glob("sub-*") if p.is_dir())
 
 
-def machine_info() -> dict[str, str]:
-    """nproc, CPU model, Python and library versions, git commit (for the result files)."""
+def machine_info(commit: str | None = None) -> dict[str, str]:
+    """nproc, CPU model, Python and library versions, git commit (for the result files).
+
+    ``commit`` names the source when it is not a git checkout (e.g. a ``git archive`` export
+    run with ``PYTHONPATH``); by default it is read from the repository holding this file.
+    """
     cpu = platform.processor() or "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -70,14 +74,16 @@ def machine_info() -> dict[str, str]:
     import pipeline
 
     repo = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "pipeline"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-        commit += " (pipeline/ has uncommitted changes)" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    if commit is None:
+        try:
+            commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                                    capture_output=True, text=True, check=True).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "-C", str(repo), "status", "--porcelain", "--", "pipeline"],
+                capture_output=True, text=True, check=True).stdout.strip()
+            commit += " (pipeline/ has uncommitted changes)" if dirty else ""
+        except (OSError, subprocess.CalledProcessError):
+            commit = "unknown"
     return {
         "nproc": str(os.cpu_count()),
         "cpu": cpu,

@@ -21,6 +21,13 @@ Usage::
     python benchmarks/tracking.py --subjects 3 --workdir /tmp/trk
     python benchmarks/tracking.py --skip-pipeline     # truth-mask part only
     python benchmarks/tracking.py --pipeline-subjects 2 --pipeline-out OUT  # existing outputs
+    python benchmarks/tracking.py --time-budget-min 30  # whole chain on as many as fit
+
+The CLI runs once per subject (in subject order), so a subject that fails or a time budget
+that runs out leaves the subjects already finished to be evaluated. To measure a committed
+state on a checkout with other work in progress, run it from an export, e.g.
+``git archive HEAD | tar -x -C SRC; cd SRC; PYTHONPATH=SRC python benchmarks/tracking.py
+--source-commit $(git -C REPO rev-parse --short HEAD) --out REPO/benchmarks/results/tracking.md``.
 
 A work directory is reused: the phantom is not rewritten when it exists with the same preset,
 seed, grid and subject count, and the pipeline reuses its Nipype cache.
@@ -29,6 +36,7 @@ seed, grid and subject count, and the pipeline reuses its Nipype cache.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -41,9 +49,9 @@ import pandas as pd
 import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks import common as C  # noqa: E402
-from pipeline.config import Config, load_config  # noqa: E402
-from pipeline.core import dynamics  # noqa: E402
+from benchmarks import common as C
+from pipeline.config import Config, load_config
+from pipeline.core import dynamics
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {
@@ -98,17 +106,28 @@ def simulate(bids: Path, n: int, seed: int, grid: str, preset: str) -> None:
     print(f"simulated {n} subjects in {time.perf_counter() - t0:.0f} s")
 
 
-def run_pipeline(bids: Path, out: Path, work: Path, nprocs: int, subs: list[str]) -> float:
-    cmd = [*_cli(), str(bids), str(out), "participant", "-w", str(work), "--nprocs", str(nprocs),
-           "--participant-label", *subs]
-    print("running:", " ".join(cmd), flush=True)
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = time.perf_counter() - t0
-    (work.parent / "pipeline.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        print(f"pipeline exited {proc.returncode} (log: {work.parent / 'pipeline.log'}); "
-              "evaluating the subjects it finished", flush=True)
+def run_pipeline(bids: Path, out: Path, work: Path, nprocs: int, subs: list[str],
+                 budget_s: float | None = None) -> dict[str, float]:
+    """The CLI once per subject, in order, until ``budget_s`` is spent (a started subject is
+    finished). Returns the wall time of every subject run; the log is ``pipeline.log``."""
+    log = work.parent / "pipeline.log"
+    log.write_text("")
+    seconds: dict[str, float] = {}
+    t_start = time.perf_counter()
+    for sub in subs:
+        if budget_s is not None and time.perf_counter() - t_start > budget_s:
+            print(f"time budget spent: whole chain on {len(seconds)} subjects", flush=True)
+            break
+        cmd = [*_cli(), str(bids), str(out), "participant", "-w", str(work), "--nprocs",
+               str(nprocs), "--participant-label", sub]
+        print("running:", " ".join(cmd), flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        seconds[sub] = time.perf_counter() - t0
+        with log.open("a") as f:
+            f.write(f"### sub-{sub}: exit {proc.returncode}, {seconds[sub]:.0f} s\n")
+            f.write(proc.stdout + proc.stderr)
+        print(f"sub-{sub}: exit {proc.returncode} in {seconds[sub]:.0f} s", flush=True)
     return seconds
 
 
@@ -253,7 +272,7 @@ def _signed_pct(rel: pd.Series) -> str:
 def _abs_stats(err: pd.Series) -> tuple[float, float, int]:
     err = err[np.isfinite(err)]
     return (float(err.abs().mean()) if len(err) else np.nan,
-            float(err.abs().max()) if len(err) else np.nan, int(len(err)))
+            float(err.abs().max()) if len(err) else np.nan, len(err))
 
 
 def metrics(r: dict[str, pd.DataFrame]) -> dict[str, str]:
@@ -295,7 +314,7 @@ def metrics(r: dict[str, pd.DataFrame]) -> dict[str, str]:
         f"{100 * mean:.2g} pp (max {100 * mx:.2g} pp, n={n}, {missing} missing)")
     pn = r.get("pn_day", pd.DataFrame())
     if len(pn):
-        both = pn[pn["matched"] & ~pn["censored_truth"] & (pn["censored_got"] == False)]  # noqa: E712
+        both = pn[pn["matched"] & ~pn["censored_truth"] & (pn["censored_got"] == False)]
         mean, mx, n = _abs_stats(both["day_got"] - both["day_truth"])
         within = float(((both["day_got"] - both["day_truth"]).abs() <= 2).mean()) if n else np.nan
         cens = pn[pn["matched"]]
@@ -337,7 +356,11 @@ def session_details(r: dict[str, pd.DataFrame]) -> pd.DataFrame:
 # report
 
 
-def report(args, info, runs: dict[str, dict], timings: dict[str, float], subs, chain) -> str:
+TRACKING = dataclasses.asdict(load_config().tracking)
+
+
+def report(args, info, runs: dict[str, dict], timings: dict[str, float], subs, chain,
+           chain_notes: list[str]) -> str:
     lines = ["# Tracking and ADC dynamics benchmark", "",
              "Generated by `benchmarks/tracking.py`; do not edit by hand.", "",
              "Command:", "", "```", "python " + " ".join(sys.argv), "```", "",
@@ -345,11 +368,12 @@ def report(args, info, runs: dict[str, dict], timings: dict[str, float], subs, c
              f"({', '.join(f'{p}: {n}' for p, n in subs.items())}), seed {args.seed}, grid "
              f"`{args.grid}`, sessions at days 0, 3, 8, 45. Whole chain on "
              + (f"{sum(chain.values())} of them ({', '.join(f'{p}: {n}' for p, n in chain.items())})."
-                if chain else "none (--skip-pipeline).")
+                if chain else "none" + (" (--skip-pipeline)." if args.skip_pipeline else "."))
              + (f" Pipeline derivatives read from `{args.pipeline_out}` (made beforehand by "
                 "`lesionlapse BIDS OUT participant` on the same phantom; the phantom is "
                 "deterministic per preset, seed, grid and subject index), not run by this "
                 "command." if args.pipeline_out and chain else ""), "",
+             *chain_notes,
              "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()), "",
              "Timings: " + "; ".join(f"{k} {v:.0f} s" for k, v in timings.items()), ""]
     names = list(runs)
@@ -357,30 +381,31 @@ def report(args, info, runs: dict[str, dict], timings: dict[str, float], subs, c
         {"target": TARGETS, **{n: metrics(runs[n]) for n in names}}).fillna("n/a")
     summary.index.name = "metric"
     lines += ["## Summary", "", C.markdown(summary), "",
-              "* *truth masks*: tracking + dynamics on the truth masks and true rADC (stored to "
-              "1e-3, hence the tiny residuals); compared with the truth tables.",
-              "* *whole chain*: the pipeline's own masks, lesion ids mapped into the truth space "
-              "(nearest neighbour) and matched by largest overlap per session.",
-              "* Events: every truth event row (lesion id x interval, both kinds) against the "
+              ("* *truth masks*: tracking + dynamics on the truth masks and true rADC (stored to "
+              "1e-3, hence the tiny residuals); compared with the truth tables."),
+              ("* *whole chain*: the pipeline's own masks, lesion ids mapped into the truth space "
+              "(nearest neighbour) and matched by largest overlap per session."),
+              ("* Events: every truth event row (lesion id x interval, both kinds) against the "
               "event of the matched id; *detectable* = truth lesion at least "
               "`segmentation.min_lesion_volume_mm3`; *spurious* = event rows of ids overlapping "
-              "no truth lesion.",
-              "* Designed: the MS-like lesions' designed events (`designed_events`) against the "
-              "event of the id holding most of the designed ovoid. Phantom problem: in "
-              "`pipeline/simulate/lesions.py` `MS_DESIGN` lesion 6 (shrinking) overlaps the "
-              "split partner 11 in every subject, and after the centre jitter lesion 1 or 5 "
-              "can touch the merging pair; the phantom fuses them, so their designed events "
-              "cannot be observed even on the truth masks. The second figure leaves out every "
-              "designed lesion whose ovoid touches a designed lesion other than its own "
-              "partner (`design_collisions`).",
-              "* rADC: session-table means in each run's own masks (restricted, FLAIR, "
+              "no truth lesion."),
+              ("* Designed: the MS-like lesions' designed events (`designed_events`) against the "
+              "event of the id holding most of the designed ovoid. The second figure leaves "
+              "out every designed lesion whose ovoid touches a designed lesion other than its "
+              "own partner (`design_collisions`; the phantom would fuse them, so their designed "
+              "events could not be observed even on the truth masks)."),
+              ("* Tracking parameters: `[tracking]` of configs/default.toml "
+              f"({', '.join(f'{k} = {v}' for k, v in TRACKING.items())}); components below "
+              "`fragment_ratio` of the largest one of their merge/split group are absorbed or "
+              "shed without making a merge or split."),
+              ("* rADC: session-table means in each run's own masks (restricted, FLAIR, "
               "ever-restricted), and the pipeline's rADC map averaged in the truth restricted "
               "mask (isolates ADC from segmentation); in brackets the signed relative error of "
               "the pipeline's ADC map in the truth restricted mask and of its NAWM reference "
               "ADC (truth: noise-free phantom ADC), which split the rADC error into numerator "
-              "and denominator.",
-              "* Pseudonormalization day: per truth lesion with a defined day, against the "
-              "matched lesion (largest overlap at the truth lesion's first session).", ""]
+              "and denominator."),
+              ("* Pseudonormalization day: per truth lesion with a defined day, against the "
+              "matched lesion (largest overlap at the truth lesion's first session)."), ""]
     for n in names:
         r = runs[n]
         lines += [f"## {n}", ""]
@@ -424,6 +449,10 @@ def main(argv=None) -> int:
     p.add_argument("--pipeline-out", type=Path, default=None, metavar="DIR",
                    help="evaluate existing pipeline derivatives in DIR (made from the same "
                         "phantom: same preset, seed, grid) instead of running the CLI")
+    p.add_argument("--time-budget-min", type=float, default=None, metavar="MIN",
+                   help="start no further pipeline subject after MIN minutes (default: none)")
+    p.add_argument("--source-commit", default=None, metavar="SHA",
+                   help="git commit of this source tree when it is an export, not a checkout")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "tracking.md")
     args = p.parse_args(argv)
 
@@ -444,30 +473,40 @@ def main(argv=None) -> int:
     timings["truth-mask analytics"] = time.perf_counter() - t0
 
     chain_subs = subs[: args.pipeline_subjects] if args.pipeline_subjects else subs
+    evaluated, notes = [], []
     if not args.skip_pipeline:
         if args.pipeline_out:
             deriv = args.pipeline_out.resolve()
         else:
-            timings["pipeline (CLI)"] = run_pipeline(bids, deriv, work / "work", args.nprocs,
-                                                     chain_subs)
+            budget = args.time_budget_min * 60 if args.time_budget_min is not None else None
+            runtimes = run_pipeline(bids, deriv, work / "work", args.nprocs, chain_subs, budget)
+            timings["pipeline (CLI)"] = sum(runtimes.values())
+            if runtimes:
+                notes += [(f"Pipeline wall time per subject (one CLI call each, `--nprocs "
+                          f"{args.nprocs}`): median {np.median(list(runtimes.values())):.0f} s, "
+                          f"range {min(runtimes.values()):.0f}-{max(runtimes.values()):.0f} s; "
+                          f"run on subjects {', '.join(runtimes)}."), ""]
+            chain_subs = list(runtimes)
         t0 = time.perf_counter()
         parts, failed = [], []
         for s in chain_subs:
             truth = truths[s]
             try:
                 parts.append(evaluate(truth, from_pipeline(deriv, truth), config))
+                evaluated.append(s)
             except (FileNotFoundError, KeyError) as exc:
-                failed.append(f"sub-{s}: {exc}")
+                failed.append(f"sub-{s}: {type(exc).__name__} {exc}")
         if failed:
             print("not evaluated:\n  " + "\n  ".join(failed))
+            notes += ["Not evaluated (no derivatives): " + "; ".join(failed), ""]
         if parts:
             runs["whole chain"] = gather(parts)
         timings["whole-chain evaluation"] = time.perf_counter() - t0
 
     counts = pd.Series([t.preset for t in truths.values()]).value_counts().to_dict()
-    chain = pd.Series([truths[s].preset for s in chain_subs]).value_counts().to_dict()
-    text = report(args, C.machine_info(), runs, timings, counts,
-                  None if args.skip_pipeline else chain)
+    chain = pd.Series([truths[s].preset for s in evaluated]).value_counts().to_dict()
+    text = report(args, C.machine_info(args.source_commit), runs, timings, counts,
+                  None if args.skip_pipeline else chain, notes)
     summary = pd.DataFrame({"target": TARGETS, **{n: metrics(r) for n, r in runs.items()}})
     with pd.option_context("display.max_colwidth", 200, "display.width", 250):
         print(summary.to_string())
