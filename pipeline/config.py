@@ -77,6 +77,7 @@ class Registration:
     initialisation: Literal["moments", "geometry", "identity"] = field()
     multistart_deg: float = _rng(0, 90)
     multistart_iterations: int = _rng(1, 10000)
+    symmetric: bool = field()
     moving_mask_in_metric: bool = field()
     seed: int = _rng(0, 2**31 - 1)
     template_spacing_mm: float = _rng(0.25, 10)

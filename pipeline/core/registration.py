@@ -58,7 +58,8 @@ class RegistrationResult:
         negative correlation).
     similarity_after
         Normalized cross-correlation (0..1 for positively related images) of the fixed image
-        and the aligned moving image, within the fixed mask.
+        and the aligned moving image, within the fixed mask, on the finest pyramid level
+        (working grid; evaluating it on sub-millimetre native grids cost ~25 % of the run).
     rotation_deg, translation_mm
         Size of the transform: rotation angle and displacement of the fixed brain centroid.
     n_iterations
@@ -587,6 +588,7 @@ def register_rigid(
     initialisation: Initialisation = "moments",
     multistart_deg: float = 10.0,
     multistart_iterations: int = 50,
+    symmetric: bool = True,
     n_threads: int | None = None,
     seed: int = 1,
 ) -> RegistrationResult:
@@ -654,11 +656,16 @@ def register_rigid(
         Probe rotation (degrees); 0 disables the multi-start.
     multistart_iterations
         Maximum iterations of each multi-start probe (coarsest level only).
+    symmetric
+        Rigid only: also register the finest level backwards (moving -> fixed) and return the
+        rigid mean of the forward transform and the inverted backward one, so that
+        registering A->B and B->A gives (nearly) inverse transforms.
     n_threads
         Threads of the registration filter; ``None`` uses SimpleITK's global default.
     seed
-        Seed of the random metric sampling: results are reproducible for a given seed and
-        thread count.
+        Seed of the random metric sampling. With ``n_threads=1`` the transform is
+        bit-identical from run to run and process to process; with more threads ITK's
+        threaded metric sums vary in the last digits (measured ~1e-5 mm, 1e-6 rad).
 
     Returns
     -------
@@ -703,6 +710,7 @@ def register_rigid(
         built[k] = (fl, ml, fml, mml)
         src = [fl, ml, fml, mml]
         prev_sigma = max(sigma, prev_sigma)
+    finest = order[0]
     for k, shrink in enumerate(shrink_factors):
         fl, ml, fml, mml = built[k]
         samp = _n_samples(fml, fl, sampling_fraction, max_samples, min_samples)
@@ -785,6 +793,25 @@ def register_rigid(
             **common,
         )
         n_iter += n
+    if symmetric and transform_type == "rigid":
+        # inverse consistency: register the finest level backwards (moving -> fixed, from
+        # the inverse of the forward result) and keep the rigid mean of the forward result
+        # and the inverse of the backward one; the asymmetry of sampling one image and
+        # interpolating the other cancels to first order (forward and backward independent
+        # registrations disagreed by up to 0.11 mm on the benchmark).
+        fl, ml, fml, mml, _, _ = levels[finest]
+        back, _, n, _ = _run(
+            ml, fl, invert_transform(out),
+            fixed_mask=mml,
+            moving_mask=fml if moving_mask_in_metric else None,
+            sampling=_n_samples(mml, ml, sampling_fraction, max_samples, min_samples),
+            iterations=iterations,
+            learning_rate=level_lr(finest),
+            **common,
+        )
+        n_iter += n
+        pts = _mask_points(fml, 5000) if fml is not None else _points(fl)
+        out = mean_rigid([out, invert_transform(back)], pts)
     center = _mask_points(fm, 20000).mean(axis=0) if fm is not None else None
     if center is None:
         size = np.array(f.GetSize(), float)
@@ -793,7 +820,8 @@ def register_rigid(
     return RegistrationResult(
         transform=out,
         final_metric=value,
-        similarity_after=_ncc(f, m, out, fm, n_threads),
+        similarity_after=_ncc(levels[finest][0], levels[finest][1], out, levels[finest][2],
+                              n_threads),
         rotation_deg=rot,
         translation_mm=shift,
         n_iterations=n_iter,
