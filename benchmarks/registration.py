@@ -478,18 +478,92 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipping {e}: {exc} (pip install -e '.[benchmarks]')", flush=True)
 
     t_start = time.perf_counter()
-    cases: list[Case] = []
-    if "phantom-flair" in kinds or "phantom-dwi" in kinds:
-        cases += [c for c in phantom_cases(args, pre) if c.kind in kinds]
+    project_version = _version()  # the commit the run started from
+    cases: list[Case] = []  # real cases first: a run cut short still covers every kind
     if "real-motion" in kinds and args.real_cases > 0:
         cases += real_motion_cases(args, pre)
     if "real-ms" in kinds:
         cases += real_ms_cases(args, pre)
+    if "phantom-flair" in kinds or "phantom-dwi" in kinds:
+        cases += [c for c in phantom_cases(args, pre) if c.kind in kinds]
     print(f"{len(cases)} cases prepared in {time.perf_counter() - t_start:.0f} s", flush=True)
+
+    def report(outcomes: list[Outcome], done: int, total: int, final: bool) -> None:
+        names = [e.name for e in engines]
+        rows = summarise(outcomes, [k for k in DESCRIPTIONS if k in kinds], names)
+        text = table(rows)
+        if final:
+            print()
+            print(text)
+
+        cmd = "python benchmarks/registration.py " + " ".join(
+            shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+        lines = [
+            "# Rigid registration benchmark",
+            "",
+            f"Command: `{cmd.strip()}` (total {time.perf_counter() - t_start:.0f} s)",
+            "",
+            *([] if final else [f"**Partial run: {done} of {total} cases finished** (the report "
+                                "is rewritten after every case).", ""]),
+            f"Machine: {machine()}; every engine ran with {args.threads} threads "
+            f"({', '.join(THREADS_ENV)} = {args.threads}; greedy `-threads {args.threads}`), "
+            "cases interleaved engine by engine so that all see the same load.",
+            "",
+            "Versions: " + ", ".join(f"{k} {v}" for k, v in
+                                     {"lesionlapse": project_version, **versions}.items()),
+            "",
+            "Engines (same preprocessed inputs: brain mask of every image, N4 on FLAIR; fixed brain "
+            "mask given to every engine except `greedy no mask`):",
+            "",
+            "* lesionlapse: `pipeline.core.registration.register_rigid` with the `[registration]` "
+            "defaults of configs/default.toml.",
+            "* antspyx Rigid: `ants.registration(fixed, moving, type_of_transform='Rigid', "
+            "mask=fixed_mask)` (antspy defaults: MI, 4 levels, centre-of-mass init).",
+            "* antspyx QuickRigid (when run): the same with `type_of_transform='QuickRigid'`.",
+            *[f"* {e.name}: `greedy {e.command.format(init=e.init, threads=args.threads)}`"
+              for e in engines if isinstance(e, Greedy)],
+            "",
+            "Cases:",
+            "",
+        ]
+        for k in DESCRIPTIONS:
+            if k in kinds:
+                lines.append(f"* `{k}`: {DESCRIPTIONS[k]}")
+        lines += [
+            "",
+            f"Phantom: `lesionlapse simulate --preset mixed --subjects {args.subjects} --seed "
+            f"{args.seed} --grid {args.grid}`. Real motion: {args.real_cases} motions up to "
+            f"{args.max_deg:g} deg / {args.max_mm:g} mm, Rician noise sigma {args.noise:g} x brain "
+            "median.",
+            "",
+            "TRE: distance between the estimated and the true fixed -> moving point maps over "
+            "(up to 5000) brain voxels of the fixed image. \"mean TRE\" is the mean over pairs of "
+            "the per-pair mean, \"worst pair\" the largest per-pair mean, \"max point error\" the "
+            f"largest single-voxel error. Failure: per-pair mean TRE > {FAIL_MM:g} mm or an error. "
+            "Time: registration call only (inputs in memory; for antspyx, images read before the "
+            "clock starts). Inverse consistency (lesionlapse only): mean |B->A(A->B(x)) - x| over "
+            "the fixed brain, A->B and B->A registered independently.",
+            "",
+            text,
+            "",
+            "## Per pair",
+            "",
+            "| case | pair | engine | s | mean TRE mm | max mm | inverse consistency mm | error |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for o in outcomes:
+            lines.append(f"| {o.case.kind} | {o.case.name} | {o.engine} | {_fmt(o.seconds)} | "
+                         f"{_fmt(o.tre_mean, 3)} | {_fmt(o.tre_max, 2)} | {_fmt(o.ic_mean, 3)} | "
+                         f"{o.error} |")
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(lines) + "\n")
+        if final:
+            print(f"\nwrote {out}")
 
     outcomes: list[Outcome] = []
     with tempfile.TemporaryDirectory(prefix="regbench-") as tmp:
-        for case in cases:
+        for i, case in enumerate(cases):
             for eng in engines:  # interleaved: every engine sees the same machine load
                 o = run_case(eng, case, tmp, project if eng is project else None)
                 outcomes.append(o)
@@ -497,74 +571,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{case.kind:14s} {case.name:38s} {eng.name:20s} "
                       f"{o.seconds:7.2f} s  TRE {o.tre_mean:7.3f} / {o.tre_max:7.3f} mm{ic}"
                       f"{'  ERROR ' + o.error if o.error else ''}", flush=True)
-
-    names = [e.name for e in engines]
-    rows = summarise(outcomes, [k for k in DESCRIPTIONS if k in kinds], names)
-    text = table(rows)
-    print()
-    print(text)
-
-    cmd = "python benchmarks/registration.py " + " ".join(
-        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    lines = [
-        "# Rigid registration benchmark",
-        "",
-        f"Command: `{cmd.strip()}` (total {time.perf_counter() - t_start:.0f} s)",
-        "",
-        f"Machine: {machine()}; every engine ran with {args.threads} threads "
-        f"({', '.join(THREADS_ENV)} = {args.threads}; greedy `-threads {args.threads}`), "
-        "cases interleaved engine by engine so that all see the same load.",
-        "",
-        "Versions: " + ", ".join(f"{k} {v}" for k, v in
-                                 {"lesionlapse": _version(), **versions}.items()),
-        "",
-        "Engines (same preprocessed inputs: brain mask of every image, N4 on FLAIR; fixed brain "
-        "mask given to every engine except `greedy no mask`):",
-        "",
-        "* lesionlapse: `pipeline.core.registration.register_rigid` with the `[registration]` "
-        "defaults of configs/default.toml.",
-        "* antspyx Rigid: `ants.registration(fixed, moving, type_of_transform='Rigid', "
-        "mask=fixed_mask)` (antspy defaults: MI, 4 levels, centre-of-mass init).",
-        "* antspyx QuickRigid (when run): the same with `type_of_transform='QuickRigid'`.",
-        *[f"* {e.name}: `greedy {e.command.format(init=e.init, threads=args.threads)}`"
-          for e in engines if isinstance(e, Greedy)],
-        "",
-        "Cases:",
-        "",
-    ]
-    for k in DESCRIPTIONS:
-        if k in kinds:
-            lines.append(f"* `{k}`: {DESCRIPTIONS[k]}")
-    lines += [
-        "",
-        f"Phantom: `lesionlapse simulate --preset mixed --subjects {args.subjects} --seed "
-        f"{args.seed} --grid {args.grid}`. Real motion: {args.real_cases} motions up to "
-        f"{args.max_deg:g} deg / {args.max_mm:g} mm, Rician noise sigma {args.noise:g} x brain "
-        "median.",
-        "",
-        "TRE: distance between the estimated and the true fixed -> moving point maps over "
-        "(up to 5000) brain voxels of the fixed image. \"mean TRE\" is the mean over pairs of "
-        "the per-pair mean, \"worst pair\" the largest per-pair mean, \"max point error\" the "
-        f"largest single-voxel error. Failure: per-pair mean TRE > {FAIL_MM:g} mm or an error. "
-        "Time: registration call only (inputs in memory; for antspyx, images read before the "
-        "clock starts). Inverse consistency (lesionlapse only): mean |B->A(A->B(x)) - x| over "
-        "the fixed brain, A->B and B->A registered independently.",
-        "",
-        text,
-        "",
-        "## Per pair",
-        "",
-        "| case | pair | engine | s | mean TRE mm | max mm | inverse consistency mm | error |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for o in outcomes:
-        lines.append(f"| {o.case.kind} | {o.case.name} | {o.engine} | {_fmt(o.seconds)} | "
-                     f"{_fmt(o.tre_mean, 3)} | {_fmt(o.tre_max, 2)} | {_fmt(o.ic_mean, 3)} | "
-                     f"{o.error} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print(f"\nwrote {out}")
+            # the report is rewritten after every case: an interrupted run leaves its part
+            report(outcomes, i + 1, len(cases), final=i + 1 == len(cases))
     return 0
 
 
