@@ -209,6 +209,9 @@ def run_participant(args) -> int:
         plugin, plugin_args = _plugin_settings(args, config)
     except (BIDSError, ConfigError, ValueError, OSError) as exc:
         return _fail(str(exc), 2)
+    from pipeline.threads import pin_threads
+
+    pin_threads(config.resources.omp_nthreads)  # one thread (default): bit-identical runs
     if args.reports_only:
         from pipeline.reports.subject import write_subject_report
 
