@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,19 +128,63 @@ def test_multistart_finds_large_rotation(pair):
 def test_inverse_consistency(pair, fwd_bwd):
     a, b, g, ma, mb = pair
     r_ba, r_ab = fwd_bwd
-    mean_mm, _ = reg.inverse_consistency(r_ab.transform, r_ba.transform, ma)
-    assert mean_mm < 0.5
+    # symmetric refinement (on by default). On these heads the optimizer stops at its
+    # iteration cap, so A->B and B->A differ by ~0.10 mm (0.23 mm with symmetric=False); on the
+    # benchmark's converged pairs by ~0.002 mm (benchmarks/results/registration.md)
+    mean_mm, max_mm = reg.inverse_consistency(r_ab.transform, r_ba.transform, ma)
+    assert mean_mm < 0.15 and max_mm < 0.3, (mean_mm, max_mm)
 
 
-def test_register_deterministic_and_correlation_metric(pair, fwd_bwd):
+def _params_repr(n_threads: int) -> str:
+    """Exact (repr round-trips doubles) parameters of one registration of the ``pair`` heads."""
+    a = make_image((64, 64, 64), (3.0, 3.0, 3.0), (-96.0, -96.0, -96.0), seed=0)
+    g = euler(12.0, -5.0, 4.0, (8.0, -3.0, 2.0))
+    b = make_image((70, 60, 56), (2.7, 3.2, 3.4), (-95.0, -96.0, -95.0), g, seed=1, lesion=0.5)
+    res = reg.register_rigid(b, a, fixed_mask=_mask(b), moving_mask=_mask(a),
+                             **dict(REG, n_threads=n_threads))
+    t = res.transform
+    return repr((t.GetName(), t.GetParameters(), t.GetFixedParameters()))
+
+
+def test_register_bit_identical_with_one_thread():
+    """Issue #9: the same inputs with one thread give the same transform, bit for bit, in this
+    process and in a fresh one (whatever ITK's global thread default)."""
+    here = _params_repr(1)
+    assert _params_repr(1) == here
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_core_registration as t; "
+            "print(t._params_repr(1))")
+    env = dict(os.environ, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], env=env,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == here
+
+
+def test_register_two_threads_reproducible_to_micrometres(pair):
+    """With two threads ITK's threaded metric sums vary in the last digits from run to run
+    (measured: ~1e-6 rad, ~1e-5 mm; not bit-identical), far below any clinical effect."""
     a, b, g, ma, mb = pair
-    again = reg.register_rigid(b, a, fixed_mask=mb, moving_mask=ma, **REG)
-    assert np.allclose(
-        again.transform.GetParameters(), fwd_bwd[0].transform.GetParameters(), atol=1e-9
-    )
+    p = dict(REG, n_threads=2)
+    r1 = reg.register_rigid(b, a, fixed_mask=mb, moving_mask=ma, **p)
+    r2 = reg.register_rigid(b, a, fixed_mask=mb, moving_mask=ma, **p)
+    assert reg.tre(r1.transform, r2.transform, mb)[1] < 1e-3
+
+
+def test_correlation_metric(pair):
+    a, b, g, ma, mb = pair
     params = dict(REG, metric="correlation", multistart_deg=0.0)
     res = reg.register_rigid(b, a, fixed_mask=mb, moving_mask=ma, **params)
     assert reg.tre(res.transform, g, mb)[0] < 1.0
+
+
+def test_fifteen_degree_rotation_without_multistart(pair):
+    """Moments initialisation and the pyramid recover a 15 deg / 10 mm head motion."""
+    a, _, _, ma, _ = pair
+    g = euler(-15.0, 4.0, 6.0, (-6.0, 7.0, 4.0))  # B points -> A points
+    b = make_image((66, 62, 58), (3.1, 3.1, 3.3), (-98.0, -96.0, -95.0), g, seed=5, lesion=0.4)
+    mb = _mask(b)
+    res = reg.register_rigid(b, a, fixed_mask=mb, moving_mask=ma, **REG)
+    assert res.rotation_deg == pytest.approx(reg.transform_size(g)[0], abs=0.5)
+    assert reg.tre(res.transform, g, mb)[0] < 0.5
 
 
 def test_affine_and_initial_transform(pair, fwd_bwd):
