@@ -12,6 +12,8 @@
 # (default 16817, 16818). One node, "localhost", CPUs=2 (or $LOCAL_SLURM_CPUS), RealMemory from
 # /proc/meminfo; one partition, "debug". Jobs run as root on this machine, so every path is
 # "shared" by construction (a real cluster needs a shared filesystem: see docs/scaling.md).
+# Jobs inherit the nice value of the sbatch call (PropagatePrioProcess=1), so that a benchmark
+# run under "nice" competes with other work on the same terms whatever the backend.
 set -eu
 
 DIR=${LOCAL_SLURM_DIR:-/tmp/lesionlapse-slurm}
@@ -84,6 +86,7 @@ SelectTypeParameters=CR_Core_Memory
 SlurmdParameters=config_overrides
 DependencyParameters=kill_invalid_depend
 ReturnToService=2
+PropagatePrioProcess=1
 MinJobAge=3600
 KillWait=5
 InactiveLimit=0
