@@ -340,7 +340,8 @@ def phantom(args, config: Config) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         stable.append(b)
         print(f"  sub-{sub} ({truth.preset}) scored", flush=True)
     info["failed"] = failed
-    info["presets"] = pd.Series([C.load_truth(bids, s).preset for s in subs]).value_counts()
+    info["presets"] = (pd.concat(parts).drop_duplicates("subject")["preset"].value_counts()
+                       if parts else pd.Series(dtype=int))
     return (pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(),
             pd.concat(stable, ignore_index=True) if stable else pd.DataFrame(), info)
 
@@ -472,7 +473,7 @@ def report(args, machine, timings, table, ph, st, mni, lon, info) -> str:
         presets = ", ".join(f"{k}: {v}" for k, v in info["presets"].items())
         lines += ["## Phantom", "",
                   f"`lesionlapse simulate --preset mixed --subjects {args.subjects} --seed "
-                  f"{args.seed} --grid {args.grid}` ({presets}); the pipeline's subject-space "
+                  f"{args.seed} --grid {args.grid}`, scored: {presets}; the pipeline's subject-space "
                   "images and masks mapped into the truth space (nearest neighbour). FLAIR "
                   + ("segmented again from the pipeline's subject-space FLAIR with the current "
                      "code." if args.resegment else "masks as the pipeline wrote them.")

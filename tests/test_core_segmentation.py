@@ -272,3 +272,17 @@ def test_bright_crisp_cortex_is_not_lesion():
     assert dice(les, m) > 0.9
     with pytest.raises(ValueError, match="gm_z_grow"):
         seg.segment_flair_lesions(flair, brain, spacing_mm=SP, **{**PARAMS, "gm_z_grow": 5.0})
+
+
+@pytest.mark.parametrize("rim_mm", [1.0, 2.0])
+def test_csf_rim_trims_a_periventricular_lesion_but_keeps_it(rim_mm):
+    # lesion touching the ventricle (centre (28, 25, 26), radius 5): the rim removes only the
+    # voxels within rim_mm of CSF, the rest of the lesion is still found
+    les = _sphere((28, 20, 26), 5) & ~_sphere((28, 25, 26), 5)
+    flair, adc, brain, csf = _brain(seed=5, lesions=[les])
+    params = {**PARAMS, "csf_rim_mm": rim_mm}
+    m = seg.segment_flair_lesions(flair, brain, spacing_mm=SP, adc_um2_s=adc, **params)
+    d = ndimage.distance_transform_edt(~csf)
+    assert not (m & (d <= rim_mm)).any()
+    beyond = les & (d > rim_mm + 1)
+    assert (m & beyond).sum() > 0.9 * beyond.sum()
