@@ -279,10 +279,12 @@ def main() -> int:
         scaling = "(scaling needs 4 and 8 sessions)"
     stages = {n: pd.DataFrame(st) for n, st in raw["stages"].items()}
     times = pd.DataFrame({f"{n} sessions": st["time_s"] for n, st in stages.items()})
-    times = times.fillna(0.0).sort_values(by=times.columns[-1], ascending=False)
-    times = times.loc[times.sum(axis=1) > 0].rename_axis("stage")
     rss = pd.DataFrame({f"{n} sessions": st["peak_rss_gb"] for n, st in stages.items()})
-    rss.index.name = "stage"
+    if stages:  # no Linear run (--no-linear): no per-stage numbers
+        times = times.fillna(0.0).sort_values(by=times.columns[-1], ascending=False)
+        times = times.loc[times.sum(axis=1) > 0]
+        rss = rss.loc[times.index]
+    times.index.name = rss.index.name = "stage"
     lines = [
         "# End-to-end speed and memory (one subject)",
         "",
@@ -310,7 +312,7 @@ def main() -> int:
         "",
         "## Peak process RSS while each stage ran (Linear plugin, GB)",
         "",
-        markdown(rss.loc[times.index], floatfmt=".2f"),
+        markdown(rss, floatfmt=".2f"),
         "",
     ]
     if args.before:
