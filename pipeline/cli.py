@@ -37,6 +37,9 @@ def _simulate_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same files")
     p.add_argument("--grid", choices=("clinical", "small"), default="clinical",
                    help="clinical acquisition grids or small fast ones (default: clinical)")
+    p.add_argument("--epi-distortion", type=float, default=0.0, metavar="MM",
+                   help="largest EPI-like shift of the DWI along its phase-encode axis, mm "
+                   "(default 0: none; 2-3 is mild)")
     p.add_argument("--days", type=float, nargs="+", default=None, metavar="DAY",
                    help="session days (default: the preset's, e.g. 0 3 8 45)")
     return p
@@ -57,6 +60,7 @@ def run_simulate(argv: list[str]) -> int:
         subjects = simulate_dataset(
             args.out_dir, preset=args.preset, n_subjects=args.subjects, seed=args.seed,
             grid=args.grid, days=tuple(args.days) if args.days else None,
+            epi_distortion_mm=args.epi_distortion,
         )
     except (ValueError, OSError) as exc:
         print(f"lesionlapse simulate: {exc}", file=sys.stderr)

@@ -133,3 +133,42 @@ def test_sample_data_regenerates_identically(tmp_path):
     assert made == kept
     _, mismatch, errors = filecmp.cmpfiles(out, sample, [str(p) for p in made], shallow=False)
     assert mismatch == [] and errors == []
+
+
+def test_epi_shift_moves_dwi_along_phase_encode_axis():
+    """A uniform one-voxel EPI shift samples the truth one voxel further along the second
+    (phase-encode) axis of the native grid, and leaves the other axes alone."""
+    import SimpleITK as sitk
+
+    from pipeline.simulate import acquisition as acq
+    from pipeline.simulate.geometry import reference_grid
+
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    image = np.random.default_rng(0).random((20, 20, 20)).astype(np.float32)
+    grid = reference_grid((10, 10, 10), (2.0, 2.0, 2.0), np.array([19.0, 19.0, 19.0]))
+    plain = acq.Pose(sitk.Euler3DTransform(), grid)
+    shifted = acq.Pose(sitk.Euler3DTransform(), grid, np.full((10, 10, 10), 2.0, np.float32))
+    a = acq.resample_to_native(image, affine, plain, antialias=False)
+    b = acq.resample_to_native(image, affine, shifted, antialias=False)
+    np.testing.assert_allclose(b[:, :-1, :], a[:, 1:, :], atol=1e-5)
+    assert shifted.jacobian().min() == shifted.jacobian().max() == 1.0
+
+
+def test_simulate_with_epi_distortion(tmp_path):
+    """--epi-distortion shifts only the DWI, writes the shift to the truth, keeps the FLAIR."""
+    import nibabel as nib
+
+    plain, epi = tmp_path / "plain", tmp_path / "epi"
+    simulate_dataset(plain, preset="control", seed=1, grid="small", days=(0.0,))
+    simulate_dataset(epi, preset="control", seed=1, grid="small", days=(0.0,),
+                     epi_distortion_mm=2.5)
+    rel = Path("sub-01/ses-01")
+    assert filecmp.cmp(plain / rel / "anat/sub-01_ses-01_FLAIR.nii.gz",
+                       epi / rel / "anat/sub-01_ses-01_FLAIR.nii.gz", shallow=False)
+    assert not filecmp.cmp(plain / rel / "dwi/sub-01_ses-01_dwi.nii.gz",
+                           epi / rel / "dwi/sub-01_ses-01_dwi.nii.gz", shallow=False)
+    shift = nib.load(epi / "derivatives/truth" / rel /
+                     "dwi/sub-01_ses-01_desc-epishift_dwimap.nii.gz").get_fdata()
+    assert np.abs(shift).max() == pytest.approx(2.5, abs=1e-3)
+    with pytest.raises(ValueError, match="epi_distortion_mm"):
+        simulate_dataset(tmp_path / "bad", epi_distortion_mm=-1.0)

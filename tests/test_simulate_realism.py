@@ -48,16 +48,15 @@ def measured(tmp_path_factory):
     return phantom, real
 
 
-@pytest.mark.parametrize("key", ["snr_b1000", "flair_contrast"])
+@pytest.mark.parametrize("key", ["wm_adc_um2_s", "snr_b1000", "flair_contrast"])
 def test_within_15_percent(measured, key):
+    """Issue 2: white-matter ADC, DWI noise level and FLAIR lesion contrast within 15 %."""
     phantom, real = measured
     assert abs(phantom[key] / real[key] - 1) < 0.15, (phantom[key], real[key])
 
 
-def test_tissue_adc_close(measured):
-    # The phantom's WM/GM ADCs sit at the low end of the literature (700/800 um^2/s), yet its
-    # parenchymal median (4 mm slices, whole brain) is ~17 % above this one volunteer's
-    # (2 mm slab through the centrum semiovale); 20 % is the honest tolerance.
-    phantom, real = measured
+def test_real_dwi_tissue_adc_is_plausible(measured):
+    """The measuring code itself: the real volunteer's parenchymal ADC is a normal adult's."""
+    _, real = measured
     assert 600 < real["tissue_adc_um2_s"] < 800
-    assert abs(phantom["tissue_adc_um2_s"] / real["tissue_adc_um2_s"] - 1) < 0.20
+    assert 550 < real["wm_adc_um2_s"] < real["tissue_adc_um2_s"]

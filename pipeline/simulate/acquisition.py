@@ -2,10 +2,11 @@
 
 Tissue values (3 T, adult):
 
-* ADC (um^2/s): white matter 700, grey matter 800, CSF 3000 (WM 700-800 and GM 800-900 in
-  e.g. Helenius et al., AJNR 2002; CSF ~3000 at 37 C, free water). The phantom's WM/GM values
-  are tuned so that the parenchymal median ADC measured by :mod:`pipeline.core.imagestats` is
-  within 15 % of the real Philips DWI in ``shared/data`` (704 um^2/s).
+* ADC (um^2/s): white matter 630, grey matter 800, CSF 3000 (normal WM about 620-800 and GM
+  800-900, e.g. Helenius et al., AJNR 2002; CSF ~3000 at 37 C, free water). White matter
+  sits at the low end so that the white-matter ADC measured by :mod:`pipeline.core.imagestats`
+  (25th percentile of parenchyma) on the clinical grid is within 15 % of the real Philips DWI
+  in ``shared/data`` (phantom ~697 at 4 mm slices vs 623 um^2/s at 2 mm).
 * FLAIR (arbitrary units, WM = 1): GM 1.3 (GM brighter than WM), CSF 0.08 (suppressed),
   scalp fat 1.4, skull 0.05; lesion signal 1 + 0.55 x lesion fraction (tuned to the lesion /
   brain median contrast of the real MS FLAIR, 1.32).
@@ -16,7 +17,8 @@ Tissue values (3 T, adult):
 Acquisition: every contrast is sampled on its own axis-aligned scanner grid from the truth
 space through the session's head pose; partial volume by anti-alias Gaussian smoothing (FWHM =
 native voxel size) before linear resampling; a smooth multiplicative bias (+-20 %, shared by
-the b0 and DWI of a session); Rician noise.
+the b0 and DWI of a session); Rician noise; optionally an EPI-like smooth shift of the DWI
+along its phase-encode axis with the matching intensity pile-up (:func:`epi_shift`).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pipeline.simulate.anatomy import Anatomy
 from pipeline.simulate.geometry import from_sitk, reference_grid, to_sitk
 from pipeline.simulate.lesions import LesionState
 
-ADC_UM2_S = {"wm": 700.0, "gm": 800.0, "csf": 3000.0, "scalp": 50.0, "skull": 300.0}
+ADC_UM2_S = {"wm": 630.0, "gm": 800.0, "csf": 3000.0, "scalp": 50.0, "skull": 300.0}
 FLAIR = {"wm": 1.0, "gm": 1.3, "csf": 0.08, "scalp": 1.4, "skull": 0.05}
 B0 = {"wm": 1.0, "gm": 1.25, "csf": 2.8, "scalp": 0.3, "skull": 0.05}
 FLAIR_LESION_GAIN = 0.55
@@ -41,7 +43,7 @@ FLAIR_SCALE = 400.0
 B0_SCALE = 1200.0
 #: SNR of white matter on FLAIR and on a single b=1000 DWI volume.
 FLAIR_SNR = 25.0
-DWI_B1000_SNR = 16.0
+DWI_B1000_SNR = 17.5
 BIAS_AMPLITUDE = 0.2
 
 #: Native grids: size (voxels) and spacing (mm) per grid name.
@@ -105,10 +107,43 @@ def truth_images(anatomy: Anatomy, lesion: LesionState, wm_adc_texture: np.ndarr
 
 @dataclass(frozen=True)
 class Pose:
-    """A rigid point map from a native (scanner) grid to truth space and that grid."""
+    """A rigid point map from a native (scanner) grid to truth space and that grid, optionally
+    preceded by an EPI-like shift along the grid's phase-encode (second) axis."""
 
-    transform: sitk.Transform  # native LPS point -> truth LPS point
+    transform: sitk.Transform  # native LPS point -> truth LPS point (rigid)
     grid: sitk.Image  # empty reference image of the native grid
+    shift_mm: np.ndarray | None = None  # EPI shift along the second axis (mm, nibabel order)
+
+    def sampling_transform(self) -> sitk.Transform:
+        """Native point -> truth point, including the EPI shift when there is one."""
+        if self.shift_mm is None:
+            return self.transform
+        axis = np.asarray(self.grid.GetDirection(), float).reshape(3, 3)[:, 1]
+        vectors = self.shift_mm.transpose(2, 1, 0)[..., None] * axis  # sitk (z, y, x) order
+        field = sitk.GetImageFromArray(vectors.astype(np.float64), isVector=True)
+        field.CopyInformation(self.grid)
+        # CompositeTransform applies the last transform first: shift, then the rigid pose
+        return sitk.CompositeTransform([self.transform, sitk.DisplacementFieldTransform(field)])
+
+    def jacobian(self) -> np.ndarray | float:
+        """Intensity factor of the EPI shift (signal piles up where the shift compresses)."""
+        if self.shift_mm is None:
+            return 1.0
+        spacing = self.grid.GetSpacing()[1]
+        return np.clip(1.0 + np.gradient(self.shift_mm, spacing, axis=1), 0.2, None).astype(
+            np.float32)
+
+
+def epi_shift(grid: sitk.Image, max_shift_mm: float, rng: np.random.Generator) -> np.ndarray:
+    """A smooth susceptibility-like shift (mm) along the phase-encode (second) axis of an EPI
+    grid, nibabel order: Gaussian-smoothed noise (sigma 25 mm) scaled to a largest absolute
+    shift of ``max_shift_mm``."""
+    from scipy import ndimage
+
+    size = grid.GetSize()
+    sigma = [25.0 / s for s in grid.GetSpacing()]
+    field = ndimage.gaussian_filter(rng.standard_normal(size), sigma, mode="nearest")
+    return (field * (max_shift_mm / max(float(np.abs(field).max()), 1e-12))).astype(np.float32)
 
 
 def native_grid(kind: str, grid: str, center_lps: np.ndarray, rng: np.random.Generator):
@@ -140,7 +175,8 @@ def resample_to_native(
         sigma = fwhm / 2.3548
         if np.any(sigma > 0.05):
             img = sitk.SmoothingRecursiveGaussian(img, [float(max(s, 0.05)) for s in sigma])
-    out = sitk.Resample(img, pose.grid, pose.transform, interpolator, 0.0, sitk.sitkFloat32)
+    out = sitk.Resample(img, pose.grid, pose.sampling_transform(), interpolator, 0.0,
+                        sitk.sitkFloat32)
     return from_sitk(out).astype(np.float32)
 
 
@@ -186,7 +222,7 @@ def acquire_dwi(
     """
     b0 = resample_to_native(truth.b0, affine, pose) * np.float32(B0_SCALE)
     dw = resample_to_native(truth.dwi, affine, pose) * np.float32(B0_SCALE)
-    bias = bias_field(b0.shape, rng)
+    bias = bias_field(b0.shape, rng) * pose.jacobian()
     wm_b1000 = B0_SCALE * B0["wm"] * np.exp(-B_VALUE * 1e-6 * ADC_UM2_S["wm"])
     sigma = wm_b1000 / DWI_B1000_SNR
     vols = [rician(b0 * bias, sigma, rng)]
@@ -236,7 +272,8 @@ def native_labels(labels: np.ndarray, mask_native: np.ndarray, affine: np.ndarra
 
     img = to_sitk(labels.astype(np.int32), affine)
     out = from_sitk(
-        sitk.Resample(img, pose.grid, pose.transform, sitk.sitkNearestNeighbor, 0, sitk.sitkInt32)
+        sitk.Resample(img, pose.grid, pose.sampling_transform(), sitk.sitkNearestNeighbor, 0,
+                      sitk.sitkInt32)
     )
     if mask_native.any() and out.any():
         _, idx = ndimage.distance_transform_edt(out == 0, return_indices=True)

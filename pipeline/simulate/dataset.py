@@ -83,6 +83,7 @@ def simulate_dataset(
     grid: str = "clinical",
     days: tuple[float, ...] | None = None,
     config: Config | None = None,
+    epi_distortion_mm: float = 0.0,
 ) -> list[str]:
     """Write a phantom BIDS dataset and its ground truth into ``out_dir``.
 
@@ -104,6 +105,10 @@ def simulate_dataset(
     config : Config, optional
         Pipeline configuration whose thresholds define the truth masks; default
         :func:`pipeline.config.load_config`.
+    epi_distortion_mm : float
+        Largest EPI-like shift of the DWI along its phase-encode axis (mm); 0 (default) = none.
+        The shift of each session is written to the truth as ``*_desc-epishift_dwimap`` and the
+        DWI truth masks follow it; the truth transforms stay the rigid poses.
 
     Returns
     -------
@@ -122,6 +127,8 @@ def simulate_dataset(
         raise ValueError(f"unknown grid {grid!r}; choose one of {sorted(acq.GRIDS)}")
     if n_subjects < 1:
         raise ValueError("n_subjects must be at least 1")
+    if not 0.0 <= epi_distortion_mm <= 10.0:
+        raise ValueError(f"epi_distortion_mm must be within 0-10 mm, got {epi_distortion_mm}")
     days = tuple(float(d) for d in (DEFAULT_DAYS if days is None else days))
     if not days or days[0] != 0 or np.any(np.diff(days) <= 0):
         raise ValueError(f"days must start at 0 and increase strictly, got {days}")
@@ -135,7 +142,7 @@ def simulate_dataset(
     for i, sub in enumerate(labels):
         model = models[i % len(models)]
         unit = acq.ADC_UNITS[i % len(acq.ADC_UNITS)]
-        _simulate_subject(out, sub, model, unit, seed, i, grid, days, config)
+        _simulate_subject(out, sub, model, unit, seed, i, grid, days, config, epi_distortion_mm)
         rows.append({"participant_id": f"sub-{sub}", "group": model})
     _write_dataset_files(out, preset, seed, grid, days, pd.DataFrame(rows))
     return labels
@@ -191,7 +198,7 @@ def _sidecars(grid: str) -> dict[str, dict]:
 
 def _simulate_subject(
     out: Path, sub: str, model: str, unit: str, seed: int, index: int, grid: str,
-    days: tuple[float, ...], config: Config,
+    days: tuple[float, ...], config: Config, epi_distortion_mm: float = 0.0,
 ) -> None:
     streams = np.random.SeedSequence([seed, index]).spawn(5)
     rng_anat, rng_les, rng_pose, rng_acq, rng_misc = (np.random.default_rng(s) for s in streams)
@@ -253,8 +260,12 @@ def _simulate_subject(
         rot_dwi, trans_dwi = rot @ drot, rot @ dtrans + trans
         pose_flair = acq.Pose(euler_transform(rot, trans, center_lps),
                               acq.native_grid("flair", grid, center_lps, rng_pose))
-        pose_dwi = acq.Pose(euler_transform(rot_dwi, trans_dwi, center_lps),
-                            acq.native_grid("dwi", grid, center_lps, rng_pose))
+        dwi_grid = acq.native_grid("dwi", grid, center_lps, rng_pose)
+        shift = None
+        if epi_distortion_mm > 0:  # own random stream: the undistorted phantom stays the same
+            shift = acq.epi_shift(dwi_grid, epi_distortion_mm,
+                                  np.random.default_rng([seed, index, k, 7]))
+        pose_dwi = acq.Pose(euler_transform(rot_dwi, trans_dwi, center_lps), dwi_grid, shift)
         poses.append((pose_flair, pose_dwi))
         flair = acq.acquire_flair(truth, affine, pose_flair, rng_acq)
         dwi, bvals, bvecs = acq.acquire_dwi(truth, affine, pose_dwi, n_dir, rng_acq)
@@ -280,6 +291,8 @@ def _simulate_subject(
                     acq.native_mask(anatomy.brain, affine, pose_flair).astype(np.uint8), aff_f)
         write_nifti(tdir / "dwi" / f"{prefix}_desc-brain_mask.nii.gz",
                     acq.native_mask(anatomy.brain, affine, pose_dwi).astype(np.uint8), aff_d)
+        if shift is not None:
+            write_nifti(tdir / "dwi" / f"{prefix}_desc-epishift_dwimap.nii.gz", shift, aff_d)
         write_nifti(tdir / "dwi" / f"{prefix}_space-truth_desc-true_rADC.nii.gz",
                     np.rint(np.nan_to_num(radc, nan=0.0) * 1000).astype(np.int16), affine,
                     slope=0.001)
@@ -294,6 +307,8 @@ def _simulate_subject(
             "flair_to_dwi_translation_mm": float(np.linalg.norm(dtrans)),
             "reference_adc_um2_s": ref.median_um2_s,
         })
+        if shift is not None:
+            poses_meta[-1]["dwi_epi_max_shift_mm"] = float(np.abs(shift).max())
 
     write_tsv(out / f"sub-{sub}" / f"sub-{sub}_sessions.tsv", pd.DataFrame({
         "session_id": [f"ses-{s}" for s in sessions],
