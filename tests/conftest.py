@@ -78,3 +78,86 @@ def sample_output(sample_run):
     if not (out / "group" / "group_desc-sessions_timeseries.tsv").exists():
         main([str(sample_run["bids"]), str(out), "group"])
     return out
+
+
+# --- the phantom cohort shared by tests/test_cohort.py and tests/test_slurm.py -----------------
+
+#: The cohort's subject whose first FLAIR is truncated (fails validation) and the good ones: the
+#: issue's 4-subject check (3 succeed), and the 3 subjects the Slurm test runs.
+COHORT_BROKEN = "02"
+COHORT_GOOD = ("01", "03", "04")
+
+
+@pytest.fixture(scope="session")
+def cohort_bids(tmp_path_factory) -> Path:
+    """4 phantom subjects (small grid, days 0 and 3); sub-02's first FLAIR cut to half its size.
+
+    Session-scoped and defined here (not in a test module) so that it is built once per test
+    session, however many modules use it.
+    """
+    from pipeline.cli import main
+
+    bids = tmp_path_factory.mktemp("cohort") / "bids"
+    assert main(["simulate", str(bids), "--preset", "mixed", "--subjects", "4", "--seed", "3",
+                 "--grid", "small", "--days", "0", "3"]) == 0
+    (flair, *_) = sorted((bids / f"sub-{COHORT_BROKEN}").glob("ses-*/anat/*_FLAIR.nii.gz"))
+    data = flair.read_bytes()
+    flair.write_bytes(data[: len(data) // 2])
+    return bids
+
+
+def summary_table(out: Path):
+    """OUTPUT_DIR/logs/run_summary.tsv as a DataFrame of strings."""
+    import pandas as pd
+
+    return pd.read_csv(out / "logs" / "run_summary.tsv", sep="\t", dtype=str,
+                       keep_default_na=False)
+
+
+def tables(out: Path, subjects=None) -> dict[str, bytes]:
+    """Every subject table of a derivatives folder (name -> bytes), optionally of some subjects."""
+    return {p.name: p.read_bytes() for p in sorted(Path(out).glob("sub-*/sub-*.tsv"))
+            if subjects is None or p.name.split("_")[0][4:] in subjects}
+
+
+def assert_same_tables(ours: Path, reference: Path, subjects) -> None:
+    """Same tables, columns, rows, ids and categories; numbers within 5 %.
+
+    Two runs of the pipeline are not bit-identical (multi-threaded ITK filters and registration
+    metrics differ in the last digits and propagate to volumes at the ~1 % level), so identity is
+    checked on everything but the floating-point values.
+    """
+    import numpy as np
+    import pandas as pd
+
+    names = sorted(tables(reference, subjects))
+    assert names and sorted(tables(ours, subjects)) == names
+    for name in names:
+        sub = name.split("_")[0]
+        a = pd.read_csv(ours / sub / name, sep="\t", na_values="n/a", dtype={"session": str})
+        b = pd.read_csv(reference / sub / name, sep="\t", na_values="n/a", dtype={"session": str})
+        assert list(a.columns) == list(b.columns) and a.shape == b.shape, name
+        for col in a.columns:
+            if pd.api.types.is_float_dtype(a[col]) and pd.api.types.is_float_dtype(b[col]):
+                assert np.allclose(a[col], b[col], rtol=0.05, atol=0.05, equal_nan=True), \
+                    f"{name} {col}: {a[col].tolist()} vs {b[col].tolist()}"
+            else:
+                assert a[col].tolist() == b[col].tolist(), f"{name} {col}"
+
+
+@pytest.fixture(scope="session")
+def cohort_run(cohort_bids) -> dict:
+    """The participant level (MultiProc, 2 processes) over the cohort, then the group level.
+
+    Run once per test session; the reference for the resume and Slurm tests. ``tables`` maps
+    every subject table's name to its bytes right after the run.
+    """
+    from pipeline.cli import main
+
+    root = cohort_bids.parent
+    out, work = root / "out", root / "work"
+    cmd = [str(cohort_bids), str(out), "participant", "-w", str(work), "--nprocs", "2"]
+    status = main(cmd)
+    group_status = main([str(cohort_bids), str(out), "group"])
+    return {"bids": cohort_bids, "out": out, "work": work, "status": status, "cmd": cmd,
+            "group_status": group_status, "summary": summary_table(out), "tables": tables(out)}

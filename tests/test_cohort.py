@@ -1,10 +1,11 @@
 """The participant level over a cohort: failures recorded, summary, resume, kill -9, group.
 
-One phantom cohort of 4 tiny subjects (small grid, days 0 and 3) where sub-02's FLAIR is a
-truncated file is run once (session-scoped: tests/test_slurm.py compares Slurm against it);
-the tests below read that run. The kill -9 test interrupts one subject in fresh folders and
-checks the rerun's tables against the uninterrupted run (ids and categories identical, numbers
-within 5 %: the pipeline is not bit-reproducible between runs, see assert_same_tables).
+The phantom cohort of tests/conftest.py (4 tiny subjects, days 0 and 3; sub-02's FLAIR is a
+truncated file) is run once per test session (MultiProc; tests/test_slurm.py compares Slurm
+against the same run); most tests below read that run. The kill -9 tests interrupt one subject in
+fresh folders and rerun it: what must hold after any interruption (nothing half-written
+published, finished work not redone, the rerun completes) is asserted strictly; byte-identical
+tables against the uninterrupted run is a known gap until runs are bit-reproducible.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import COHORT_BROKEN as BROKEN
+from conftest import COHORT_GOOD as GOOD
+from conftest import summary_table, tables
 
 from pipeline import runner
 from pipeline.bids import discover
@@ -29,67 +33,6 @@ from pipeline.config import load_config
 
 pytestmark = pytest.mark.slow
 LESIONLAPSE = str(Path(sys.executable).parent / "lesionlapse")
-BROKEN = "02"
-GOOD = ("01", "03", "04")
-
-
-def _summary(out: Path) -> pd.DataFrame:
-    return pd.read_csv(out / "logs" / "run_summary.tsv", sep="\t", dtype=str,
-                       keep_default_na=False)
-
-
-def tables(out: Path, subjects=None) -> dict[str, bytes]:
-    """Every subject table (name -> bytes)."""
-    return {p.name: p.read_bytes() for p in sorted(out.glob("sub-*/sub-*.tsv"))
-            if subjects is None or p.name[4:6] in subjects}
-
-
-def assert_same_tables(ours: Path, reference: Path, subjects) -> None:
-    """Same tables, rows, ids and categories; numbers within 5 %.
-
-    Two runs of the pipeline are not bit-identical (multi-threaded ITK filters and registration
-    metrics differ in the last digits and propagate to volumes at the ~1 % level), so identity is
-    checked on everything but the floating-point values.
-    """
-    import numpy as np
-
-    names = sorted(tables(reference, subjects))
-    assert names and sorted(tables(ours, subjects)) == names
-    for name in names:
-        sub = name.split("_")[0]
-        a = pd.read_csv(ours / sub / name, sep="\t", na_values="n/a", dtype={"session": str})
-        b = pd.read_csv(reference / sub / name, sep="\t", na_values="n/a", dtype={"session": str})
-        assert list(a.columns) == list(b.columns) and a.shape == b.shape, name
-        for col in a.columns:
-            if pd.api.types.is_float_dtype(a[col]) and pd.api.types.is_float_dtype(b[col]):
-                assert np.allclose(a[col], b[col], rtol=0.05, atol=0.05, equal_nan=True), \
-                    f"{name} {col}: {a[col].tolist()} vs {b[col].tolist()}"
-            else:
-                assert a[col].tolist() == b[col].tolist(), f"{name} {col}"
-
-
-@pytest.fixture(scope="session")
-def cohort_bids(tmp_path_factory) -> Path:
-    """4 phantom subjects, 2 sessions each; sub-02's first FLAIR cut to half its size."""
-    bids = tmp_path_factory.mktemp("cohort") / "bids"
-    assert main(["simulate", str(bids), "--preset", "mixed", "--subjects", "4", "--seed", "3",
-                 "--grid", "small", "--days", "0", "3"]) == 0
-    (flair, *_) = sorted((bids / f"sub-{BROKEN}").glob("ses-*/anat/*_FLAIR.nii.gz"))
-    data = flair.read_bytes()
-    flair.write_bytes(data[: len(data) // 2])
-    return bids
-
-
-@pytest.fixture(scope="session")
-def cohort_run(cohort_bids) -> dict:
-    """The participant level (MultiProc, 2 processes) over the cohort, then the group level."""
-    root = cohort_bids.parent
-    out, work = root / "out", root / "work"
-    cmd = [str(cohort_bids), str(out), "participant", "-w", str(work), "--nprocs", "2"]
-    status = main(cmd)
-    group_status = main([str(cohort_bids), str(out), "group"])
-    return {"bids": cohort_bids, "out": out, "work": work, "status": status, "cmd": cmd,
-            "group_status": group_status, "summary": _summary(out), "tables": tables(out)}
 
 
 def test_failing_subject_is_recorded_and_the_others_succeed(cohort_run):
@@ -156,7 +99,7 @@ def test_rerun_skips_completed_subjects_and_merges_the_summary(cohort_run):
     status = main([str(bids), str(out), "participant", "-w", str(cohort_run["work"]),
                    "--participant-label", GOOD[0]])
     assert status == 0
-    summary = _summary(out).set_index("subject")
+    summary = summary_table(out).set_index("subject")
     assert sorted(summary.index) == sorted((*GOOD, BROKEN))
     assert summary.loc[GOOD[0], "status"] == "up-to-date"
     assert summary.loc[BROKEN, "status"] == "failed"
@@ -213,12 +156,43 @@ def test_progress_line():
     assert not quiet.enabled
 
 
+def test_multiproc_gets_the_process_and_memory_limits():
+    """--nprocs and [resources] mem_gb (or --plugin-args memory_gb) reach Nipype's MultiProc,
+    which schedules nodes by their mem_gb/n_procs hints within these limits."""
+    from pipeline.cli import _plugin_settings, build_parser
+
+    config = load_config(None).replace("resources", nprocs=3, mem_gb=5.0)
+    args = build_parser().parse_args(["bids", "out", "participant", "--nprocs", "3"])
+    plugin, plugin_args = _plugin_settings(args, config)
+    assert plugin == "MultiProc"
+    assert plugin_args == {"n_procs": 3, "memory_gb": 5.0, "raise_insufficient": False}
+    args = build_parser().parse_args(["bids", "out", "participant",
+                                      "--plugin-args", '{"memory_gb": 1.5}'])
+    assert _plugin_settings(args, config)[1]["memory_gb"] == 1.5
+
+
 def test_unwritable_work_dir_is_refused(tmp_path, cohort_bids):
     blocker = tmp_path / "file"
     blocker.write_text("")
     status = main([str(cohort_bids), str(tmp_path / "out"), "participant", "-w",
                    str(blocker / "work"), "--participant-label", GOOD[0]])
     assert status == 2
+
+
+def test_config_dependent_input_checks_run_before_any_work(cohort_bids, tmp_path):
+    """The run's config reaches validation: a plausible ADC range that fits none of the units
+    refuses the scanner ADC map before any Nipype node runs (no workflow folder)."""
+    config = tmp_path / "narrow.toml"
+    config.write_text("[inputs]\nadc_plausible_min_um2_s = 4000.0\n"
+                      "adc_plausible_max_um2_s = 5000.0\n")
+    out, work = tmp_path / "out", tmp_path / "work"
+    status = main([str(cohort_bids), str(out), "participant", "-w", str(work),
+                   "--participant-label", GOOD[0], "--config", str(config)])
+    assert status == 1
+    row = summary_table(out).set_index("subject").loc[GOOD[0]]
+    assert row.status == "failed"
+    assert "_ADC.nii.gz" in row.error and "cannot detect the ADC unit" in row.error, row.error
+    assert not (work / f"sub_{GOOD[0]}_wf").exists(), "work started before validation failed"
 
 
 def _wait_for(predicate, timeout: float, proc) -> bool:
@@ -230,18 +204,22 @@ def _wait_for(predicate, timeout: float, proc) -> bool:
     return False
 
 
-# Known gap (issue 9, determinism): two runs of the same subject are not bit-identical and a
-# small FLAIR fragment can appear in one and not the other, changing the events table. The
-# resume itself works (the rerun completes and publishes); equality is what can fail.
-@pytest.mark.xfail(strict=False, reason="pipeline runs are not bit-reproducible yet")
-def test_kill_9_then_rerun_completes_with_identical_tables(cohort_run, tmp_path):
-    """Interrupt a participant run with SIGKILL (process group, like a lost node) while the
-    subject's workflow runs, then run the same command: it finishes from the cache and gives
-    the tables of the uninterrupted run."""
-    bids, sub = cohort_run["bids"], GOOD[0]
-    out, work = tmp_path / "out", tmp_path / "work"
+def _mtimes(paths) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in paths}
+
+
+@pytest.fixture(scope="module")
+def killed_and_rerun(cohort_run, tmp_path_factory) -> dict:
+    """A participant run over sub-01 (already complete: its published folder is copied from the
+    cohort run) and sub-03, killed with SIGKILL (whole process group, like a lost node) while
+    sub-03's workflow runs; then the same command again. Returns what was seen after each."""
+    bids, done, sub = cohort_run["bids"], GOOD[0], GOOD[1]
+    root = tmp_path_factory.mktemp("kill9")
+    out, work = root / "out", root / "work"
+    out.mkdir()
+    shutil.copytree(cohort_run["out"] / f"sub-{done}", out / f"sub-{done}")
     cmd = [LESIONLAPSE, str(bids), str(out), "participant", "-w", str(work),
-           "--participant-label", sub, "--nprocs", "2"]
+           "--participant-label", done, sub, "--nprocs", "2"]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     wf = work / f"sub_{sub}_wf"
@@ -250,16 +228,39 @@ def test_kill_9_then_rerun_completes_with_identical_tables(cohort_run, tmp_path)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert started, "the run ended before any node finished: nothing was interrupted"
-    assert not (out / f"sub-{sub}").exists(), "a half-written subject was published"
-    finished = {p: p.stat().st_mtime_ns for p in wf.glob("ses_*/*/result_*.pklz")}
-    summary = _summary(out).set_index("subject")
-    assert summary.loc[sub, "status"] == "running"  # what the interruption left
+    seen = {"done": done, "sub": sub, "out": out, "work": work, "started": started,
+            "published_after_kill": (out / f"sub-{sub}").exists(),
+            "status_after_kill": summary_table(out).set_index("subject").status.to_dict(),
+            "finished_nodes": _mtimes(wf.glob("ses_*/*/result_*.pklz")),
+            "done_files": _mtimes((out / f"sub-{done}").rglob("*"))}
+    seen["rerun"] = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    seen["status_after_rerun"] = summary_table(out).set_index("subject").status.to_dict()
+    return seen
 
-    rerun = subprocess.run(cmd, capture_output=True, text=True)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert_same_tables(out, cohort_run["out"], [sub])
-    assert {p: p.stat().st_mtime_ns for p in finished} == finished, "finished nodes ran again"
+
+def test_kill_9_leaves_nothing_half_written_and_the_rerun_resumes(killed_and_rerun, cohort_run):
+    k = killed_and_rerun
+    done, sub, out = k["done"], k["sub"], k["out"]
+    assert k["started"], "the run ended before any node finished: nothing was interrupted"
+    # after the kill: the interrupted subject is not published, the summary says so
+    assert not k["published_after_kill"], "a half-written subject was published"
+    assert k["status_after_kill"] == {done: "up-to-date", sub: "running"}
+    # the same command completes, resuming from the cache
+    assert k["rerun"].returncode == 0, k["rerun"].stdout[-2000:] + k["rerun"].stderr[-2000:]
+    assert k["status_after_rerun"] == {done: "up-to-date", sub: "ok"}
+    assert f"sub-{done}: up to date" in k["rerun"].stdout
+    assert _mtimes(k["done_files"]) == k["done_files"], "the completed subject was recomputed"
+    assert _mtimes(k["finished_nodes"]) == k["finished_nodes"], "finished nodes ran again"
+    assert sorted(tables(out, [sub])) == sorted(tables(cohort_run["out"], [sub]))
+    (subject,) = discover(cohort_run["bids"], [sub], None)
+    assert runner.is_up_to_date(subject, load_config(None), out)
     assert not (out / runner.STAGING).exists()
-    assert _summary(out).set_index("subject").loc[sub, "status"] == "ok"
-    shutil.rmtree(work, ignore_errors=True)
+
+
+# Known gap (issue 9, determinism): two runs of the same subject are not bit-identical (and a
+# small FLAIR fragment can appear in one and not the other, changing the events table). The
+# resume itself is checked strictly above; only equality with the uninterrupted run is xfail.
+@pytest.mark.xfail(strict=False, reason="pipeline runs are not bit-reproducible yet (issue 9)")
+def test_kill_9_rerun_tables_equal_the_uninterrupted_run(killed_and_rerun, cohort_run):
+    sub = killed_and_rerun["sub"]
+    assert tables(killed_and_rerun["out"], [sub]) == tables(cohort_run["out"], [sub])
