@@ -462,8 +462,9 @@ def test_partial_sessions_build_a_complete_workflow(tmp_path, files, absent, pre
     assert f"ses_day3_wf.{absent}" not in names and f"ses_day3_wf.{present}" in names
     assert "ses_day3_wf.dwi_to_flair" not in names and "ses_day0_wf.dwi_to_flair" in names
     seg = wf.get_node("segment")
-    assert type(seg.interface).__name__ == "SegmentIncompleteSessions"
-    assert len(seg.inputs.has_flair) == len(seg.inputs.has_dwi) == 2
+    assert type(seg.interface).__name__ == "SegmentSessions"
+    assert seg.inputs.has_flair == [True, absent != "prep_flair"]
+    assert seg.inputs.has_dwi == [True, absent != "prep_dwi"]
 
 
 def test_single_session_subject_builds(tmp_path):
@@ -647,3 +648,58 @@ def test_partial_sessions_end_to_end(tmp_path):
     assert np.isnan(table["adc_nawm_um2_s"].iloc[2])  # FLAIR-only: no ADC reference
     assert np.isnan(table["flair_volume_ml"].iloc[1])  # DWI-only: FLAIR not observed (n/a, not 0)
     assert table["flair_volume_ml"].iloc[[0, 2]].gt(0).all()
+
+
+def test_segment_sessions_with_missing_contrasts(tmp_path):
+    """SegmentSessions on [complete, FLAIR-only, DWI-only] sessions: the FLAIR lesion is found
+    where there is a FLAIR, restricted tissue where there is diffusion, and each missing
+    contrast gives empty masks, an all-NaN rADC and a NaN reference."""
+    from pipeline.interfaces.segmentation import SegmentSessions
+
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.mgrid[:40, :48, :48]
+    r = np.sqrt(((zz - 20) / 18.0) ** 2 + ((yy - 24) / 22.0) ** 2 + ((xx - 24) / 22.0) ** 2)
+    brain = r < 1.0
+    lesion = (zz - 20) ** 2 + (yy - 24) ** 2 + (xx - 30) ** 2 < 16
+    flair = np.where(brain, 100.0, 0.0) + np.where(lesion, 80.0, 0.0)
+    adc = np.where(brain, np.where(lesion, 350.0, 750.0), 0.0)
+    b0 = np.where(brain, 100.0, 0.0)
+    trace = b0 * np.exp(-1000e-6 * adc)
+    nan = np.full(brain.shape, np.nan)
+
+    def image(arr, name, noise=1.0):
+        arr = arr + rng.normal(0.0, noise, arr.shape) * brain if noise else arr
+        img = sitk.GetImageFromArray(arr.astype(np.float32))
+        img.SetSpacing((2.0, 2.0, 2.0))
+        path = str(tmp_path / f"{name}.nii.gz")
+        sitk.WriteImage(img, path)
+        return path
+
+    files = {key: [] for key in ("flair", "brain_mask", "b0", "trace", "adc")}
+    has_flair, has_dwi = [True, True, False], [True, False, True]
+    for i in range(3):
+        files["flair"].append(image(flair if has_flair[i] else nan, f"flair{i}", has_flair[i]))
+        files["brain_mask"].append(image(brain.astype(float), f"mask{i}", 0))
+        for key, arr in (("b0", b0), ("trace", trace), ("adc", adc)):
+            files[key].append(image(arr if has_dwi[i] else nan, f"{key}{i}", has_dwi[i]))
+    cfg = CONFIG.to_dict()
+    res = SegmentSessions(**files, has_flair=has_flair, has_dwi=has_dwi, labels=["a", "b", "c"],
+                          segmentation=cfg["segmentation"], dynamics=cfg["dynamics"]).run(
+        cwd=str(tmp_path))
+    out = res.outputs
+
+    def arr(path):
+        from pipeline.io import read_image  # keeps NaN, unlike ITK's reader
+
+        return sitk.GetArrayFromImage(read_image(path))
+
+    flair_found = [arr(p) > 0 for p in out.flair_lesion]
+    restricted = [arr(p) > 0 for p in out.restricted]
+    for i in (0, 1):  # FLAIR sessions find the lesion, jointly
+        assert (flair_found[i] & lesion).sum() > 0.5 * lesion.sum()
+    assert not flair_found[2].any()
+    for i in (0, 2):  # diffusion sessions find the restriction with a finite reference
+        assert (restricted[i] & lesion).sum() > 0.5 * lesion.sum()
+        assert np.isfinite(json.loads(Path(out.references[i]).read_text())["median_um2_s"])
+    assert not restricted[1].any() and np.isnan(arr(out.radc[1])).all()
+    assert np.isnan(json.loads(Path(out.references[1]).read_text())["median_um2_s"])

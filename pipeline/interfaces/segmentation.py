@@ -12,6 +12,7 @@ from nipype.interfaces.base import (
     OutputMultiObject,
     SimpleInterface,
     TraitedSpec,
+    isdefined,
     traits,
 )
 
@@ -20,10 +21,15 @@ from pipeline.interfaces.base import array, like, read, save, save_json, spacing
 
 
 class _SegmentSessionsInputSpec(BaseInterfaceInputSpec):
-    flair = InputMultiObject(File(exists=True), mandatory=True, desc="FLAIR per session")
+    flair = InputMultiObject(File(exists=True), mandatory=True,
+                             desc="FLAIR per session (all-NaN placeholder where missing)")
     brain_mask = InputMultiObject(File(exists=True), mandatory=True)
     trace = InputMultiObject(File(exists=True), mandatory=True, desc="trace DWI per session")
     adc = InputMultiObject(File(exists=True), mandatory=True, desc="ADC (um^2/s) per session")
+    b0 = InputMultiObject(File(exists=True),
+                          desc="b0 per session: reference regions of sessions without FLAIR")
+    has_flair = traits.List(traits.Bool, desc="per session: FLAIR present (default: all)")
+    has_dwi = traits.List(traits.Bool, desc="per session: diffusion present (default: all)")
     labels = traits.List(traits.Str, mandatory=True)
     segmentation = traits.Dict(mandatory=True, desc="the [segmentation] section")
     dynamics = traits.Dict(mandatory=True, desc="the [dynamics] section")
@@ -45,6 +51,15 @@ class SegmentSessions(SimpleInterface):
     (:func:`pipeline.core.segmentation.nawm_candidates`, ``nawm_reference_mask``), away from
     every lesion of every session: a first pass excludes the FLAIR lesions, a second pass also
     the restricted tissue found by the first.
+
+    Sessions may lack a contrast (``has_flair`` / ``has_dwi``):
+
+    * FLAIR lesions come from the sessions with a FLAIR, segmented jointly; where diffusion is
+      missing, CSF is found from the FLAIR alone. A session without FLAIR has an empty mask.
+    * A session without FLAIR takes its reference regions (CSF, deep tissue, NAWM candidates)
+      from its b0, which like FLAIR shows white matter as the darkest non-CSF tissue.
+    * A session without diffusion has empty restricted / shine-through / NAWM masks, an
+      all-NaN rADC and a NaN NAWM reference.
     """
 
     input_spec = _SegmentSessionsInputSpec
@@ -52,33 +67,55 @@ class SegmentSessions(SimpleInterface):
 
     def _run_interface(self, runtime):
         s, d = self.inputs.segmentation, self.inputs.dynamics
+        n = len(self.inputs.labels)
+        has_flair = list(self.inputs.has_flair) if isdefined(self.inputs.has_flair) else [True] * n
+        has_dwi = list(self.inputs.has_dwi) if isdefined(self.inputs.has_dwi) else [True] * n
+        b0_files = list(self.inputs.b0) if isdefined(self.inputs.b0) else []
+        for name, value in (("flair", self.inputs.flair), ("brain_mask", self.inputs.brain_mask),
+                            ("trace", self.inputs.trace), ("adc", self.inputs.adc),
+                            ("has_flair", has_flair), ("has_dwi", has_dwi)):
+            if len(value) != n:
+                raise ValueError(f"{name}: {len(value)} entries for {n} sessions")
+        if not all(has_flair) and len(b0_files) != n:
+            raise ValueError("sessions without FLAIR need the b0 of every session (input b0)")
         ref_img = read(self.inputs.flair[0])
         spacing = spacing_zyx(ref_img)
-        flairs = [array(read(f)) for f in self.inputs.flair]
         brains = [array(read(f)) > 0 for f in self.inputs.brain_mask]
-        traces = [array(read(f)) for f in self.inputs.trace]
-        adcs = [array(read(f)) for f in self.inputs.adc]
+        adcs = [array(read(f)) if ok else None for f, ok in zip(self.inputs.adc, has_dwi)]
+        # the image that sets each session's reference regions: its FLAIR, else its b0
+        anat = [array(read(self.inputs.flair[i] if has_flair[i] else b0_files[i]))
+                for i in range(n)]
         maps = [
             seg.flair_session_maps(
-                f, b, a, csf_adc_min_um2_s=s["reference_csf_adc_min_um2_s"],
+                a, b, adc, csf_adc_min_um2_s=s["reference_csf_adc_min_um2_s"],
                 csf_flair_max_ratio=s["csf_flair_max_ratio"],
                 reference_csf_margin_mm=s["reference_csf_margin_mm"],
                 reference_depth_mm=s["reference_depth_mm"], cortex_rim_mm=s["cortex_rim_mm"],
                 csf_rim_mm=s["csf_rim_mm"], spacing_mm=spacing)
-            for f, b, a in zip(flairs, brains, adcs)
+            for a, b, adc in zip(anat, brains, adcs)
         ]
-        lesions = seg.hysteresis_series(
-            maps, brains, z_seed=s["flair_z_seed"], z_grow=s["flair_z_grow"],
+        del anat
+        with_flair = [i for i in range(n) if has_flair[i]]
+        lesions = [np.zeros(brains[i].shape, bool) for i in range(n)]
+        joint = seg.hysteresis_series(
+            [maps[i] for i in with_flair], [brains[i] for i in with_flair],
+            z_seed=s["flair_z_seed"], z_grow=s["flair_z_grow"],
             gm_z_seed=s["flair_gm_z_seed"], gm_z_grow=s["flair_gm_z_grow"],
             min_lesion_volume_mm3=s["min_lesion_volume_mm3"], spacing_mm=spacing)
+        for i, mask in zip(with_flair, joint):
+            lesions[i] = mask
         # NAWM candidates from the same maps: deep parenchyma at most nawm_flair_z_max above
         # its FLAIR mode (white matter is the darkest non-CSF tissue on FLAIR).
         cands = [m.deep & (m.z_wm <= s["nawm_flair_z_max"]) for m in maps]
         del maps
+        traces = [array(read(f)) if ok else None for f, ok in zip(self.inputs.trace, has_dwi)]
 
         def restricted_pass(exclude):
             out = []
             for cand, trace, adc, brain in zip(cands, traces, adcs, brains):
+                if adc is None:
+                    out.append(None)
+                    continue
                 nawm = seg.nawm_reference_mask(
                     adc, cand, exclude, lesion_margin_mm=d["nawm_lesion_margin_mm"],
                     trim_sd=s["nawm_adc_trim_sd"], spacing_mm=spacing)
@@ -91,19 +128,28 @@ class SegmentSessions(SimpleInterface):
             return out
 
         first = restricted_pass(lesions)
-        results = restricted_pass(lesions + [r.restricted for _, r in first])
+        results = restricted_pass(lesions + [r[1].restricted for r in first if r is not None])
 
         outs = {k: [] for k in ("flair_lesion", "restricted", "shine_through", "radc", "nawm", "references")}
-        for i, (lesion, (nawm, res)) in enumerate(zip(lesions, results)):
-            def put(key, arr, dtype):
-                outs[key].append(save(like(arr.astype(dtype), ref_img), runtime, f"{key}_{i:02d}.nii.gz", dtype))
-            put("flair_lesion", lesion, np.uint8)
-            put("restricted", res.restricted, np.uint8)
-            put("shine_through", res.shine_through, np.uint8)
-            put("radc", res.radc, np.float32)  # NaN outside the brain
-            put("nawm", nawm, np.uint8)
-            outs["references"].append(
-                save_json(dataclasses.asdict(res.reference_adc), runtime, f"reference_{i:02d}.json")
-            )
+        def put(key, i, arr, dtype):
+            name = f"{key}_{i:02d}.nii.gz"
+            outs[key].append(save(like(arr.astype(dtype), ref_img), runtime, name, dtype))
+
+        for i, (lesion, result) in enumerate(zip(lesions, results)):
+            put("flair_lesion", i, lesion, np.uint8)
+            if result is None:  # no diffusion in this session
+                empty = np.zeros(lesion.shape, np.uint8)
+                for key in ("restricted", "shine_through", "nawm"):
+                    put(key, i, empty, np.uint8)
+                put("radc", i, np.full(lesion.shape, np.nan, np.float32), np.float32)
+                reference = {"median_um2_s": float("nan"), "iqr_um2_s": float("nan"), "n_voxels": 0}
+            else:
+                nawm, res = result
+                put("restricted", i, res.restricted, np.uint8)
+                put("shine_through", i, res.shine_through, np.uint8)
+                put("radc", i, res.radc, np.float32)  # NaN outside the brain
+                put("nawm", i, nawm, np.uint8)
+                reference = dataclasses.asdict(res.reference_adc)
+            outs["references"].append(save_json(reference, runtime, f"reference_{i:02d}.json"))
         self._results.update(outs)
         return runtime

@@ -3,21 +3,20 @@
 Sessions may lack a contrast (FLAIR-only, DWI/ADC-only). :class:`LoadSession` then writes
 all-NaN placeholder images for the missing contrast on the grid of the present one, and marks
 them in its report (``missing``), so that every per-session list of the subject workflow keeps
-one entry per session. :class:`SegmentIncompleteSessions` segments such subjects: placeholder
-contrasts yield empty lesion masks, an all-NaN rADC and a NaN NAWM reference (NaN in tables).
+one entry per session. :class:`pipeline.interfaces.segmentation.SegmentSessions` segments such
+subjects: placeholder contrasts yield empty lesion masks, an all-NaN rADC and a NaN NAWM
+reference (n/a in tables).
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
-    InputMultiObject,
     SimpleInterface,
     TraitedSpec,
     traits,
@@ -26,7 +25,6 @@ from nipype.interfaces.base import (
 from pipeline.bids import read_json
 from pipeline.core import dwi as core_dwi
 from pipeline.interfaces.base import array, like, out_path, read, save, save_json
-from pipeline.interfaces.segmentation import _SegmentSessionsOutputSpec
 from pipeline.io import InputError, load_series, load_volume, nib_to_sitk, read_bvals_bvecs
 
 
@@ -203,107 +201,3 @@ def _compare(computed: np.ndarray, scanner: np.ndarray, adc_max_um2_s: float) ->
         "median_abs_difference_um2_s": float(np.median(np.abs(diff))),
         "median_ratio_computed_to_scanner": ratio if math.isfinite(ratio) else None,
     }
-
-
-class _SegmentIncompleteInputSpec(BaseInterfaceInputSpec):
-    flair = InputMultiObject(File(exists=True), mandatory=True, desc="FLAIR (or placeholder) per session")
-    brain_mask = InputMultiObject(File(exists=True), mandatory=True)
-    b0 = InputMultiObject(File(exists=True), mandatory=True, desc="b0 per session (subject space)")
-    trace = InputMultiObject(File(exists=True), mandatory=True)
-    adc = InputMultiObject(File(exists=True), mandatory=True)
-    has_flair = traits.List(traits.Bool, mandatory=True, desc="per session: FLAIR present")
-    has_dwi = traits.List(traits.Bool, mandatory=True, desc="per session: diffusion present")
-    labels = traits.List(traits.Str, mandatory=True)
-    segmentation = traits.Dict(mandatory=True, desc="the [segmentation] section")
-    dynamics = traits.Dict(mandatory=True, desc="the [dynamics] section")
-
-
-_SEG_OUTPUTS = ("flair_lesion", "restricted", "shine_through", "radc", "nawm", "references")
-
-
-class SegmentIncompleteSessions(SimpleInterface):
-    """Segment a subject whose sessions lack FLAIR or diffusion, with
-    :class:`pipeline.interfaces.segmentation.SegmentSessions` (same outputs, one per session).
-
-    * Sessions with a FLAIR are segmented jointly, as in ``SegmentSessions``. Those without
-      diffusion get a neutral stand-in (trace 1 everywhere, a smooth ADC ramp within the
-      tissue range, so that CSF is found from FLAIR alone): nothing computed from it is kept.
-    * Each session without FLAIR is segmented alone with its b0 (T2-weighted) standing in for
-      the FLAIR, which is used only for the CSF / deep-tissue reference regions; its FLAIR
-      lesion mask is empty.
-    * A missing contrast gives an empty mask, an all-NaN rADC and a NaN NAWM reference.
-    """
-
-    input_spec = _SegmentIncompleteInputSpec
-    output_spec = _SegmentSessionsOutputSpec  # the same outputs as SegmentSessions
-
-    def _run_interface(self, runtime):
-        ins = self.inputs
-        n = len(ins.labels)
-        for name in ("flair", "brain_mask", "b0", "trace", "adc", "has_flair", "has_dwi"):
-            if len(getattr(ins, name)) != n:
-                raise ValueError(f"{name}: {len(getattr(ins, name))} entries for {n} sessions")
-        grid = read(ins.flair[0])
-        outs: dict[str, list] = {k: [None] * n for k in _SEG_OUTPUTS}
-        cwd = Path(runtime.cwd)
-
-        with_flair = [i for i in range(n) if ins.has_flair[i]]
-        if with_flair:
-            trace, adc = [], []
-            for i in with_flair:
-                if ins.has_dwi[i]:
-                    trace.append(ins.trace[i])
-                    adc.append(ins.adc[i])
-                else:
-                    trace.append(self._standin(runtime, "trace", i, grid))
-                    adc.append(self._standin(runtime, "adc", i, grid))
-            res = self._segment(cwd / "with_flair", with_flair, [ins.flair[i] for i in with_flair],
-                                trace, adc)
-            for k, i in enumerate(with_flair):
-                outs["flair_lesion"][i] = res["flair_lesion"][k]
-                if ins.has_dwi[i]:
-                    for key in _SEG_OUTPUTS[1:]:
-                        outs[key][i] = res[key][k]
-        for i in range(n):
-            if not ins.has_flair[i]:
-                res = self._segment(cwd / f"without_flair_{i:02d}", [i], [ins.b0[i]],
-                                    [ins.trace[i]], [ins.adc[i]])
-                for key in _SEG_OUTPUTS[1:]:
-                    outs[key][i] = res[key][0]
-        empty = like(np.zeros(array(grid).shape, np.uint8), grid)
-        nan = _nan_like(grid)
-        for i in range(n):
-            for key in ("flair_lesion", "restricted", "shine_through", "nawm"):
-                if outs[key][i] is None:
-                    outs[key][i] = save(empty, runtime, f"{key}_missing_{i:02d}.nii.gz", np.uint8)
-            if outs["radc"][i] is None:
-                outs["radc"][i] = save(nan, runtime, f"radc_missing_{i:02d}.nii.gz")
-            if outs["references"][i] is None:
-                outs["references"][i] = save_json(
-                    {"median_um2_s": float("nan"), "iqr_um2_s": float("nan"), "n_voxels": 0},
-                    runtime, f"reference_missing_{i:02d}.json")
-        self._results.update(outs)
-        return runtime
-
-    def _standin(self, runtime, kind: str, i: int, grid: sitk.Image) -> str:
-        shape = array(grid).shape
-        if kind == "trace":
-            values = np.ones(shape, np.float32)
-        else:  # 700..900 um^2/s along the first axis: tissue-like, never CSF, never uniform
-            values = np.broadcast_to(
-                np.linspace(700, 900, shape[0], dtype=np.float32)[:, None, None], shape).copy()
-        return save(like(values, grid), runtime, f"{kind}_standin_{i:02d}.nii.gz")
-
-    def _segment(self, folder: Path, idx, flair, trace, adc) -> dict:
-        from pipeline.interfaces.segmentation import SegmentSessions
-
-        folder.mkdir(parents=True, exist_ok=True)
-        ins = self.inputs
-        result = SegmentSessions(
-            flair=flair, brain_mask=[ins.brain_mask[i] for i in idx], trace=trace, adc=adc,
-            labels=[ins.labels[i] for i in idx], segmentation=ins.segmentation,
-            dynamics=ins.dynamics,
-        ).run(cwd=str(folder))
-        # a one-element OutputMultiObject comes back as a plain string
-        return {key: [v] if isinstance(v := getattr(result.outputs, key), str) else list(v)
-                for key in _SEG_OUTPUTS}

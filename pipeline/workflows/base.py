@@ -15,8 +15,8 @@ from pipeline.config import Config
 from pipeline.interfaces.outputs import NativeMasks, WriteDerivatives
 from pipeline.interfaces.preprocess import PrepareImage
 from pipeline.interfaces.registration import RegisterImages, ResampleSession, SubjectSpace
-from pipeline.interfaces.session import LoadSession, SegmentIncompleteSessions
 from pipeline.interfaces.segmentation import SegmentSessions
+from pipeline.interfaces.session import LoadSession
 from pipeline.interfaces.tracking import TrackLesions
 
 SESSION_OUTPUTS = ("flair", "flair_mask", "b0", "trace", "adc", "dwi_mask", "dwi_to_flair",
@@ -135,8 +135,8 @@ def init_subject_wf(
     name
         Workflow name (default ``sub_<label>_wf``).
 
-    Sessions may lack FLAIR or diffusion (see :func:`init_session_wf`); segmentation then uses
-    :class:`pipeline.interfaces.session.SegmentIncompleteSessions`. Sessions on the same day are
+    Sessions may lack FLAIR or diffusion (see :func:`init_session_wf`); segmentation and tracking
+    are told which (``has_flair``, ``has_dwi``). Sessions on the same day are
     spread 0.001 day apart for tracking (:func:`pipeline.bids.tracking_days`).
 
     Outputs
@@ -188,20 +188,12 @@ def init_subject_wf(
         for field in RESAMPLED:
             workflow.connect(resample, field, resampled[field], f"in{i + 1}")
 
-    if all(has_flair) and all(has_dwi):
-        segment = pe.Node(
-            SegmentSessions(segmentation=cfg["segmentation"], dynamics=cfg["dynamics"],
-                            labels=labels),
-            name="segment", mem_gb=2.0,
-        )
-    else:  # sessions without FLAIR or without diffusion
-        segment = pe.Node(
-            SegmentIncompleteSessions(segmentation=cfg["segmentation"], dynamics=cfg["dynamics"],
-                                      labels=labels, has_flair=has_flair, has_dwi=has_dwi),
-            name="segment", mem_gb=2.0,
-        )
-        workflow.connect(resampled["b0"], "out", segment, "b0")
-    for field in ("flair", "brain_mask", "trace", "adc"):
+    segment = pe.Node(
+        SegmentSessions(segmentation=cfg["segmentation"], dynamics=cfg["dynamics"],
+                        labels=labels, has_flair=has_flair, has_dwi=has_dwi),
+        name="segment", mem_gb=2.0,
+    )
+    for field in ("flair", "brain_mask", "trace", "adc", "b0"):
         workflow.connect(resampled[field], "out", segment, field)
 
     track = pe.Node(
