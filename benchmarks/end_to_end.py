@@ -189,7 +189,7 @@ def bench(n_sessions: int, grid: str, nprocs: int, data: Path, root: Path,
 
 def _comparison(before: dict, after: dict, n: int) -> list[str]:
     """Before/after tables (whole run and per stage) for ``n`` sessions."""
-    b_run, a_run = before["runs"][str(n)], after["runs"][str(n)]
+    b_run, a_run = before["runs"].get(str(n), {}), after["runs"].get(str(n), {})
     keys = [k for k in a_run if k in b_run and k != "sessions"]
     run = pd.DataFrame({"before": [b_run[k] for k in keys], "after": [a_run[k] for k in keys]},
                        index=pd.Index(keys, name="measure"))
@@ -200,8 +200,12 @@ def _comparison(before: dict, after: dict, n: int) -> list[str]:
     if "peak_rss_gb" in b_st:
         st["before_rss_gb"] = b_st["peak_rss_gb"]
     st["after_rss_gb"] = a_st["peak_rss_gb"]
-    st = st.fillna(0.0).sort_values("before_s", ascending=False)
+    st[["before_s", "after_s"]] = st[["before_s", "after_s"]].fillna(0.0)
+    st = st.sort_values("before_s", ascending=False)
     st["after/before"] = st["after_s"] / st["before_s"].where(st["before_s"] > 0)
+    # shares of the node-time sum compare runs made under different machine loads
+    st["before_%"] = 100 * st["before_s"] / st["before_s"].sum()
+    st["after_%"] = 100 * st["after_s"] / st["after_s"].sum()
     st.index.name = "stage"
     return [
         f"## Before / after, {n} sessions",
