@@ -250,7 +250,8 @@ def main() -> int:
     if args.from_json:  # rebuild the report from earlier runs (e.g. run side by side)
         parts = [json.loads(p.read_text()) for p in args.from_json]
         raw = {"command": " and ".join(p["command"] for p in parts),
-               "machine": parts[-1]["machine"],
+               "machine": dict(next((p["machine"] for p in parts if "nproc" in p["machine"]),
+                                    parts[0]["machine"])),
                "runs": {k: v for p in parts for k, v in p["runs"].items()},
                "stages": {k: v for p in parts for k, v in p["stages"].items()}}
         raw["machine"]["load average"] = "; ".join(p["machine"]["load average"] for p in parts)
