@@ -245,6 +245,7 @@ def main() -> int:
     EXE_RUN = args.exe
     command = (f"`python benchmarks/end_to_end.py --sessions {' '.join(map(str, args.sessions))}"
                f" --grid {args.grid} --nprocs {args.nprocs}"
+               + (" --no-linear" if args.no_linear else "")
                + (f" --exe {args.exe}" if args.exe != EXE else "") + "`")
 
     if args.from_json:  # rebuild the report from earlier runs (e.g. run side by side)
