@@ -13,8 +13,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import make_skeleton
+
 from pipeline import cli
 from pipeline.bids import (
     BIDSError,
@@ -367,7 +367,7 @@ def test_orientations_give_same_volumes(tmp_path, flips, code):
     resampled = sitk.Resample(other, ras, sitk.Transform(), sitk.sitkNearestNeighbor)
     np.testing.assert_allclose(sitk.GetArrayFromImage(resampled), sitk.GetArrayFromImage(ras))
     voxel_ml = np.prod(ras.GetSpacing()) / 1000
-    vol = lambda img: (sitk.GetArrayViewFromImage(img) > 120).sum() * voxel_ml  # noqa: E731
+    vol = lambda img: (sitk.GetArrayViewFromImage(img) > 120).sum() * voxel_ml
     assert vol(other) == vol(ras) > 0
 
 
@@ -618,36 +618,57 @@ def test_read_image_keeps_nan_where_sitk_reader_does_not(tmp_path):
     assert read_image(mask).GetSize() == SHAPE
 
 
-# Known regression: since the mode-based FLAIR method (bf9bf44c), the stand-in diffusion
-# images of SegmentIncompleteSessions leave the FLAIR sessions of a partial subject with 0 mL.
-# The run itself completes and is quantified; the FLAIR volume assertion fails.
-@pytest.mark.xfail(strict=False, reason="partial subjects: FLAIR lesions lost with stand-ins")
-@pytest.mark.slow
-def test_partial_sessions_end_to_end(tmp_path):
-    """Phantom with day 0 complete, day 3 DWI-only, day 8 FLAIR-only: runs and is quantified."""
+@pytest.fixture(scope="module")
+def partial_run(tmp_path_factory):
+    """Seed-case phantom with day 0 complete, day 3 DWI-only, day 8 FLAIR-only, run once."""
     import shutil
     import subprocess
     import sys
 
+    tmp = tmp_path_factory.mktemp("partial")
     exe = str(Path(sys.executable).parent / "lesionlapse")
-    bids, out = tmp_path / "bids", tmp_path / "out"
+    bids, out = tmp / "bids", tmp / "out"
     subprocess.run([exe, "simulate", str(bids), "--preset", "seed-case", "--grid", "small",
                     "--days", "0", "3", "8"], check=True, capture_output=True, timeout=300)
     sessions = sorted(p for p in (bids / "sub-01").glob("ses-*"))
     shutil.rmtree(sessions[1] / "anat")
     shutil.rmtree(sessions[2] / "dwi")
-    proc = subprocess.run([exe, str(bids), str(out), "participant", "-w", str(tmp_path / "w"),
-                           "--nprocs", "2"], capture_output=True, text=True, timeout=1500)
-    summary = (out / "logs" / "run_summary.tsv").read_text()
-    assert proc.returncode == 0, summary
+    proc = subprocess.run([exe, str(bids), str(out), "participant", "-w", str(tmp / "w"),
+                           "--nprocs", "2"], capture_output=True, text=True, timeout=1500,
+                          check=False)
+    return proc, out
+
+
+def _partial_table(out):
     import pandas as pd
 
-    table = pd.read_csv(out / "sub-01" / "sub-01_desc-sessions_timeseries.tsv", sep="\t",
-                        na_values="n/a")
+    return pd.read_csv(out / "sub-01" / "sub-01_desc-sessions_timeseries.tsv", sep="\t",
+                       na_values="n/a")
+
+
+@pytest.mark.slow
+def test_partial_sessions_end_to_end(partial_run):
+    """A partial subject runs and is quantified; a missing contrast is n/a, never 0."""
+    proc, out = partial_run
+    assert proc.returncode == 0, (out / "logs" / "run_summary.tsv").read_text()
+    table = _partial_table(out)
     assert len(table) == 3
     assert np.isnan(table["adc_nawm_um2_s"].iloc[2])  # FLAIR-only: no ADC reference
+    assert np.isnan(table["restricted_volume_ml"].iloc[2])
     assert np.isnan(table["flair_volume_ml"].iloc[1])  # DWI-only: FLAIR not observed (n/a, not 0)
-    assert table["flair_volume_ml"].iloc[[0, 2]].gt(0).all()
+    assert table["restricted_volume_ml"].iloc[[0, 1]].gt(5).all()  # truth ~30 and ~55 mL
+    assert np.isfinite(table["adc_nawm_um2_s"].iloc[[0, 1]]).all()
+
+
+# Known gap (issue 5): without its day-45 session the seed case's FLAIR lesions of days 0-8
+# peaked at z ~ 5.0 against flair_z_seed = 5.0 (measured: 4.96 and 5.07 in two registrations
+# 0.01 mm apart), so no seed and 0 mL, while the truth has ~4 and ~70 mL.
+@pytest.mark.xfail(strict=False, reason="seed case days 0-8 alone: FLAIR lesions below z_seed")
+@pytest.mark.slow
+def test_partial_sessions_find_flair_lesions(partial_run):
+    proc, out = partial_run
+    assert proc.returncode == 0
+    assert _partial_table(out)["flair_volume_ml"].iloc[[0, 2]].gt(0).all()
 
 
 def test_segment_sessions_with_missing_contrasts(tmp_path):
