@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Nipype working directory (cache; default: OUTPUT_DIR/../lesionlapse_work)")
     p.add_argument("--nprocs", type=int, help="processes for MultiProc (default: config)")
     p.add_argument("--omp-nthreads", type=int, help="threads per process (default: config)")
+    p.add_argument("--mem-gb", type=float,
+                   help="memory MultiProc may schedule at once, GB (default: config)")
     p.add_argument("--reports-only", action="store_true",
                    help="rebuild the HTML reports from existing derivatives, run nothing else")
     p.add_argument("--plugin", default=None,
@@ -175,6 +177,17 @@ def _check_paths(bids_dir: Path, output_dir: Path) -> None:
                         "choose a folder you can write to") from None
 
 
+def config_from_args(args):
+    """The configuration file (or the defaults) with the command line's resource options."""
+    from pipeline.config import load_config
+
+    config = load_config(args.config)
+    for option in ("nprocs", "omp_nthreads", "mem_gb"):
+        if getattr(args, option) is not None:
+            config = config.replace("resources", **{option: getattr(args, option)})
+    return config
+
+
 def _plugin_settings(args, config) -> tuple[str, dict]:
     plugin = args.plugin or "MultiProc"
     plugin_args: dict = {}
@@ -198,16 +211,12 @@ def _plugin_settings(args, config) -> tuple[str, dict]:
 def run_participant(args) -> int:
     """Run every requested subject; a failing subject is recorded and the others go on."""
     from pipeline.bids import BIDSError, discover
-    from pipeline.config import ConfigError, load_config
+    from pipeline.config import ConfigError
     from pipeline.runner import run_subjects
 
     try:
         _check_paths(args.bids_dir, args.output_dir)
-        config = load_config(args.config)
-        if args.nprocs is not None:
-            config = config.replace("resources", nprocs=args.nprocs)
-        if args.omp_nthreads is not None:
-            config = config.replace("resources", omp_nthreads=args.omp_nthreads)
+        config = config_from_args(args)
         subjects = discover(args.bids_dir, _label_list(args.participant_label),
                             _label_list(args.session_label))
         plugin, plugin_args = _plugin_settings(args, config)

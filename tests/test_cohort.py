@@ -171,6 +171,19 @@ def test_multiproc_gets_the_process_and_memory_limits():
     assert _plugin_settings(args, config)[1]["memory_gb"] == 1.5
 
 
+def test_resource_options_override_the_config():
+    from pipeline.cli import _plugin_settings, build_parser, config_from_args
+
+    args = build_parser().parse_args(["bids", "out", "participant", "--nprocs", "4",
+                                      "--mem-gb", "3.5", "--omp-nthreads", "2"])
+    config = config_from_args(args)
+    assert (config.resources.nprocs, config.resources.mem_gb,
+            config.resources.omp_nthreads) == (4, 3.5, 2)
+    assert _plugin_settings(args, config)[1]["memory_gb"] == 3.5
+    defaults = config_from_args(build_parser().parse_args(["bids", "out", "participant"]))
+    assert defaults.resources == load_config(None).resources
+
+
 def test_unwritable_work_dir_is_refused(tmp_path, cohort_bids):
     blocker = tmp_path / "file"
     blocker.write_text("")
