@@ -4,8 +4,8 @@ The phantom cohort of tests/conftest.py (4 tiny subjects, days 0 and 3; sub-02's
 truncated file) is run once per test session (MultiProc; tests/test_slurm.py compares Slurm
 against the same run); most tests below read that run. The kill -9 tests interrupt one subject in
 fresh folders and rerun it: what must hold after any interruption (nothing half-written
-published, finished work not redone, the rerun completes) is asserted strictly; byte-identical
-tables against the uninterrupted run is a known gap until runs are bit-reproducible.
+published, finished work not redone, the rerun completes), and the resumed subject's tables
+are byte-identical to the uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -270,10 +270,7 @@ def test_kill_9_leaves_nothing_half_written_and_the_rerun_resumes(killed_and_rer
     assert not (out / runner.STAGING).exists()
 
 
-# Known gap (issue 9, determinism): two runs of the same subject are not bit-identical (and a
-# small FLAIR fragment can appear in one and not the other, changing the events table). The
-# resume itself is checked strictly above; only equality with the uninterrupted run is xfail.
-@pytest.mark.xfail(strict=False, reason="pipeline runs are not bit-reproducible yet (issue 9)")
+# Determinism (issue 9, pipeline.threads): the resumed subject's tables are byte-identical.
 def test_kill_9_rerun_tables_equal_the_uninterrupted_run(killed_and_rerun, cohort_run):
     sub = killed_and_rerun["sub"]
     assert tables(killed_and_rerun["out"], [sub]) == tables(cohort_run["out"], [sub])

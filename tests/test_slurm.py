@@ -3,8 +3,8 @@
 scripts/local_slurm.sh starts slurmctld, slurmd and munged in a temporary folder; the three
 good subjects of the phantom cohort of tests/conftest.py run through ``--plugin SLURM`` (one
 Slurm job per Nipype node, with the nodes' mem_gb/n_procs turned into --mem/--cpus-per-task)
-and must succeed with the MultiProc run's tables and columns; equal contents (ids and
-categories exactly, numbers within 5 %) is a known gap until runs are reproducible (issue 9).
+and must succeed with byte-identical tables to the MultiProc run (one ITK thread per process
+makes runs reproducible whatever the backend: pipeline.threads).
 The cohort and its MultiProc run are session fixtures shared with tests/test_cohort.py, so
 they are made once. Skips where it cannot be root or the slurm-wlm/munge packages are absent
 (``make test`` installs them as root).
@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from conftest import COHORT_GOOD as GOOD
-from conftest import assert_same_tables, tables
+from conftest import tables
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -111,12 +111,9 @@ def test_slurm_plugin_runs_the_cohort(slurm, slurm_run, cohort_run):
     assert {"512M", "2G"} <= mems, mems
 
 
-# Known gap (issue 9, determinism): two runs of the same subject are not reproducible, whatever
-# the backend; on 2026-11-24 a 2.9 ml FLAIR lesion of sub-01 was found by the MultiProc run and
-# not by the Slurm run, so even the tolerant comparison fails at times.
-@pytest.mark.xfail(strict=False, reason="pipeline runs are not reproducible yet (issue 9)")
+# Determinism (issue 9, pipeline.threads): every backend gives byte-identical tables.
 def test_slurm_tables_equal_multiproc(slurm_run, cohort_run):
-    assert_same_tables(slurm_run["out"], cohort_run["out"], GOOD)
+    assert tables(slurm_run["out"], GOOD) == tables(cohort_run["out"], GOOD)
 
 
 def test_work_dir_invisible_to_jobs_is_refused(slurm, cohort_bids, tmp_path):
