@@ -286,3 +286,22 @@ def test_csf_rim_trims_a_periventricular_lesion_but_keeps_it(rim_mm):
     assert not (m & (d <= rim_mm)).any()
     beyond = les & (d > rim_mm + 1)
     assert (m & beyond).sum() > 0.9 * beyond.sum()
+
+
+def test_farther_than_equals_whole_volume_distance_transform():
+    """The bounding-box shortcut gives exactly the thresholded whole-volume EDT."""
+    from scipy import ndimage
+
+    from pipeline.core.segmentation import farther_than
+
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        shape = tuple(int(n) for n in rng.integers(5, 40, 3))
+        mask = np.zeros(shape, bool)
+        for _ in range(int(rng.integers(1, 4))):
+            mask[tuple(int(rng.integers(0, n)) for n in shape)] = True
+        spacing = tuple(float(s) for s in rng.uniform(0.5, 3.0, 3))
+        distance = float(rng.uniform(0.0, 10.0))
+        whole = ndimage.distance_transform_edt(~mask, sampling=spacing) > distance
+        assert np.array_equal(farther_than(mask, distance, spacing), whole)
+    assert farther_than(np.zeros((4, 4, 4), bool), 2.0, (1.0, 1.0, 1.0)).all()

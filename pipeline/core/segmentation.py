@@ -219,8 +219,27 @@ def nawm_mask(
             raise ValueError(f"lesion mask shape {m.shape} differs from WM mask {wm.shape}")
         lesions |= m
     if lesions.any():
-        dist = ndimage.distance_transform_edt(~lesions, sampling=sp)
-        out = out & (dist > lesion_margin_mm)
+        out = out & farther_than(lesions, lesion_margin_mm, sp)
+    return out
+
+
+def farther_than(mask: np.ndarray, distance_mm: float, spacing_mm: tuple[float, ...]) -> np.ndarray:
+    """Voxels farther than ``distance_mm`` from every voxel of ``mask`` (bool).
+
+    Same result as thresholding the Euclidean distance transform of the whole volume, computed
+    only on the mask's bounding box grown by the distance: every voxel outside that box is
+    farther away along one axis alone, and inside it the nearest mask voxel is in the box.
+    """
+    mask = np.asarray(mask, bool)
+    out = np.ones(mask.shape, bool)
+    if not mask.any():
+        return out
+    pad = [int(np.ceil(distance_mm / s)) + 1 for s in spacing_mm]
+    box = tuple(
+        slice(max(int(idx.min()) - p, 0), min(int(idx.max()) + p + 1, n))
+        for idx, p, n in zip(np.nonzero(mask), pad, mask.shape)
+    )
+    out[box] = ndimage.distance_transform_edt(~mask[box], sampling=spacing_mm) > distance_mm
     return out
 
 
