@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from pipeline.core.segmentation import half_sample_mode
+
 #: ADC window (um^2/s) that counts as brain parenchyma, excluding CSF and background.
 TISSUE_ADC_WINDOW_UM2_S = (100.0, 1200.0)
 
@@ -106,8 +108,9 @@ def noise_sigma(image: np.ndarray, mask: np.ndarray) -> float:
 def dwi_snr(dwi: np.ndarray, bvals: np.ndarray, b0_threshold: float = 50.0) -> dict[str, float]:
     """ADC and noise summary of a 4D DWI.
 
-    Returns a dict with ``tissue_adc_um2_s`` (median parenchymal ADC), ``wm_adc_um2_s`` (25th
-    percentile of parenchymal ADC: white matter dominates the low end of the distribution), ``sigma_b1000`` (median
+    Returns a dict with ``tissue_adc_um2_s`` (median parenchymal ADC), ``wm_adc_um2_s`` (half-sample
+    mode of parenchymal ADC: white matter is the bulk of the parenchyma, and partial volume with
+    grey matter and CSF only adds a high tail, which the mode ignores), ``sigma_b1000`` (median
     noise SD of the single diffusion-weighted volumes), ``snr_b1000`` (median parenchymal signal
     of the single diffusion-weighted volumes over their noise SD) and ``b_value``.
     """
@@ -125,7 +128,7 @@ def dwi_snr(dwi: np.ndarray, bvals: np.ndarray, b0_threshold: float = 50.0) -> d
     values = adc[tissue]
     return {
         "tissue_adc_um2_s": tissue_adc_median(adc, tissue),
-        "wm_adc_um2_s": float(np.percentile(values, 25)) if values.size else float("nan"),
+        "wm_adc_um2_s": half_sample_mode(values) if values.size else float("nan"),
         "sigma_b1000": float(np.median(sigmas)),
         "snr_b1000": float(np.median(snrs)),
         "b_value": b_value,
