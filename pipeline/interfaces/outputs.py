@@ -21,7 +21,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from pipeline import __version__
+from pipeline import __version__, software_versions
 from pipeline.bids import derivative_name
 from pipeline.core import columns
 from pipeline.core import registration as core_reg
@@ -215,26 +215,11 @@ class WriteDerivatives(SimpleInterface):
             "day_source": ins.day_source,
             "config": ins.config,
             "version": __version__,
-            "software": _software_versions(),
+            "software": software_versions(),
         }
         _write_text(subj_dir / f"sub-{sub}_desc-qc_report.json", json.dumps(qc, indent=2))
         self._results["out_dir"] = str(root)
         return runtime
-
-
-def _software_versions() -> dict[str, str]:
-    """Versions of the libraries that computed the results (for the methods paragraph)."""
-    from importlib import metadata
-
-    names = ("lesionlapse", "numpy", "scipy", "SimpleITK", "nibabel", "nipype", "scikit-image",
-             "pandas")
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
 
 
 def _load(path: str):

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from importlib import metadata
-
 import pandas as pd
 
+from pipeline import software_versions as installed_versions
 from pipeline.reports.data import SubjectDerivatives
 
 CONTRASTS = (("flair", "FLAIR"), ("dwi", "DWI"), ("adc", "ADC"))
 QC_COLUMNS = ("registration", "final_metric", "similarity_after", "rotation_deg",
               "translation_mm")
-LIBRARIES = ("numpy", "SimpleITK", "nipype", "scipy", "nibabel", "pandas", "matplotlib")
 
 
 def _records(value) -> list[dict]:
@@ -112,13 +110,7 @@ def software_versions(qc: dict) -> tuple[dict[str, str], bool]:
     recorded = qc.get("software") or qc.get("versions")
     if isinstance(recorded, dict) and recorded:
         return {str(k): str(v) for k, v in recorded.items()}, True
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions, False
+    return installed_versions(), False
 
 
 def _get(config: dict, section: str, key: str, default="n/a"):
