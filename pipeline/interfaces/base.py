@@ -29,6 +29,14 @@ def save(img: sitk.Image, runtime, name: str, dtype=np.float32) -> str:
     return str(write_image(img, Path(out_path(runtime, name)), dtype=dtype))
 
 
+def session_flags(value, n: int, name: str) -> list[bool]:
+    """A per-session flag input (``has_flair``, ``has_dwi``): all True when not given."""
+    flags = list(value) if value else [True] * n  # undefined traits are falsy
+    if len(flags) != n:
+        raise ValueError(f"{name}: {len(flags)} entries for {n} sessions")
+    return flags
+
+
 def save_json(data, runtime, name: str) -> str:
     path = out_path(runtime, name)
     Path(path).write_text(json.dumps(data, indent=2, sort_keys=True, default=_jsonable))

@@ -17,7 +17,15 @@ from nipype.interfaces.base import (
 )
 
 from pipeline.core import segmentation as seg
-from pipeline.interfaces.base import array, like, read, save, save_json, spacing_zyx
+from pipeline.interfaces.base import (
+    array,
+    like,
+    read,
+    save,
+    save_json,
+    session_flags,
+    spacing_zyx,
+)
 
 
 class _SegmentSessionsInputSpec(BaseInterfaceInputSpec):
@@ -68,12 +76,11 @@ class SegmentSessions(SimpleInterface):
     def _run_interface(self, runtime):
         s, d = self.inputs.segmentation, self.inputs.dynamics
         n = len(self.inputs.labels)
-        has_flair = list(self.inputs.has_flair) if isdefined(self.inputs.has_flair) else [True] * n
-        has_dwi = list(self.inputs.has_dwi) if isdefined(self.inputs.has_dwi) else [True] * n
+        has_flair = session_flags(self.inputs.has_flair, n, "has_flair")
+        has_dwi = session_flags(self.inputs.has_dwi, n, "has_dwi")
         b0_files = list(self.inputs.b0) if isdefined(self.inputs.b0) else []
         for name, value in (("flair", self.inputs.flair), ("brain_mask", self.inputs.brain_mask),
-                            ("trace", self.inputs.trace), ("adc", self.inputs.adc),
-                            ("has_flair", has_flair), ("has_dwi", has_dwi)):
+                            ("trace", self.inputs.trace), ("adc", self.inputs.adc)):
             if len(value) != n:
                 raise ValueError(f"{name}: {len(value)} entries for {n} sessions")
         if not all(has_flair) and len(b0_files) != n:

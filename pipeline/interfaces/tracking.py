@@ -16,7 +16,7 @@ from nipype.interfaces.base import (
 
 from pipeline.core import dynamics, tracking
 from pipeline.core.dynamics import ReferenceADC
-from pipeline.interfaces.base import array, like, load_json, out_path, read, save
+from pipeline.interfaces.base import array, like, load_json, out_path, read, save, session_flags
 
 
 class _TrackLesionsInputSpec(BaseInterfaceInputSpec):
@@ -63,10 +63,8 @@ class TrackLesions(SimpleInterface):
         shine, adc, radc = load(ins.shine_through, bool), load(ins.adc, np.float32), load(ins.radc, np.float32)
         refs = [ReferenceADC(**load_json(f)) for f in ins.references]
         n = len(ins.labels)
-        has_flair = list(ins.has_flair) if ins.has_flair else [True] * n
-        has_dwi = list(ins.has_dwi) if ins.has_dwi else [True] * n
-        if len(has_flair) != n or len(has_dwi) != n:
-            raise ValueError(f"has_flair/has_dwi need {n} entries, one per session")
+        has_flair = session_flags(ins.has_flair, n, "has_flair")
+        has_dwi = session_flags(ins.has_dwi, n, "has_dwi")
 
         rows, ever = [], np.zeros_like(restricted[0])
         for i, label in enumerate(ins.labels):
