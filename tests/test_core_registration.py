@@ -159,14 +159,17 @@ def test_register_bit_identical_with_one_thread():
     assert out == here
 
 
-def test_register_two_threads_reproducible_to_micrometres(pair):
-    """With two threads ITK's threaded metric sums vary in the last digits from run to run
-    (measured: ~1e-6 rad, ~1e-5 mm; not bit-identical), far below any clinical effect."""
+def test_register_two_threads_reproducible_to_hundredths_of_a_mm(pair):
+    """With two threads ITK's threaded metric sums vary in the last digits from run to run and
+    the optimizer, stopped at its iteration cap on these heads, carries that into the result:
+    not bit-identical (that needs one thread, tested above). Measured worst-voxel differences
+    from ~1e-5 mm up to 1.1e-3 mm (one CI run); the bound is ten times that, still a
+    hundredth of a 1-mm voxel and far below any clinical effect."""
     a, b, g, ma, mb = pair
     p = dict(REG, n_threads=2)
     r1 = reg.register_rigid(b, a, fixed_mask=mb, moving_mask=ma, **p)
     r2 = reg.register_rigid(b, a, fixed_mask=mb, moving_mask=ma, **p)
-    assert reg.tre(r1.transform, r2.transform, mb)[1] < 1e-3
+    assert reg.tre(r1.transform, r2.transform, mb)[1] < 1e-2
 
 
 def test_correlation_metric(pair):
