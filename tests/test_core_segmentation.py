@@ -305,3 +305,21 @@ def test_farther_than_equals_whole_volume_distance_transform():
         whole = ndimage.distance_transform_edt(~mask, sampling=spacing) > distance
         assert np.array_equal(farther_than(mask, distance, spacing), whole)
     assert farther_than(np.zeros((4, 4, 4), bool), 2.0, (1.0, 1.0, 1.0)).all()
+
+
+def test_session_maps_domain_and_deep_follow_the_distance_definitions():
+    """The two distance maps are computed once and shared: deep tissue and lesion domain are
+    still exactly the thresholded whole-volume distance transforms."""
+    flair, adc, brain, _ = _brain(seed=7)
+    m = seg.flair_session_maps(
+        flair, brain, adc, csf_adc_min_um2_s=1500.0, csf_flair_max_ratio=0.5,
+        reference_csf_margin_mm=4.0, reference_depth_mm=6.0, cortex_rim_mm=2.0, csf_rim_mm=1.5,
+        spacing_mm=SP)
+    to_csf = ndimage.distance_transform_edt(~m.csf)
+    depth = ndimage.distance_transform_edt(brain)
+    assert m.csf.any() and m.domain.any()
+    np.testing.assert_array_equal(m.domain, brain & ~m.csf & (to_csf > 1.5) & (depth > 2.0))
+    np.testing.assert_array_equal(m.deep, brain & ~m.csf & (to_csf > 4.0) & (depth > 6.0))
+    np.testing.assert_array_equal(
+        m.deep, seg.deep_parenchyma(brain, m.csf, csf_margin_mm=4.0, surface_margin_mm=6.0,
+                                    spacing_mm=SP))

@@ -333,8 +333,11 @@ def flair_session_maps(
         raise ValueError("brain mask has fewer than 100 voxels with a finite FLAIR value")
     csf = csf_mask(flair, brain, adc_um2_s, csf_adc_min_um2_s=csf_adc_min_um2_s,
                    csf_flair_max_ratio=csf_flair_max_ratio)
+    # both distance maps once: they set the deep reference region and the lesion domain
+    distances = parenchyma_distances(brain, csf, sp)
     deep = deep_parenchyma(brain, csf, csf_margin_mm=reference_csf_margin_mm,
-                           surface_margin_mm=reference_depth_mm, spacing_mm=sp)
+                           surface_margin_mm=reference_depth_mm, spacing_mm=sp,
+                           distances=distances)
     if np.count_nonzero(deep) < 100:  # tiny or thin brains: all parenchyma
         deep = brain & ~csf
     ref = mode_reference(flair, deep)
@@ -343,11 +346,7 @@ def flair_session_maps(
     level = max(ref.median, outer_mode) if np.isfinite(outer_mode) else ref.median
     z_wm = ((flair - np.float32(ref.median)) / np.float32(ref.sd)).astype(np.float32)
     z = ((flair - np.float32(level)) / np.float32(ref.sd)).astype(np.float32)
-    dom = brain & ~csf
-    if csf_rim_mm > 0 and csf.any():
-        dom &= ndimage.distance_transform_edt(~csf, sampling=sp) > csf_rim_mm
-    if cortex_rim_mm > 0:
-        dom &= ndimage.distance_transform_edt(brain, sampling=sp) > cortex_rim_mm
+    dom = brain & ~csf & (distances.to_csf_mm > csf_rim_mm) & (distances.depth_mm > cortex_rim_mm)
     z_gm = z
     if np.isfinite(outer_mode):
         v = flair[outer]
@@ -591,6 +590,27 @@ def csf_mask(
     return csf | (rest & (flair < csf_flair_max_ratio * level))
 
 
+@dataclass(frozen=True)
+class ParenchymaDistances:
+    """Euclidean distances (mm, float64) used by :func:`deep_parenchyma` and the lesion domain."""
+
+    to_csf_mm: np.ndarray  #: distance to the nearest CSF voxel (inf everywhere without CSF)
+    depth_mm: np.ndarray  #: distance to the nearest voxel outside the brain mask (0 outside)
+
+
+def parenchyma_distances(
+    brain_mask: np.ndarray, csf: np.ndarray, spacing_mm: tuple[float, ...]
+) -> ParenchymaDistances:
+    """Distance to CSF and depth inside the brain mask (two Euclidean distance transforms, the
+    costly step of :func:`flair_session_maps`: computed once per session and shared)."""
+    brain = np.asarray(brain_mask, bool)
+    csf = np.asarray(csf, bool)
+    sp = _check_spacing(spacing_mm, brain.ndim)
+    to_csf = (ndimage.distance_transform_edt(~csf, sampling=sp) if csf.any()
+              else np.full(brain.shape, np.inf))
+    return ParenchymaDistances(to_csf, ndimage.distance_transform_edt(brain, sampling=sp))
+
+
 def deep_parenchyma(
     brain_mask: np.ndarray,
     csf: np.ndarray,
@@ -598,19 +618,18 @@ def deep_parenchyma(
     csf_margin_mm: float,
     surface_margin_mm: float,
     spacing_mm: tuple[float, ...],
+    distances: ParenchymaDistances | None = None,
 ) -> np.ndarray:
     """Brain voxels farther than ``csf_margin_mm`` from CSF and deeper than
     ``surface_margin_mm`` inside the brain mask: away from the partial-volume rims of
-    ventricles, sulci and cortex, i.e. mostly white matter (and deep grey nuclei)."""
+    ventricles, sulci and cortex, i.e. mostly white matter (and deep grey nuclei).
+    ``distances``: :func:`parenchyma_distances` of the same masks, when already computed."""
     brain = np.asarray(brain_mask, bool)
     csf = np.asarray(csf, bool)
-    sp = _check_spacing(spacing_mm, brain.ndim)
-    out = brain & ~csf
-    if csf.any():
-        out &= ndimage.distance_transform_edt(~csf, sampling=sp) > csf_margin_mm
-    if surface_margin_mm > 0:
-        out &= ndimage.distance_transform_edt(brain, sampling=sp) > surface_margin_mm
-    return out
+    if distances is None:
+        distances = parenchyma_distances(brain, csf, spacing_mm)
+    return (brain & ~csf & (distances.to_csf_mm > csf_margin_mm)
+            & (distances.depth_mm > surface_margin_mm))
 
 
 def nawm_candidates(
