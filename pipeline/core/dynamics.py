@@ -15,6 +15,15 @@ import pandas as pd
 from scipy import ndimage
 
 RESTRICTED, PSEUDONORMAL, ELEVATED = 1, 2, 3
+SHINE_THROUGH = 4
+#: Labels of the voxel-class image (:func:`voxel_class_image`): index -> (name, description).
+VOXEL_CLASS_LABELS = {
+    RESTRICTED: ("restricted", "rADC below restricted_below"),
+    PSEUDONORMAL: ("pseudonormal", "rADC from restricted_below up to elevated_above"),
+    ELEVATED: ("elevated", "rADC above elevated_above"),
+    SHINE_THROUGH: ("shinethrough", "T2 shine-through: DWI hyperintense, rADC not below "
+                    "restricted_below"),
+}
 
 
 @dataclass(frozen=True)
@@ -57,6 +66,32 @@ def classify_radc(radc: np.ndarray, restricted_below: float, elevated_above: flo
     out[radc > elevated_above] = ELEVATED
     out[~np.isfinite(radc)] = 0
     return out
+
+
+def voxel_class_image(
+    radc: np.ndarray,
+    lesion_tissue: np.ndarray,
+    shine_through: np.ndarray,
+    *,
+    restricted_below: float,
+    elevated_above: float,
+) -> np.ndarray:
+    """Diffusion class of every voxel of the lesion tissue (uint8, labels
+    :data:`VOXEL_CLASS_LABELS`).
+
+    Inside ``lesion_tissue`` (e.g. FLAIR lesion or ever-restricted): :func:`classify_radc`
+    (1 restricted, 2 pseudonormal, 3 elevated). Every ``shine_through`` voxel is 4 (its rADC
+    is at or above ``restricted_below`` by definition, so it would otherwise be 2 or 3).
+    0 elsewhere and where rADC is not finite. The segmentation's restricted mask is always
+    class 1 (it needs rADC below the cut-off); class 1 may be larger where tissue of the
+    lesion has a low rADC without being DWI hyperintense.
+    """
+    radc = np.asarray(radc)
+    classes = np.where(
+        np.asarray(lesion_tissue, bool), classify_radc(radc, restricted_below, elevated_above), 0
+    ).astype(np.uint8)
+    classes[np.asarray(shine_through, bool) & np.isfinite(radc)] = SHINE_THROUGH
+    return classes
 
 
 def restricted_mask(radc: np.ndarray, restricted_below: float) -> np.ndarray:

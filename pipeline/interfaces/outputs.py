@@ -23,7 +23,7 @@ from nipype.interfaces.base import (
 
 from pipeline import __version__, software_versions
 from pipeline.bids import derivative_name
-from pipeline.core import columns
+from pipeline.core import columns, dynamics
 from pipeline.core import registration as core_reg
 from pipeline.interfaces.base import array, like, read, save
 from pipeline.io import GZIP_LEVEL, atomic_path, write_image
@@ -93,6 +93,7 @@ class _WriteDerivativesInputSpec(BaseInterfaceInputSpec):
     shine_through = _files("T2 shine-through masks, subject space")
     flair_dseg = _files("FLAIR lesion ids, subject space")
     restricted_dseg = _files("restricted lesion ids, subject space")
+    diffusion_dseg = _files("diffusion voxel classes of the lesion tissue, subject space")
     native_flair_lesion = _files("FLAIR lesion masks, native FLAIR grid")
     native_restricted = _files("restricted masks, native DWI grid")
     subject_xfms = _files("session FLAIR -> subject transforms")
@@ -188,6 +189,15 @@ class WriteDerivatives(SimpleInterface):
                 dst = put(files[i], datatype, "dseg", {"Description": f"Persistent {kind} lesion ids"},
                           desc=kind)
                 _dseg_lut(files[i], dst)
+            dyn = ins.config["dynamics"]
+            dst = put(ins.diffusion_dseg[i], "dwi", "dseg", {
+                "Description": "Diffusion class of every voxel of the lesion tissue (FLAIR lesion "
+                "and every voxel restricted at this or an earlier session); 0 elsewhere",
+                "Labels": {str(k): f"{name}: {text}" for k, (name, text)
+                           in dynamics.VOXEL_CLASS_LABELS.items()},
+                "RestrictedBelow": dyn["restricted_below"], "ElevatedAbove": dyn["elevated_above"],
+            }, desc="diffusionclass")
+            _write_lut(dst, [(k, name) for k, (name, _) in dynamics.VOXEL_CLASS_LABELS.items()])
             put(ins.native_flair_lesion[i], "anat", "mask",
                 {"Type": "Lesion", "Description": "FLAIR lesion on the native FLAIR grid"},
                 space=None, label="lesion", desc="flair")
@@ -254,8 +264,13 @@ def _sidecar(image: Path, meta: dict) -> None:
 
 def _dseg_lut(dseg_file: str, dst: Path) -> None:
     ids = np.unique(array(read(dseg_file)))
-    ids = ids[ids > 0]
-    lut = pd.DataFrame({"index": ids.astype(int), "name": [f"lesion-{i}" for i in ids]})
+    _write_lut(dst, [(int(i), f"lesion-{i}") for i in ids[ids > 0]])
+
+
+def _write_lut(dst: Path, labels: list[tuple[int, str]]) -> None:
+    """The BIDS ``dseg.tsv`` look-up table (``index``, ``name``) beside a dseg image."""
+    lut = pd.DataFrame({"index": [i for i, _ in labels], "name": [n for _, n in labels]},
+                       columns=["index", "name"])
     with atomic_path(dst.with_name(dst.name.replace(".nii.gz", ".tsv"))) as tmp:
         lut.to_csv(tmp, sep="\t", index=False)
 

@@ -37,6 +37,9 @@ class _TrackLesionsInputSpec(BaseInterfaceInputSpec):
 class _TrackLesionsOutputSpec(TraitedSpec):
     flair_dseg = OutputMultiObject(File(), desc="per session: persistent FLAIR lesion ids")
     restricted_dseg = OutputMultiObject(File(), desc="per session: persistent restricted lesion ids")
+    diffusion_dseg = OutputMultiObject(
+        File(), desc="per session: diffusion voxel classes of the lesion tissue "
+        "(dynamics.VOXEL_CLASS_LABELS)")
     sessions_table = File(desc="one row per session")
     lesions_table = File(desc="one row per lesion per session")
     events_table = File(desc="one row per lesion per interval")
@@ -66,10 +69,17 @@ class TrackLesions(SimpleInterface):
         has_flair = session_flags(ins.has_flair, n, "has_flair")
         has_dwi = session_flags(ins.has_dwi, n, "has_dwi")
 
-        rows, ever = [], np.zeros_like(restricted[0])
+        rows, ever, class_files = [], np.zeros_like(restricted[0]), []
         for i, label in enumerate(ins.labels):
             if has_dwi[i]:
                 ever = ever | restricted[i]
+            # lesion tissue: FLAIR lesion and every voxel restricted so far (all-NaN rADC
+            # without diffusion: an empty image)
+            classes = dynamics.voxel_class_image(
+                radc[i], (flair[i] & has_flair[i]) | ever, shine[i] & has_dwi[i],
+                restricted_below=dyn["restricted_below"], elevated_above=dyn["elevated_above"])
+            class_files.append(save(like(classes, ref_img), runtime,
+                                    f"diffusion_dseg_{i:02d}.nii.gz", np.uint8))
             row = {"session": label, "day": ins.days[i]}
             row.update(dynamics.session_summary(
                 flair_lesion=flair[i], restricted=restricted[i], shine_through=shine[i],
@@ -79,6 +89,7 @@ class TrackLesions(SimpleInterface):
             ))
             rows.append(row)
         sessions = pd.DataFrame(rows)
+        self._results["diffusion_dseg"] = class_files
 
         lesion_tables, event_tables, lineage_tables = [], [], []
         for kind, masks, observed in (("flair", flair, has_flair),

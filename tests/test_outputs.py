@@ -1,0 +1,120 @@
+"""The diffusion voxel-class image (``desc-diffusionclass_dseg``): core rule, interface, and the
+derivative the participant level writes (sidecar, look-up table, values on the written rADC)."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from pipeline.config import load_config
+from pipeline.core import dynamics
+from pipeline.interfaces.tracking import TrackLesions
+
+CFG = load_config().to_dict()
+CUT = dict(restricted_below=0.75, elevated_above=1.15)
+
+
+def test_voxel_classes_follow_radc_inside_tissue_only():
+    radc = np.array([[[0.5, 0.9, 1.3, np.nan, 0.5, 0.9]]], np.float32)
+    tissue = np.array([[[1, 1, 1, 1, 0, 1]]], bool)
+    shine = np.array([[[0, 0, 0, 0, 0, 1]]], bool)
+    classes = dynamics.voxel_class_image(radc, tissue, shine, **CUT)
+    assert classes.dtype == np.uint8
+    assert classes.ravel().tolist() == [1, 2, 3, 0, 0, 4]
+
+
+def test_voxel_classes_give_the_pseudonormalized_fraction():
+    """Within the ever-restricted tissue, classes 2, 3 and 4 are the pseudonormalized voxels."""
+    rng = np.random.default_rng(0)
+    radc = rng.uniform(0.4, 1.4, (8, 9, 10)).astype(np.float32)
+    ever = rng.random(radc.shape) < 0.4
+    shine = (rng.random(radc.shape) < 0.2) & (radc >= CUT["restricted_below"])
+    classes = dynamics.voxel_class_image(radc, ever, shine, **CUT)
+    fraction = dynamics.pseudonormalized_fraction(ever, radc, CUT["restricted_below"])
+    assert np.isin(classes[ever], (2, 3, 4)).mean() == pytest.approx(fraction)
+    assert (classes[~ever & ~shine] == 0).all()
+
+
+def _image(tmp_path, name, arr):
+    img = sitk.GetImageFromArray(np.asarray(arr, np.float32))
+    img.SetSpacing((1.0, 1.0, 1.0))
+    path = str(tmp_path / f"{name}.nii.gz")
+    sitk.WriteImage(img, path)
+    return path
+
+
+def test_track_lesions_writes_voxel_classes_of_lesion_tissue(tmp_path):
+    """Day 0: a restricted cube inside a FLAIR lesion; day 8: the cube has pseudonormalized
+    (still lesion tissue: ever restricted), part of it DWI bright (shine-through)."""
+    shape = (12, 12, 12)
+    flair = np.zeros(shape, bool)
+    flair[2:8, 2:8, 2:8] = True
+    restricted0 = np.zeros(shape, bool)
+    restricted0[3:6, 3:6, 3:6] = True
+    radc0 = np.where(restricted0, 0.5, np.where(flair, 1.3, 1.0))
+    radc1 = np.where(restricted0, 0.9, 1.0)
+    radc1[10, 10, 10] = 0.5  # low outside any lesion tissue: not classified
+    shine1 = np.zeros(shape, bool)
+    shine1[3, 3:6, 3:6] = True
+    refs = []
+    for i in range(2):
+        refs.append(str(tmp_path / f"ref{i}.json"))
+        (tmp_path / f"ref{i}.json").write_text(
+            '{"median_um2_s": 800.0, "iqr_um2_s": 50.0, "n_voxels": 100}')
+    out = TrackLesions(
+        flair_lesion=[_image(tmp_path, "f0", flair), _image(tmp_path, "f1", np.zeros(shape))],
+        restricted=[_image(tmp_path, "r0", restricted0), _image(tmp_path, "r1", np.zeros(shape))],
+        shine_through=[_image(tmp_path, "s0", np.zeros(shape)), _image(tmp_path, "s1", shine1)],
+        adc=[_image(tmp_path, "a0", radc0 * 800), _image(tmp_path, "a1", radc1 * 800)],
+        radc=[_image(tmp_path, "q0", radc0), _image(tmp_path, "q1", radc1)], references=refs,
+        labels=["day0", "day8"], days=[0.0, 8.0], tracking=CFG["tracking"],
+        dynamics=CFG["dynamics"],
+    ).run(cwd=str(tmp_path)).outputs
+    day0, day8 = (sitk.GetArrayFromImage(sitk.ReadImage(f)) for f in out.diffusion_dseg)
+    assert (day0[restricted0] == 1).all() and (day0[flair & ~restricted0] == 3).all()
+    assert (day0[~flair] == 0).all()
+    assert (day8[shine1] == 4).all() and (day8[restricted0 & ~shine1] == 2).all()
+    assert int(np.count_nonzero(day8)) == int(restricted0.sum())  # FLAIR lesion gone at day 8
+    sessions = pd.read_csv(out.sessions_table, sep="\t")
+    assert sessions.pseudonormalized_fraction.tolist() == pytest.approx(
+        [np.isin(d[restricted0], (2, 3, 4)).mean() for d in (day0, day8)])
+
+
+@pytest.mark.slow
+def test_written_voxel_classes_match_the_written_maps(sample_run):
+    """Every session of the sample run: the written class image equals the core rule on the
+    written rADC, FLAIR lesion, restricted and shine-through masks; sidecar and dseg.tsv
+    list the four labels."""
+    assert sample_run["status"] == 0
+    out = sample_run["out"]
+    load = lambda p: np.asarray(nib.load(p).dataobj)  # noqa: E731
+    checked = 0
+    for sub_dir in sorted(out.glob("sub-*/")):
+        ever = None
+        for ses_dir in sorted(sub_dir.glob("ses-*")):
+            prefix = f"{sub_dir.name}_{ses_dir.name}_space-subject"
+            anat, dwi = ses_dir / "anat", ses_dir / "dwi"
+            radc = load(dwi / f"{prefix}_desc-relative_ADC.nii.gz").astype(np.float32)
+            flair = load(anat / f"{prefix}_label-lesion_desc-flair_mask.nii.gz") > 0
+            restricted = load(dwi / f"{prefix}_label-lesion_desc-restricted_mask.nii.gz") > 0
+            shine = load(dwi / f"{prefix}_label-shinethrough_desc-dwi_mask.nii.gz") > 0
+            ever = restricted if ever is None else ever | restricted
+            image = dwi / f"{prefix}_desc-diffusionclass_dseg.nii.gz"
+            got = load(image)
+            want = dynamics.voxel_class_image(radc, flair | ever, shine,
+                                              **{k: CFG["dynamics"][k] for k in CUT})
+            np.testing.assert_array_equal(got, want)
+            assert (got[restricted] == 1).all()
+            meta = json.loads(image.with_name(image.name.replace(".nii.gz", ".json")).read_text())
+            names = [name for name, _ in dynamics.VOXEL_CLASS_LABELS.values()]
+            assert [v.split(":")[0] for v in meta["Labels"].values()] == names
+            assert meta["SpatialReference"].endswith("_space-subject_desc-brain_mask.nii.gz")
+            lut = pd.read_csv(image.with_name(image.name.replace(".nii.gz", ".tsv")), sep="\t")
+            assert lut["index"].tolist() == [1, 2, 3, 4] and lut["name"].tolist() == names
+            checked += 1
+    assert checked >= 4
