@@ -231,6 +231,7 @@ def init_subject_wf(
         (segment, sink, [("radc", "radc"), ("flair_lesion", "flair_lesion"),
                          ("restricted", "restricted"), ("shine_through", "shine_through")]),
         (track, sink, [("flair_dseg", "flair_dseg"), ("restricted_dseg", "restricted_dseg"),
+                       ("diffusion_dseg", "diffusion_dseg"),
                        ("sessions_table", "sessions_table"), ("lesions_table", "lesions_table"),
                        ("events_table", "events_table"), ("lineage_table", "lineage_table"),
                        ("summary_table", "summary_table")]),
