@@ -343,3 +343,30 @@ def test_b0_like_contrast_on_thick_slices(pair):
                                       seed=3)))
     res = reg.register_rigid(a, b, fixed_mask=ma, **REG)  # A points -> B points
     assert reg.tre(res.transform, reg.invert_transform(g), ma)[0] < 0.8
+
+
+def test_subject_space_same_with_parallel_registrations(sessions):
+    # registrations of one step run in threads (n_workers) on shared cached pyramids: with one
+    # ITK thread each, the transforms are bit-identical to the serial run's
+    imgs, masks, _ = sessions
+    params = dict(REG, iterations=30, n_threads=1)
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    runs = [reg.build_subject_space(imgs, masks, spacing_mm=2.0, template_iterations=1,
+                                    template_spacing_mm=3.0, n_workers=w, **params)
+            for w in (1, 3)]
+    assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == before
+    (ts1, _, qc1), (ts3, _, qc3) = runs
+    assert [t.GetParameters() for t in ts1] == [t.GetParameters() for t in ts3]
+    assert [q.final_metric for q in qc1] == [q.final_metric for q in qc3]
+
+
+def test_pyramid_cache_gives_the_same_registration(pair):
+    a, b, _, ma, mb = pair
+    params = dict(REG, iterations=30, n_threads=1)
+    plain = reg.register_rigid(a, b, fixed_mask=ma, moving_mask=mb, **params)
+    cache: dict = {}
+    for _ in range(2):  # the second call uses the cached pyramids
+        cached = reg.register_rigid(a, b, fixed_mask=ma, moving_mask=mb, pyramid_cache=cache,
+                                    **params)
+        assert cached.transform.GetParameters() == plain.transform.GetParameters()
+    assert sum(1 for k in cache if k[0] != "lock") == 2  # one pyramid per image

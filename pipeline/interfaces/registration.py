@@ -92,7 +92,9 @@ class _SubjectSpaceInputSpec(BaseInterfaceInputSpec):
     masks = InputMultiObject(File(exists=True), desc="brain masks, one per session")
     labels = traits.List(traits.Str, mandatory=True, desc="session labels (for QC messages)")
     params = traits.Dict(mandatory=True, desc="the [registration] section of the configuration")
-    n_threads = traits.Int(1, usedefault=True)
+    n_threads = traits.Int(1, usedefault=True, desc="ITK threads of each registration")
+    n_workers = traits.Int(1, usedefault=True, nohash=True,
+                           desc="registrations run at once (same result: not hashed)")
 
 
 class _SubjectSpaceOutputSpec(TraitedSpec):
@@ -119,6 +121,7 @@ class SubjectSpace(SimpleInterface):
             template_spacing_mm=p["template_spacing_mm"],
             margin_mm=p["subject_space_margin_mm"],
             n_threads=self.inputs.n_threads,
+            n_workers=self.inputs.n_workers,
             **registration_kwargs(p),
         )
         records = []

@@ -162,9 +162,13 @@ def init_subject_wf(
             workflow.connect(swf, f"outputnode.{field}", merges[field], f"in{i}")
 
     labels = [s.session for s in sessions]
+    # the subject space waits for every session and every later node waits for it: its
+    # registrations run side by side on the processes MultiProc would otherwise leave idle
+    workers = max(1, min(n, config.resources.nprocs // threads))
     space = pe.Node(
-        SubjectSpace(params=cfg["registration"], labels=labels, n_threads=threads),
-        name="subject_space", n_procs=threads, mem_gb=2.0,
+        SubjectSpace(params=cfg["registration"], labels=labels, n_threads=threads,
+                     n_workers=workers),
+        name="subject_space", n_procs=threads * workers, mem_gb=2.0,
     )
     workflow.connect([
         (merges["anat"], space, [("out", "in_files")]),
