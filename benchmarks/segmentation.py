@@ -90,7 +90,8 @@ def flair_project(flairs: list[np.ndarray], brains: list[np.ndarray],
     return seg.hysteresis_series(
         maps, brains, z_seed=s.flair_z_seed, z_grow=s.flair_z_grow, gm_z_seed=s.flair_gm_z_seed,
         gm_z_grow=s.flair_gm_z_grow, min_lesion_volume_mm3=s.min_lesion_volume_mm3,
-        spacing_mm=spacing)
+        spacing_mm=spacing, edge_fraction=s.flair_edge_fraction,
+        edge_percentile=s.flair_edge_percentile)
 
 
 def flair_baseline(flair: np.ndarray, brain: np.ndarray, z: float, min_mm3: float,

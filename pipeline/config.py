@@ -95,6 +95,8 @@ class Segmentation:
     flair_z_grow: float = _rng(0, 50, lo_open=True)
     flair_gm_z_seed: float = _rng(-50, 50)
     flair_gm_z_grow: float = _rng(-50, 50)
+    flair_edge_fraction: float = _rng(0, 1)
+    flair_edge_percentile: float = _rng(0, 100)
     csf_rim_mm: float = _rng(0, 20)
     dwi_hyperintense_ratio: float = _rng(0, 100, lo_open=True)
     min_lesion_volume_mm3: float = _rng(0, 1e6)

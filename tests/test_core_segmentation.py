@@ -323,3 +323,27 @@ def test_session_maps_domain_and_deep_follow_the_distance_definitions():
     np.testing.assert_array_equal(
         m.deep, seg.deep_parenchyma(brain, m.csf, csf_margin_mm=4.0, surface_margin_mm=6.0,
                                     spacing_mm=SP))
+
+
+def test_relative_edge_reaches_the_same_fraction_of_faint_and_bright_lesions():
+    """Blurred faint and bright spheres: the added shell is where z exceeds the fraction of
+    each lesion's own level, one face-neighbour deep, never into z <= 0 or NaN."""
+    faint, bright = _sphere((20, 20, 20), 5), _sphere((20, 40, 30), 5)
+    z = ndimage.gaussian_filter(3.0 * faint + 12.0 * bright, 1.5).astype(np.float32)
+    z[:, :, :4] = np.nan
+    core = z > 1.5  # a fixed grow threshold
+    out = seg.grow_relative_edge(core, z, fraction=0.35, percentile=90.0)
+    assert (out >= core).all()
+    shell = out & ~core
+    near = ndimage.binary_dilation(core, ndimage.generate_binary_structure(3, 1))
+    assert shell.any() and (shell <= near).all()
+    lab = ndimage.label(core)[0]
+    for i in (1, 2):
+        level = np.percentile(z[lab == i], 90.0)
+        own = ndimage.binary_dilation(lab == i, ndimage.generate_binary_structure(3, 1))
+        np.testing.assert_array_equal(shell & own, own & ~core & (z > 0.35 * level))
+    # the bright lesion's level makes its shell threshold above the fixed one: nothing added
+    assert not (shell & ndimage.binary_dilation(bright, iterations=3)).any()
+    assert (shell & ndimage.binary_dilation(faint, iterations=3)).any()
+    assert not seg.grow_relative_edge(np.zeros_like(core), z, fraction=0.35,
+                                      percentile=90.0).any()

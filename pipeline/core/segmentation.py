@@ -16,7 +16,9 @@ Method (FLAIR lesions)
 3. :func:`hysteresis_series`: seeds above ``z_seed`` and ``gm_z_seed``; growth through voxels
    above ``z_grow`` and ``gm_z_grow`` connected in space or in time (adjacent sessions);
    CSF, ``csf_rim_mm`` around it and ``cortex_rim_mm`` inside the brain surface excluded;
-   enclosed holes filled; components below ``min_lesion_volume_mm3`` dropped.
+   each lesion then takes its face-neighbours above ``edge_fraction`` of its own level
+   (:func:`grow_relative_edge`); enclosed holes filled; components below
+   ``min_lesion_volume_mm3`` dropped.
 4. NAWM for the ADC reference (:func:`nawm_candidates`, :func:`nawm_reference_mask`): deep
    parenchyma darker than its FLAIR mode, away from lesions, ADC near its mode.
 
@@ -367,13 +369,17 @@ def hysteresis_series(
     gm_z_grow: float,
     min_lesion_volume_mm3: float,
     spacing_mm: tuple[float, ...],
+    edge_fraction: float = 0.0,
+    edge_percentile: float = 90.0,
 ) -> list[np.ndarray]:
     """Spatio-temporal hysteresis on the stacked z-maps of :func:`flair_session_maps`.
 
     Seeds are domain voxels above ``z_seed`` (and ``gm_z_seed`` on the grey-matter z) in any
     session; growth runs through domain voxels above ``z_grow`` (and ``gm_z_grow``) connected in space (26-neighbourhood within a session) or in time (the
-    same voxel in the previous or next session). Holes enclosed by a lesion are filled and
-    components below ``min_lesion_volume_mm3`` dropped, per session.
+    same voxel in the previous or next session). With ``edge_fraction`` > 0 each lesion then
+    takes its face-neighbours above that fraction of its own level (:func:`grow_relative_edge`).
+    Holes enclosed by a lesion are filled and components below ``min_lesion_volume_mm3``
+    dropped, per session.
     """
     _check_thresholds(z_seed, z_grow, gm_z_seed, gm_z_grow)
     n = len(maps)
@@ -394,9 +400,45 @@ def hysteresis_series(
     grown = seeded[lab]
     out = []
     for t in range(n):
-        m = fill_holes_per_component(grown[t]) & np.asarray(brain_masks[t], bool)
+        m = grown[t]
+        if edge_fraction > 0:
+            m = grow_relative_edge(m, np.where(maps[t].domain, maps[t].z, np.nan),
+                                   fraction=edge_fraction, percentile=edge_percentile)
+        m = fill_holes_per_component(m) & np.asarray(brain_masks[t], bool)
         out.append(remove_small_components(m, min_lesion_volume_mm3, sp))
     return out
+
+
+def grow_relative_edge(
+    mask: np.ndarray, z: np.ndarray, *, fraction: float, percentile: float
+) -> np.ndarray:
+    """Add to each lesion its face-neighbours whose ``z`` is above ``fraction`` times the
+    lesion's own level (the ``percentile`` of ``z`` over the lesion, 26-connected components).
+
+    A fixed grow threshold cuts a faint lesion inside its blurred edge and a bright one outside
+    it; a fraction of the lesion's level puts the edge at the same relative height for both
+    (the phantom truth is the half-plateau contour, blurred by the acquisition). One voxel deep
+    only, so a faint region never spreads through normal tissue. ``z`` is NaN where no lesion
+    may be; voxels with ``z <= 0`` are never added.
+    """
+    mask = np.asarray(mask, bool)
+    lab, n = ndimage.label(mask, ndimage.generate_binary_structure(mask.ndim, mask.ndim))
+    if n == 0:
+        return mask.copy()
+    level = np.zeros(n + 1)
+    vals = np.where(np.isfinite(z[mask]), z[mask], np.nan)
+    ids = lab[mask]
+    order = np.lexsort((vals, ids))  # by component, then by z
+    vals, ids = vals[order], ids[order]
+    start = np.searchsorted(ids, np.arange(1, n + 1))
+    count = np.bincount(ids, minlength=n + 1)[1:]
+    pos = start + percentile / 100.0 * (count - 1)  # linear interpolation, as numpy.percentile
+    lo, hi = np.floor(pos).astype(int), np.ceil(pos).astype(int)
+    level[1:] = vals[lo] + (pos - lo) * (vals[hi] - vals[lo])  # NaN sorts last
+    near = ndimage.grey_dilation(lab, footprint=ndimage.generate_binary_structure(mask.ndim, 1))
+    with np.errstate(invalid="ignore"):
+        add = (near > 0) & ~mask & (z > 0) & (z > fraction * level[near])
+    return mask | add
 
 
 def _check_thresholds(z_seed: float, z_grow: float, gm_z_seed: float, gm_z_grow: float) -> None:
@@ -424,6 +466,8 @@ def segment_flair_series(
     spacing_mm: tuple[float, ...],
     adcs_um2_s: list[np.ndarray | None] | None = None,
     maps: list[FlairMaps] | None = None,
+    edge_fraction: float = 0.0,
+    edge_percentile: float = 90.0,
 ) -> list[np.ndarray]:
     """FLAIR lesions of several sessions of one subject, already in one space (time order).
 
@@ -454,6 +498,8 @@ def segment_flair_series(
     maps
         Precomputed :func:`flair_session_maps` (then the CSF / reference / rim parameters are
         not used again).
+    edge_fraction, edge_percentile
+        Relative edge step of :func:`grow_relative_edge` (0: off).
 
     Returns
     -------
@@ -490,7 +536,8 @@ def segment_flair_series(
     brains = [np.asarray(b, bool) & np.isfinite(f) for f, b in zip(flairs, brain_masks)]
     return hysteresis_series(maps, brains, z_seed=z_seed, z_grow=z_grow, gm_z_seed=gm_z_seed,
                              gm_z_grow=gm_z_grow, min_lesion_volume_mm3=min_lesion_volume_mm3,
-                             spacing_mm=sp)
+                             spacing_mm=sp, edge_fraction=edge_fraction,
+                             edge_percentile=edge_percentile)
 
 
 def segment_flair_lesions(
