@@ -34,6 +34,8 @@ IMAGES = {
     "restricted_mask": ("dwi", "space-subject_label-lesion_desc-restricted_mask.nii.gz"),
     "flair_dseg": ("anat", "space-subject_desc-flair_dseg.nii.gz"),
     "restricted_dseg": ("dwi", "space-subject_desc-restricted_dseg.nii.gz"),
+    # diffusion voxel classes of the lesion tissue (pipeline.core.dynamics.VOXEL_CLASS_LABELS)
+    "diffusion_classes": ("dwi", "space-subject_desc-diffusionclass_dseg.nii.gz"),
 }
 
 GROWING_EVENTS = ("new", "enlarging")
