@@ -410,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
                         "pipeline's subject-space FLAIR again with the current code")
     p.add_argument("--baseline-z", type=float, default=2.0,
                    help="FLAIR global z-score threshold of the baseline (default 2.0)")
+    p.add_argument("--commit", default=None,
+                   help="source commit to record when run from a git-archive export")
     p.add_argument("--out", type=Path,
                    default=REPO / "benchmarks" / "results" / "segmentation.md")
     args = p.parse_args(argv)
@@ -418,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"unknown case(s) {sorted(bad)}; choose from {CASES}")
     config = load_config()
-    machine = C.machine_info()
+    machine = C.machine_info(args.commit)
     timings, ph, st, mni, lon, info = {}, None, None, None, None, {}
     pd.set_option("display.width", 250)
     pd.set_option("display.max_columns", 30)

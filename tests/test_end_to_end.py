@@ -55,10 +55,12 @@ def test_seed_case_restricted_volumes_match_truth(run):
     _check_volumes_against_truth(run, "restricted_volume_ml")
 
 
-# Known gap (issue 3/5): the truth edge of the faint day-3 lesion lies at about z 1.6; 6377 of
-# the 8842 missed voxels are below flair_z_grow (1.5), so ses-02 reaches about -35% of the truth
-# while the other sessions are within 20%. Not strict: it passes once segmentation improves.
-@pytest.mark.xfail(strict=False, reason="FLAIR volume at day 3 about 35% below truth (issue 5)")
+# Known gap (issue 5): with the relative edge step (segmentation.flair_edge_fraction) day 3 is
+# within 20 % (20.6 vs 23.9 mL; it was -35 % without it) but day 0 is +52 % (6.6 vs 4.3 mL):
+# the one-voxel shell is large relative to the small early lesion, likely voxels still ramping
+# up (truth = 50 % of the plateau signal; not verified voxel by voxel). Not strict: it passes
+# once segmentation improves.
+@pytest.mark.xfail(strict=False, reason="FLAIR volume at day 0 about 50% above truth (issue 5)")
 def test_seed_case_flair_volumes_match_truth(run):
     _check_volumes_against_truth(run, "flair_volume_ml")
 
