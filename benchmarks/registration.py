@@ -22,6 +22,12 @@ Usage::
 
     pip install -e '.[benchmarks]'
     python benchmarks/registration.py --subjects 20
+    python benchmarks/registration.py --subjects 6 --subject-space 1 2 --out ss.md
+
+``--subject-space N ...`` runs, instead, the project's within-subject space
+(``build_subject_space``) on every phantom subject with each number of template iterations:
+CPU time and the pairwise TRE of ``T_i o T_j^-1`` (session j -> subject -> session i)
+against the truth, over the brain of session j, for every ordered pair of sessions.
 """
 
 from __future__ import annotations
@@ -118,7 +124,8 @@ def _mask_points(mask: sitk.Image, n: int = 5000) -> np.ndarray:
     return core_reg._mask_points(mask, n)
 
 
-def phantom_cases(args, pre: dict) -> list[Case]:
+def _phantom_root(args) -> Path:
+    """The phantom's BIDS folder in the work dir, simulated when missing."""
     root = Path(args.workdir) / f"phantom-{args.grid}-n{args.subjects}-s{args.seed}"
     if not (root / "derivatives" / "truth").is_dir():
         print(f"simulating {args.subjects} subject(s) into {root} ...", flush=True)
@@ -128,6 +135,11 @@ def phantom_cases(args, pre: dict) -> list[Case]:
              str(args.subjects), "--seed", str(args.seed), "--grid", args.grid],
             check=True, stdout=subprocess.DEVNULL,
         )
+    return root
+
+
+def phantom_cases(args, pre: dict) -> list[Case]:
+    root = _phantom_root(args)
     truth_root = root / "derivatives" / "truth"
     cases: list[Case] = []
     for sub in sorted(p.name for p in root.glob("sub-*") if p.is_dir()):
@@ -165,6 +177,65 @@ def phantom_cases(args, pre: dict) -> list[Case]:
             cases.append(Case("phantom-flair", f"{sub}_{s0}-{ses}", flair[s0], flair[ses],
                               fmask[s0], fmask[ses], truth, fpts[s0], inverse_consistency=True))
     return cases
+
+
+def subject_space_rows(args, pre: dict, regp: dict, iterations: list[int]) -> list[dict]:
+    """Per phantom subject and number of template iterations: CPU time of
+    ``build_subject_space`` and its pairwise TRE against the truth (see the module docstring)."""
+    root = _phantom_root(args)
+    truth_root = root / "derivatives" / "truth"
+    rows = []
+    for sub in sorted(p.name for p in root.glob("sub-*") if p.is_dir()):
+        sessions = sorted(p.name for p in (root / sub).glob("ses-*"))
+        images, masks, truths = [], [], []
+        for ses in sessions:
+            img, msk = _prep(sitk.ReadImage(str(root / sub / ses / "anat" /
+                                                f"{sub}_{ses}_FLAIR.nii.gz")),
+                             pre, args.threads, n4=True)
+            images.append(img)
+            masks.append(msk)
+            truths.append(core_reg.read_transform(  # FLAIR point -> truth point
+                truth_root / sub / ses / "anat" / f"{sub}_{ses}_from-truth_to-FLAIR_mode-image_xfm.txt"))
+        for n_iter in iterations:
+            cpu = time.process_time()
+            ts, _, _ = core_reg.build_subject_space(
+                images, masks, spacing_mm=regp["output_spacing_mm"], template_iterations=n_iter,
+                template_spacing_mm=regp["template_spacing_mm"],
+                margin_mm=regp["subject_space_margin_mm"], n_threads=args.threads,
+                **registration_kwargs(regp))
+            cpu = time.process_time() - cpu
+            errors = []
+            for j in range(len(ts)):
+                pts = _mask_points(masks[j], 3000)
+                for i in range(len(ts)):
+                    if i != j:
+                        est = core_reg.compose_transforms(ts[i], core_reg.invert_transform(ts[j]))
+                        true = core_reg.compose_transforms(core_reg.invert_transform(truths[i]),
+                                                           truths[j])
+                        errors.append(core_reg.tre(est, true, pts)[0])
+            rows.append({"subject": sub, "template_iterations": n_iter, "cpu_s": cpu,
+                         "tre_mean_mm": float(np.mean(errors)),
+                         "tre_worst_pair_mm": float(np.max(errors))})
+            print(f"{sub} template_iterations={n_iter}: cpu {cpu:.2f} s, pairwise TRE mean "
+                  f"{rows[-1]['tre_mean_mm']:.4f} worst {rows[-1]['tre_worst_pair_mm']:.4f} mm",
+                  flush=True)
+    return rows
+
+
+def subject_space_report(rows: list[dict], command: str) -> str:
+    """Markdown: per number of template iterations, CPU and pairwise TRE over the subjects."""
+    by = {}
+    for r in rows:
+        by.setdefault(r["template_iterations"], []).append(r)
+    lines = ["# Within-subject space: template iterations", "", f"Command: `{command}`", "",
+             f"Machine: {machine()}", "",
+             "| template iterations | subjects | CPU s (sum) | pairwise TRE mean mm | "
+             "worst pair mm |", "| --- | --- | --- | --- | --- |"]
+    for n_iter, rs in sorted(by.items()):
+        lines.append(f"| {n_iter} | {len(rs)} | {sum(r['cpu_s'] for r in rs):.1f} | "
+                     f"{np.mean([r['tre_mean_mm'] for r in rs]):.4f} | "
+                     f"{max(r['tre_worst_pair_mm'] for r in rs):.4f} |")
+    return "\n".join(lines) + "\n"
 
 
 def _random_rigid(rng: np.random.Generator, center: np.ndarray, max_deg: float,
@@ -447,13 +518,26 @@ def main(argv: list[str] | None = None) -> int:
                          "greedy (-gm fixed mask), greedy-nomask")
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "lesionlapse-bench"),
                     help="where the phantom is simulated (reused when present)")
-    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "registration.md"))
+    ap.add_argument("--out", help="report file (default benchmarks/results/registration.md; "
+                                  "with --subject-space only printed unless given)")
     ap.add_argument("--config", default=None, help="pipeline config TOML (default: defaults)")
+    ap.add_argument("--subject-space", type=int, nargs="+", metavar="N",
+                    help="run the within-subject space with these numbers of template "
+                         "iterations instead of the engines (see above)")
     args = ap.parse_args(argv)
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     cfg = load_config(args.config).to_dict()
     pre, regp = cfg["preprocessing"], cfg["registration"]
+    if args.subject_space:
+        cmd = "python benchmarks/registration.py " + " ".join(
+            shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+        text = subject_space_report(subject_space_rows(args, pre, regp, args.subject_space), cmd)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text)
+        return 0
+    args.out = args.out or str(REPO / "benchmarks" / "results" / "registration.md")
     kinds = [k.strip() for k in args.cases.split(",") if k.strip()]
 
     project = Project(regp, args.threads)
