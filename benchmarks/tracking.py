@@ -632,8 +632,10 @@ def report(args, info, runs: dict[str, dict], timings: dict[str, float], subs, c
               "pipeline's ADC map over the true NAWM reference (the reference's error taken out "
               "too); days censored there are left out of that mean."),
               ("* Volume: besides the 2 mm truth, against the truth on the acquisition grid "
-              "(the phantom's native-grid truth masks, partial-volume fraction >= 0.5), the "
-              "like quantity for a segmentation of the acquired images."), ""]
+              "(the phantom's native-grid truth masks, partial-volume fraction >= 0.5), with "
+              "how far that grid truth is from the 2 mm truth: a half-voxel rule on the "
+              "acquisition grid already misses small lesions' volume, so the 2 mm truth stays "
+              "the target."), ""]
     causes = event_causes(runs)
     if causes is not None:
         lines += ["Whole-chain truth event rows by cause (each wrong row of the whole chain set "
