@@ -377,8 +377,8 @@ def hysteresis_series(
     Seeds are domain voxels above ``z_seed`` (and ``gm_z_seed`` on the grey-matter z) in any
     session; growth runs through domain voxels above ``z_grow`` (and ``gm_z_grow``) connected in space (26-neighbourhood within a session) or in time (the
     same voxel in the previous or next session). With ``edge_fraction`` > 0 each lesion then
-    takes its face-neighbours above that fraction of its own level (:func:`grow_relative_edge`).
-    Holes enclosed by a lesion are filled and components below ``min_lesion_volume_mm3``
+    takes its face-neighbours above that fraction of its own level (:func:`grow_relative_edge`;
+    only lesions whose core already reaches ``min_lesion_volume_mm3``). Holes enclosed by a lesion are filled and components below ``min_lesion_volume_mm3``
     dropped, per session.
     """
     _check_thresholds(z_seed, z_grow, gm_z_seed, gm_z_grow)
@@ -402,6 +402,8 @@ def hysteresis_series(
     for t in range(n):
         m = grown[t]
         if edge_fraction > 0:
+            # the size rule judges the hysteresis core: a shell must not lift a speck over it
+            m = remove_small_components(m, min_lesion_volume_mm3, sp)
             m = grow_relative_edge(m, np.where(maps[t].domain, maps[t].z, np.nan),
                                    fraction=edge_fraction, percentile=edge_percentile)
         m = fill_holes_per_component(m) & np.asarray(brain_masks[t], bool)
