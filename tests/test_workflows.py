@@ -45,3 +45,16 @@ def test_flair_only_session_workflow(tmp_path):
                                         files=("anat/{p}_FLAIR.nii.gz",)))
     wf = init_session_wf(session=subject.sessions[0], config=load_config())
     assert wf.get_node("dwi_to_flair") is None and wf.get_node("prep_flair") is not None
+
+
+@pytest.mark.parametrize(("nprocs", "threads", "workers"), [(2, 1, 2), (4, 2, 2), (2, 2, 1), (8, 1, 4)])
+def test_subject_space_workers_fill_the_processes(tmp_path, nprocs, threads, workers):
+    # the subject space is a barrier node: its registrations run on every MultiProc process
+    # (nprocs // omp_nthreads workers, at most one per session) and it reserves them
+    (subject,) = discover(make_skeleton(tmp_path / "bids", sessions=["day0", "day3", "day8", "day45"]))
+    config = load_config().replace("resources", nprocs=nprocs, omp_nthreads=threads)
+    node = init_subject_wf(subject=subject, config=config,
+                           staging_dir=tmp_path / "stage").get_node("subject_space")
+    assert node.inputs.n_workers == workers
+    assert node.inputs.n_threads == threads
+    assert node.n_procs == workers * threads
