@@ -135,8 +135,9 @@ def _registration_text(g) -> str:
     return (
         f"Within each session the DWI was registered to the FLAIR "
         f"({g('registration', 'dwi_to_flair')}); all sessions were registered rigidly into an "
-        f"unbiased within-subject space ({g('registration', 'template_iterations')} template "
-        f"iterations, {g('registration', 'output_spacing_mm')} mm voxels) with the "
+        f"unbiased within-subject space (template iterations: "
+        f"{g('registration', 'template_iterations')}; "
+        f"{g('registration', 'output_spacing_mm')} mm voxels) with the "
         f"{g('registration', 'metric')} metric ({g('registration', 'histogram_bins')} bins, "
         f"shrink factors {g('registration', 'shrink_factors')}, smoothing "
         f"{g('registration', 'smoothing_sigmas_mm')} mm), and every image was resampled once "
