@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from pipeline.core import restricted as rd
 from pipeline.core import segmentation as seg
 from pipeline.core.metrics import dice
 
@@ -154,7 +155,7 @@ def test_segment_restricted_and_shine_through():
     t = seg.tissue_model(flair, brain, adc, csf_adc_min_um2_s=2000.0)
     nawm = seg.nawm_mask(t.labels == seg.WM, [restr, shine], erosion_mm=2.0,
                          lesion_margin_mm=3.0, spacing_mm=SP)
-    res = seg.segment_restricted(
+    res = rd.segment_restricted(
         trace, adc, brain, nawm, restricted_below=0.75, dwi_hyperintense_ratio=1.15,
         min_lesion_volume_mm3=10.0, csf_adc_min_um2_s=2000.0, spacing_mm=SP,
     )
@@ -172,7 +173,7 @@ def test_segment_restricted_drops_tiny_components():
     dot = _sphere((28, 38, 26), 1)  # 7 voxels
     adc[dot], trace[dot] = 400.0, 200.0
     nawm = brain & ~csf & ~dot
-    res = seg.segment_restricted(
+    res = rd.segment_restricted(
         trace, adc, brain, nawm, restricted_below=0.75, dwi_hyperintense_ratio=1.15,
         min_lesion_volume_mm3=10.0, csf_adc_min_um2_s=2000.0, spacing_mm=SP,
     )
@@ -246,12 +247,12 @@ def test_nawm_reference_mask_finds_pure_wm_adc():
     adc[near & brain & ~csf] += 400.0  # a thick partial-volume rim
     c = seg.csf_mask(flair, brain, adc, csf_adc_min_um2_s=1500.0, csf_flair_max_ratio=0.5)
     deep = seg.deep_parenchyma(brain, c, csf_margin_mm=1.0, surface_margin_mm=1.0, spacing_mm=SP)
-    nawm = seg.nawm_reference_mask(adc, deep, [restr], lesion_margin_mm=3.0, trim_sd=2.5,
+    nawm = rd.nawm_reference_mask(adc, deep, [restr], lesion_margin_mm=3.0, trim_sd=2.5,
                                    spacing_mm=SP)
     assert not (nawm & restr).any()
     assert abs(np.median(adc[nawm]) - ADC_I["wm"]) < 15
     assert np.median(adc[deep]) > ADC_I["wm"] + 25  # without the mode it would be biased
-    res = seg.segment_restricted(
+    res = rd.segment_restricted(
         np.where(brain, 100.0, 0).astype(np.float32) + 100.0 * restr, adc, brain, nawm,
         restricted_below=0.75, dwi_hyperintense_ratio=1.15, min_lesion_volume_mm3=10.0,
         csf_adc_min_um2_s=2000.0, spacing_mm=SP,

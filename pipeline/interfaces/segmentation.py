@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from nipype.interfaces.base import (
@@ -16,6 +17,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from pipeline.core import restricted as rd
 from pipeline.core import segmentation as seg
 from pipeline.interfaces.base import (
     array,
@@ -41,6 +43,8 @@ class _SegmentSessionsInputSpec(BaseInterfaceInputSpec):
     labels = traits.List(traits.Str, mandatory=True)
     segmentation = traits.Dict(mandatory=True, desc="the [segmentation] section")
     dynamics = traits.Dict(mandatory=True, desc="the [dynamics] section")
+    n_workers = traits.Int(1, usedefault=True,
+                           desc="threads over sessions for the per-session steps")
 
 
 class _SegmentSessionsOutputSpec(TraitedSpec):
@@ -56,7 +60,8 @@ class SegmentSessions(SimpleInterface):
     """FLAIR lesions (jointly over time), then NAWM, rADC and restricted diffusion per session.
 
     The NAWM ADC reference is deep parenchyma darker than its FLAIR mode with ADC near its mode
-    (:func:`pipeline.core.segmentation.nawm_candidates`, ``nawm_reference_mask``), away from
+    (:func:`pipeline.core.segmentation.nawm_candidates`,
+    :func:`pipeline.core.restricted.nawm_reference_mask`), away from
     every lesion of every session: a first pass excludes the FLAIR lesions, a second pass also
     the restricted tissue found by the first.
 
@@ -92,15 +97,18 @@ class SegmentSessions(SimpleInterface):
         # the image that sets each session's reference regions: its FLAIR, else its b0
         anat = [array(read(self.inputs.flair[i] if has_flair[i] else b0_files[i]))
                 for i in range(n)]
-        maps = [
-            seg.flair_session_maps(
-                a, b, adc, csf_adc_min_um2_s=s["reference_csf_adc_min_um2_s"],
+        # The per-session steps run in threads: scipy.ndimage and numpy release the GIL in
+        # their loops, and each session's result depends only on that session's images.
+        def session_maps(i):
+            return seg.flair_session_maps(
+                anat[i], brains[i], adcs[i], csf_adc_min_um2_s=s["reference_csf_adc_min_um2_s"],
                 csf_flair_max_ratio=s["csf_flair_max_ratio"],
                 reference_csf_margin_mm=s["reference_csf_margin_mm"],
                 reference_depth_mm=s["reference_depth_mm"], cortex_rim_mm=s["cortex_rim_mm"],
                 csf_rim_mm=s["csf_rim_mm"], spacing_mm=spacing)
-            for a, b, adc in zip(anat, brains, adcs)
-        ]
+
+        with ThreadPoolExecutor(max(1, min(n, self.inputs.n_workers))) as ex:
+            maps = list(ex.map(session_maps, range(n)))
         del anat
         with_flair = [i for i in range(n) if has_flair[i]]
         lesions = [np.zeros(brains[i].shape, bool) for i in range(n)]
@@ -118,22 +126,21 @@ class SegmentSessions(SimpleInterface):
         del maps
         traces = [array(read(f)) if ok else None for f, ok in zip(self.inputs.trace, has_dwi)]
 
+        def restricted_session(i, exclude):
+            if adcs[i] is None:
+                return None
+            nawm = rd.nawm_reference_mask(
+                adcs[i], cands[i], exclude, lesion_margin_mm=d["nawm_lesion_margin_mm"],
+                trim_sd=s["nawm_adc_trim_sd"], spacing_mm=spacing)
+            return nawm, rd.segment_restricted(
+                traces[i], adcs[i], brains[i], nawm, restricted_below=d["restricted_below"],
+                dwi_hyperintense_ratio=s["dwi_hyperintense_ratio"],
+                min_lesion_volume_mm3=s["min_lesion_volume_mm3"],
+                csf_adc_min_um2_s=s["csf_adc_min_um2_s"], spacing_mm=spacing)
+
         def restricted_pass(exclude):
-            out = []
-            for cand, trace, adc, brain in zip(cands, traces, adcs, brains):
-                if adc is None:
-                    out.append(None)
-                    continue
-                nawm = seg.nawm_reference_mask(
-                    adc, cand, exclude, lesion_margin_mm=d["nawm_lesion_margin_mm"],
-                    trim_sd=s["nawm_adc_trim_sd"], spacing_mm=spacing)
-                out.append((nawm, seg.segment_restricted(
-                    trace, adc, brain, nawm, restricted_below=d["restricted_below"],
-                    dwi_hyperintense_ratio=s["dwi_hyperintense_ratio"],
-                    min_lesion_volume_mm3=s["min_lesion_volume_mm3"],
-                    csf_adc_min_um2_s=s["csf_adc_min_um2_s"], spacing_mm=spacing,
-                )))
-            return out
+            with ThreadPoolExecutor(max(1, min(n, self.inputs.n_workers))) as ex:
+                return list(ex.map(lambda i: restricted_session(i, exclude), range(n)))
 
         first = restricted_pass(lesions)
         results = restricted_pass(lesions + [r[1].restricted for r in first if r is not None])

@@ -192,10 +192,13 @@ def init_subject_wf(
         for field in RESAMPLED:
             workflow.connect(resample, field, resampled[field], f"in{i + 1}")
 
+    # numpy/scipy run one thread per call: the segment node threads over sessions instead
+    seg_workers = max(1, min(n, config.resources.nprocs))
     segment = pe.Node(
         SegmentSessions(segmentation=cfg["segmentation"], dynamics=cfg["dynamics"],
-                        labels=labels, has_flair=has_flair, has_dwi=has_dwi),
-        name="segment", mem_gb=2.0,
+                        labels=labels, has_flair=has_flair, has_dwi=has_dwi,
+                        n_workers=seg_workers),
+        name="segment", n_procs=seg_workers, mem_gb=2.0,
     )
     for field in ("flair", "brain_mask", "trace", "adc", "b0"):
         workflow.connect(resampled[field], "out", segment, field)

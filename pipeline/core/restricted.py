@@ -1,0 +1,117 @@
+"""Restricted diffusion: the NAWM ADC reference region, rADC, and the restricted and
+T2-shine-through masks of one session in the subject space.
+
+Same conventions as :mod:`pipeline.core.segmentation` (arrays in one isotropic subject space,
+``spacing_mm`` in array axis order, ADC in um^2/s). Classes come from
+:func:`pipeline.core.dynamics.diffusion_classes`, the one place of the cut-offs' formula.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.core import dynamics
+from pipeline.core.segmentation import (
+    _check_spacing,
+    mode_reference,
+    nawm_mask,
+    remove_small_components,
+)
+
+
+def nawm_reference_mask(
+    adc_um2_s: np.ndarray,
+    candidates: np.ndarray,
+    lesion_masks: list[np.ndarray] | tuple[np.ndarray, ...],
+    *,
+    lesion_margin_mm: float,
+    trim_sd: float,
+    spacing_mm: tuple[float, ...],
+) -> np.ndarray:
+    """Normal-appearing WM for the ADC reference (bool).
+
+    ``candidates`` (e.g. :func:`nawm_candidates`) farther than ``lesion_margin_mm`` from every
+    lesion, keeping voxels whose ADC lies within ``trim_sd`` lower half-widths of the ADC
+    half-sample mode (:func:`mode_reference`). Partial volume with GM and CSF only raises ADC, so
+    the mode of deep tissue is pure WM and the symmetric trim centres the mask's median on it.
+    """
+    adc = np.asarray(adc_um2_s, np.float32)
+    sp = _check_spacing(spacing_mm, adc.ndim)
+    cand = np.asarray(candidates, bool)
+    if cand.shape != adc.shape:
+        raise ValueError(f"candidate mask shape {cand.shape} differs from ADC {adc.shape}")
+    ok = np.isfinite(adc) & (adc > 0)
+    kept = nawm_mask(cand, lesion_masks, erosion_mm=0.0, lesion_margin_mm=lesion_margin_mm,
+                     spacing_mm=sp) & ok
+    if np.count_nonzero(kept) < 10:
+        kept = cand & ok
+    if not kept.any():
+        return kept
+    ref = mode_reference(adc, kept)
+    return kept & (np.abs(adc - np.float32(ref.median)) <= trim_sd * ref.sd)
+
+
+@dataclass(frozen=True)
+class RestrictedResult:
+    """Output of :func:`segment_restricted`."""
+
+    restricted: np.ndarray  #: bool, DWI hyperintense and rADC below the cut-off
+    shine_through: np.ndarray  #: bool, DWI hyperintense with rADC at or above the cut-off
+    reference_adc: dynamics.ReferenceADC  #: NAWM ADC summary (um^2/s)
+    reference_dwi: float  #: NAWM median trace DWI (scanner units)
+    dwi_ratio: np.ndarray  #: float32, trace / reference_dwi (NaN outside the brain)
+    radc: np.ndarray  #: float32, ADC / reference ADC (NaN outside the brain or invalid ADC)
+
+
+def segment_restricted(
+    trace_dwi: np.ndarray,
+    adc_um2_s: np.ndarray,
+    brain_mask: np.ndarray,
+    nawm: np.ndarray,
+    *,
+    restricted_below: float,
+    dwi_hyperintense_ratio: float,
+    min_lesion_volume_mm3: float,
+    csf_adc_min_um2_s: float,
+    spacing_mm: tuple[float, ...],
+) -> RestrictedResult:
+    """Restricted-diffusion and T2 shine-through masks.
+
+    ``dwi_ratio = trace / median(trace in NAWM)``; ``radc`` from
+    :func:`pipeline.core.dynamics.relative_adc` against
+    :func:`pipeline.core.dynamics.reference_adc`; classes from
+    :func:`pipeline.core.dynamics.diffusion_classes`. Voxels outside the brain, with an invalid
+    ADC (NaN or <= 0) or CSF-like ADC (> ``csf_adc_min_um2_s``) are never labelled; components
+    smaller than ``min_lesion_volume_mm3`` (26-connectivity) are dropped from each mask.
+
+    Raises
+    ------
+    ValueError
+        On shape mismatch, or when NAWM holds no voxel with a valid ADC / positive trace.
+    """
+    trace = np.asarray(trace_dwi, np.float32)
+    adc = np.asarray(adc_um2_s, np.float32)
+    brain = np.asarray(brain_mask, bool)
+    nawm = np.asarray(nawm, bool)
+    for name, a in (("ADC", adc), ("brain mask", brain), ("NAWM", nawm)):
+        if a.shape != trace.shape:
+            raise ValueError(f"{name} shape {a.shape} differs from trace DWI {trace.shape}")
+    sp = _check_spacing(spacing_mm, trace.ndim)
+    ref_adc = dynamics.reference_adc(adc, nawm & brain)
+    tv = trace[nawm & brain]
+    tv = tv[np.isfinite(tv) & (tv > 0)]
+    if tv.size == 0:
+        raise ValueError("no normal-appearing white-matter voxel with a positive trace DWI")
+    ref_dwi = float(np.median(tv))
+    valid = brain & np.isfinite(adc) & (adc > 0) & (adc <= csf_adc_min_um2_s)
+    dwi_ratio = np.where(brain, trace / np.float32(ref_dwi), np.nan).astype(np.float32)
+    radc = np.where(valid, dynamics.relative_adc(adc, ref_adc.median_um2_s), np.nan)
+    radc = radc.astype(np.float32)
+    restricted, shine = dynamics.diffusion_classes(
+        dwi_ratio, radc, restricted_below, dwi_hyperintense_ratio
+    )
+    restricted = remove_small_components(restricted & valid, min_lesion_volume_mm3, sp)
+    shine = remove_small_components(shine & valid, min_lesion_volume_mm3, sp)
+    return RestrictedResult(restricted, shine, ref_adc, ref_dwi, dwi_ratio, radc)
