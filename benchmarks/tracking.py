@@ -38,8 +38,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +175,66 @@ def from_pipeline(out: Path, truth: C.Truth) -> Result:
         adc_maps.append(mapped)
     return Result(tables["sessions_timeseries"], tables["events"], tables["lesions_timeseries"],
                   tables["lesions_summary"], dseg, radc_means, adc_means, radc_maps, adc_maps)
+
+
+def resegment(src: Path, dst: Path, sub: str, config: Config, nprocs: int) -> None:
+    """Re-run segmentation, tracking and dynamics of ``sub`` on the subject-space images of the
+    derivatives in ``src`` (FLAIR, brain mask, trace DWI, ADC; the registration is kept) with
+    this source tree, into a mirror ``dst`` that links every other file of ``src``. Measures a
+    change of the segment/track steps on a finished run without re-registering."""
+    from pipeline.interfaces.segmentation import SegmentSessions
+    from pipeline.interfaces.tracking import TrackLesions
+
+    cfg = config.to_dict()
+    base = src / f"sub-{sub}"
+    sessions = pd.read_csv(base / f"sub-{sub}_desc-sessions_timeseries.tsv", sep="\t",
+                           dtype={"session": str})
+    labels, days = list(sessions["session"]), [float(d) for d in sessions["day"]]
+    out = dst / f"sub-{sub}"
+    if out.exists():
+        shutil.rmtree(out)
+    regenerated = ("_space-subject_desc-flair_dseg.", "_space-subject_desc-restricted_dseg.",
+                   "_space-subject_desc-relative_ADC.", "_desc-sessions_timeseries.",
+                   "_desc-events.", "_desc-lesions_timeseries.", "_desc-lesions_summary.",
+                   "_desc-lineage.")
+    for f in base.rglob("*"):
+        if f.is_file() and not any(r in f.name for r in regenerated):
+            (out / f.relative_to(base)).parent.mkdir(parents=True, exist_ok=True)
+            (out / f.relative_to(base)).symlink_to(f)
+
+    def files(pattern: str) -> list[str]:
+        return [str(C.pipeline_file(src, sub, ses, pattern)) for ses in labels]
+
+    with tempfile.TemporaryDirectory(prefix=f"reseg-{sub}-") as tmp:
+        cwd = Path.cwd()
+        try:
+            os.chdir(tmp)
+            seg = SegmentSessions(
+                flair=files("*_space-subject_desc-preproc_FLAIR.nii.gz"),
+                brain_mask=files("*_space-subject_desc-brain_mask.nii.gz"),
+                trace=files("*_space-subject_desc-trace_dwi.nii.gz"),
+                adc=files("*_space-subject_ADC.nii.gz"), labels=labels,
+                segmentation=cfg["segmentation"], dynamics=cfg["dynamics"],
+                n_workers=nprocs).run().outputs
+            trk = TrackLesions(
+                flair_lesion=seg.flair_lesion, restricted=seg.restricted,
+                shine_through=seg.shine_through, adc=files("*_space-subject_ADC.nii.gz"),
+                radc=seg.radc, references=seg.references, labels=labels, days=days,
+                tracking=cfg["tracking"], dynamics=cfg["dynamics"]).run().outputs
+        finally:
+            os.chdir(cwd)
+        for i, ses in enumerate(labels):
+            for kind, folder in (("flair", "anat"), ("restricted", "dwi")):
+                shutil.copy(getattr(trk, f"{kind}_dseg")[i], out / f"ses-{ses}" / folder /
+                            f"sub-{sub}_ses-{ses}_space-subject_desc-{kind}_dseg.nii.gz")
+            shutil.copy(seg.radc[i], out / f"ses-{ses}" / "dwi" /
+                        f"sub-{sub}_ses-{ses}_space-subject_desc-relative_ADC.nii.gz")
+        for name, table in (("sessions_timeseries", trk.sessions_table),
+                            ("events", trk.events_table),
+                            ("lesions_timeseries", trk.lesions_table),
+                            ("lesions_summary", trk.summary_table),
+                            ("lineage", trk.lineage_table)):
+            shutil.copy(table, out / f"sub-{sub}_desc-{name}.tsv")
 
 
 def from_truth_in_subject_space(out: Path, truth: C.Truth, config: Config) -> Result:
@@ -581,7 +644,11 @@ def report(args, info, runs: dict[str, dict], timings: dict[str, float], subs, c
              + (f" Pipeline derivatives read from `{args.pipeline_out}` (made beforehand by "
                 "`lesionlapse BIDS OUT participant` on the same phantom; the phantom is "
                 "deterministic per preset, seed, grid and subject index), not run by this "
-                "command." if args.pipeline_out and chain else ""), "",
+                "command." if args.pipeline_out and chain else "")
+             + (f" Segmentation, tracking and dynamics re-run by this source tree on the "
+                f"subject-space images of those derivatives (`--resegment {args.resegment}`): "
+                "registration and resampling as in that run." if args.resegment and chain
+                else ""), "",
              *chain_notes,
              "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()), "",
              "Timings: " + "; ".join(f"{k} {v:.0f} s" for k, v in timings.items()), ""]
@@ -683,6 +750,13 @@ def main(argv=None) -> int:
     p.add_argument("--pipeline-out", type=Path, default=None, metavar="DIR",
                    help="evaluate existing pipeline derivatives in DIR (made from the same "
                         "phantom: same preset, seed, grid) instead of running the CLI")
+    p.add_argument("--resegment", type=Path, default=None, metavar="DIR",
+                   help="with --pipeline-out: re-run segmentation, tracking and dynamics with "
+                        "this source tree on the subject-space images found there, into DIR "
+                        "(a mirror linking the other files), and evaluate DIR")
+    p.add_argument("--config", type=Path, default=None, metavar="TOML",
+                   help="overlay on configs/default.toml for the analytics and --resegment "
+                        "(e.g. to measure a parameter's effect)")
     p.add_argument("--time-budget-min", type=float, default=None, metavar="MIN",
                    help="start no further pipeline subject after MIN minutes (default: none)")
     p.add_argument("--source-commit", default=None, metavar="SHA",
@@ -690,7 +764,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "tracking.md")
     args = p.parse_args(argv)
 
-    config = load_config()
+    config = load_config(args.config)
     work = args.workdir.resolve()
     bids, deriv = work / "bids", work / "out"
     work.mkdir(parents=True, exist_ok=True)
@@ -711,6 +785,12 @@ def main(argv=None) -> int:
     if not args.skip_pipeline:
         if args.pipeline_out:
             deriv = args.pipeline_out.resolve()
+            if args.resegment:
+                t0 = time.perf_counter()
+                for s in chain_subs:
+                    resegment(deriv, args.resegment.resolve(), s, config, args.nprocs)
+                timings["re-segmentation"] = time.perf_counter() - t0
+                deriv = args.resegment.resolve()
         else:
             budget = args.time_budget_min * 60 if args.time_budget_min is not None else None
             runtimes = run_pipeline(bids, deriv, work / "work", args.nprocs, chain_subs, budget)

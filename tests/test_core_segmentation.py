@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pipeline.core import restricted as rd
 from pipeline.core import segmentation as seg
 from pipeline.core.metrics import dice
 
@@ -144,42 +143,6 @@ def test_nawm_mask_erosion_and_margin():
     assert not n[10, 10, 12] and n[10, 10, 14]  # 2 mm from the lesion excluded, 4 mm kept
 
 
-def test_segment_restricted_and_shine_through():
-    flair, adc, brain, csf = _brain(seed=1)
-    trace = np.where(brain, 100.0, 0).astype(np.float32)
-    trace[csf] = 20.0
-    restr = _sphere((28, 38, 20), 4)
-    shine = _sphere((28, 38, 34), 4)
-    adc[restr], trace[restr] = 400.0, 200.0
-    adc[shine], trace[shine] = 1100.0, 180.0
-    t = seg.tissue_model(flair, brain, adc, csf_adc_min_um2_s=2000.0)
-    nawm = seg.nawm_mask(t.labels == seg.WM, [restr, shine], erosion_mm=2.0,
-                         lesion_margin_mm=3.0, spacing_mm=SP)
-    res = rd.segment_restricted(
-        trace, adc, brain, nawm, restricted_below=0.75, dwi_hyperintense_ratio=1.15,
-        min_lesion_volume_mm3=10.0, csf_adc_min_um2_s=2000.0, spacing_mm=SP,
-    )
-    assert abs(res.reference_adc.median_um2_s - 800.0) < 10
-    assert res.reference_dwi == pytest.approx(100.0)
-    assert dice(restr, res.restricted) > 0.95
-    assert dice(shine, res.shine_through) > 0.95
-    assert not (res.restricted & csf).any() and not (res.shine_through & csf).any()
-    assert res.radc.dtype == np.float32 and res.dwi_ratio.dtype == np.float32
-
-
-def test_segment_restricted_drops_tiny_components():
-    flair, adc, brain, csf = _brain(seed=2)
-    trace = np.where(brain, 100.0, 0).astype(np.float32)
-    dot = _sphere((28, 38, 26), 1)  # 7 voxels
-    adc[dot], trace[dot] = 400.0, 200.0
-    nawm = brain & ~csf & ~dot
-    res = rd.segment_restricted(
-        trace, adc, brain, nawm, restricted_below=0.75, dwi_hyperintense_ratio=1.15,
-        min_lesion_volume_mm3=10.0, csf_adc_min_um2_s=2000.0, spacing_mm=SP,
-    )
-    assert res.restricted.sum() == 0
-
-
 def test_flair_series_uses_temporal_neighbours():
     les = _sphere((28, 36, 30), 4)
     f1, _, brain, _ = _brain(seed=7, lesions=[les])
@@ -236,28 +199,6 @@ def test_nawm_candidates_are_deep_white_matter():
     assert not (cand & csf).any() and not (cand & les).any()
     assert (cand & gm).sum() < 0.01 * cand.sum()
     assert abs(np.median(flair[cand]) - FLAIR_I["wm"]) < 5  # darker half of WM: ~ -0.8 SD
-
-
-def test_nawm_reference_mask_finds_pure_wm_adc():
-    """Partial volume raises ADC near CSF: the reference is the WM mode, not the median."""
-    flair, adc, brain, csf = _brain(seed=6)
-    restr = _sphere((28, 38, 26), 5)
-    adc[restr] = 400.0
-    near = ndimage.distance_transform_edt(~csf) < 4
-    adc[near & brain & ~csf] += 400.0  # a thick partial-volume rim
-    c = seg.csf_mask(flair, brain, adc, csf_adc_min_um2_s=1500.0, csf_flair_max_ratio=0.5)
-    deep = seg.deep_parenchyma(brain, c, csf_margin_mm=1.0, surface_margin_mm=1.0, spacing_mm=SP)
-    nawm = rd.nawm_reference_mask(adc, deep, [restr], lesion_margin_mm=3.0, trim_sd=2.5,
-                                   spacing_mm=SP)
-    assert not (nawm & restr).any()
-    assert abs(np.median(adc[nawm]) - ADC_I["wm"]) < 15
-    assert np.median(adc[deep]) > ADC_I["wm"] + 25  # without the mode it would be biased
-    res = rd.segment_restricted(
-        np.where(brain, 100.0, 0).astype(np.float32) + 100.0 * restr, adc, brain, nawm,
-        restricted_below=0.75, dwi_hyperintense_ratio=1.15, min_lesion_volume_mm3=10.0,
-        csf_adc_min_um2_s=2000.0, spacing_mm=SP,
-    )
-    assert dice(restr, res.restricted) > 0.95
 
 
 def test_bright_crisp_cortex_is_not_lesion():

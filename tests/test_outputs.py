@@ -106,7 +106,7 @@ def test_written_voxel_classes_match_the_written_maps(sample_run):
             ever = restricted if ever is None else ever | restricted
             image = dwi / f"{prefix}_desc-diffusionclass_dseg.nii.gz"
             got = load(image)
-            want = dynamics.voxel_class_image(radc, flair | ever, shine,
+            want = dynamics.voxel_class_image(radc, flair | ever, shine, restricted=restricted,
                                               **{k: CFG["dynamics"][k] for k in CUT})
             np.testing.assert_array_equal(got, want)
             assert (got[restricted] == 1).all()

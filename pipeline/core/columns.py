@@ -37,7 +37,7 @@ SESSION_COLUMNS: dict[str, dict[str, str]] = {
     "radc_median_flair": {"Description": "Median rADC in the FLAIR lesion mask", "Units": "ratio"},
     "radc_mean_ever_restricted": {"Description": "Mean rADC over voxels restricted at this or any earlier session", "Units": "ratio"},
     "pseudonormalized_fraction": {
-        "Description": "Fraction of ever-restricted voxels whose rADC is no longer below the restriction cut-off",
+        "Description": "Fraction of ever-restricted voxels that are outside the restricted mask now and whose rADC is no longer below the restriction cut-off",
         "Units": "ratio",
     },
     "pseudonormal_volume_ml": {
@@ -182,7 +182,7 @@ LESION_COLUMNS: dict[str, dict[str, object]] = {
         "Units": "mL",
     },
     "pseudonormalized_fraction": {
-        "Description": "Fraction of the lesion's ever-restricted voxels whose rADC is no longer below the restriction cut-off",
+        "Description": "Fraction of the lesion's ever-restricted voxels that are outside the restricted mask now and whose rADC is no longer below the restriction cut-off",
         "Units": "ratio",
     },
     "pseudonormal_volume_ml": {

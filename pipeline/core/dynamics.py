@@ -75,6 +75,7 @@ def voxel_class_image(
     *,
     restricted_below: float,
     elevated_above: float,
+    restricted: np.ndarray | None = None,
 ) -> np.ndarray:
     """Diffusion class of every voxel of the lesion tissue (uint8, labels
     :data:`VOXEL_CLASS_LABELS`).
@@ -82,15 +83,19 @@ def voxel_class_image(
     Inside ``lesion_tissue`` (e.g. FLAIR lesion or ever-restricted): :func:`classify_radc`
     (1 restricted, 2 pseudonormal, 3 elevated). Every ``shine_through`` voxel is 4 (its rADC
     is at or above ``restricted_below`` by definition, so it would otherwise be 2 or 3).
-    0 elsewhere and where rADC is not finite. The segmentation's restricted mask is always
-    class 1 (it needs rADC below the cut-off); class 1 may be larger where tissue of the
-    lesion has a low rADC without being DWI hyperintense.
+    Every voxel of the segmentation's ``restricted`` mask with a finite rADC is 1, also its
+    half-contrast edge whose blurred rADC is at or above the cut-off
+    (:func:`pipeline.core.restricted.grow_to_half_contrast`); class 1 may be larger where
+    tissue of the lesion has a low rADC without being DWI hyperintense. 0 elsewhere and where
+    rADC is not finite.
     """
     radc = np.asarray(radc)
     classes = np.where(
         np.asarray(lesion_tissue, bool), classify_radc(radc, restricted_below, elevated_above), 0
     ).astype(np.uint8)
     classes[np.asarray(shine_through, bool) & np.isfinite(radc)] = SHINE_THROUGH
+    if restricted is not None:
+        classes[np.asarray(restricted, bool) & np.isfinite(radc)] = RESTRICTED
     return classes
 
 
@@ -117,18 +122,25 @@ def diffusion_classes(
 
 
 def pseudonormalized_fraction(
-    ever_restricted: np.ndarray, radc_now: np.ndarray, restricted_below: float
+    ever_restricted: np.ndarray,
+    radc_now: np.ndarray,
+    restricted_below: float,
+    restricted_now: np.ndarray | None = None,
 ) -> float:
     """Fraction of ever-restricted voxels whose rADC is no longer below the cut-off now.
 
     ``ever_restricted`` is the union of the restricted masks of this and all earlier sessions.
-    Returns NaN when no voxel was ever restricted.
+    Voxels in ``restricted_now`` (this session's restricted mask) never count as recovered: the
+    mask's half-contrast edge (:func:`pipeline.core.restricted.grow_to_half_contrast`) holds
+    voxels whose blurred rADC is at or above the cut-off. Returns NaN when no voxel was ever
+    restricted.
     """
     ever = np.asarray(ever_restricted, bool)
     n = int(ever.sum())
     if n == 0:
         return float("nan")
-    values = radc_now[ever]
+    gone = ever if restricted_now is None else ever & ~np.asarray(restricted_now, bool)
+    values = radc_now[gone]
     return float(np.count_nonzero(np.isfinite(values) & (values >= restricted_below)) / n)
 
 
@@ -139,12 +151,15 @@ def recovered_volumes_ml(
     restricted_below: float,
     elevated_above: float,
     voxel_volume_ml: float,
+    restricted_now: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """Volumes (mL) of the ever-restricted voxels whose rADC class (:func:`classify_radc`) is
-    now pseudonormal and elevated; together they are the pseudonormalized fraction's numerator."""
-    classes = classify_radc(
-        radc_now[np.asarray(ever_restricted, bool)], restricted_below, elevated_above
-    )
+    now pseudonormal and elevated, outside ``restricted_now`` (as in
+    :func:`pseudonormalized_fraction`); together they are that fraction's numerator."""
+    gone = np.asarray(ever_restricted, bool)
+    if restricted_now is not None:
+        gone = gone & ~np.asarray(restricted_now, bool)
+    classes = classify_radc(radc_now[gone], restricted_below, elevated_above)
     return (
         float(np.count_nonzero(classes == PSEUDONORMAL) * voxel_volume_ml),
         float(np.count_nonzero(classes == ELEVATED) * voxel_volume_ml),
@@ -220,6 +235,7 @@ def session_summary(
         restricted_below=restricted_below,
         elevated_above=elevated_above,
         voxel_volume_ml=voxel_volume_ml,
+        restricted_now=restricted,
     )
     row = {
         "flair_volume_ml": float(flair_lesion.sum() * voxel_volume_ml),
@@ -235,7 +251,8 @@ def session_summary(
         "radc_mean_flair": masked_mean(radc, flair_lesion),
         "radc_median_flair": masked_median(radc, flair_lesion),
         "radc_mean_ever_restricted": masked_mean(radc, ever),
-        "pseudonormalized_fraction": pseudonormalized_fraction(ever, radc, restricted_below),
+        "pseudonormalized_fraction": pseudonormalized_fraction(
+            ever, radc, restricted_below, restricted),
         "pseudonormal_volume_ml": pseudonormal_ml,
         "elevated_volume_ml": elevated_ml,
     }
@@ -373,6 +390,7 @@ def lesion_table(
             adc_s, radc_s = adc_um2_s[s][box], radc[s][box]
             restricted_here = here & np.asarray(restricted[s][box], bool) & dwi[s]
             ever |= restricted_here
+            restricted_now = np.asarray(restricted[s][box], bool) & dwi[s]
             both = seen[s] and dwi[s]
             recovered = recovered_volumes_ml(
                 ever,
@@ -380,6 +398,7 @@ def lesion_table(
                 restricted_below=restricted_below,
                 elevated_above=elevated_above,
                 voxel_volume_ml=voxel_volume_ml,
+                restricted_now=restricted_now,
             )
             rows.append(
                 {
@@ -412,7 +431,7 @@ def lesion_table(
                     if both
                     else nan,
                     "pseudonormalized_fraction": pseudonormalized_fraction(
-                        ever, radc_s, restricted_below
+                        ever, radc_s, restricted_below, restricted_now
                     )
                     if dwi[s]
                     else nan,

@@ -130,13 +130,15 @@ class SegmentSessions(SimpleInterface):
             if adcs[i] is None:
                 return None
             nawm = rd.nawm_reference_mask(
-                adcs[i], cands[i], exclude, lesion_margin_mm=d["nawm_lesion_margin_mm"],
-                trim_sd=s["nawm_adc_trim_sd"], spacing_mm=spacing)
+                adcs[i], cands[i], exclude, erosion_mm=d["nawm_erosion_mm"],
+                lesion_margin_mm=d["nawm_lesion_margin_mm"], trim_sd=s["nawm_adc_trim_sd"],
+                spacing_mm=spacing)
             return nawm, rd.segment_restricted(
                 traces[i], adcs[i], brains[i], nawm, restricted_below=d["restricted_below"],
                 dwi_hyperintense_ratio=s["dwi_hyperintense_ratio"],
                 min_lesion_volume_mm3=s["min_lesion_volume_mm3"],
-                csf_adc_min_um2_s=s["csf_adc_min_um2_s"], spacing_mm=spacing)
+                csf_adc_min_um2_s=s["csf_adc_min_um2_s"], spacing_mm=spacing,
+                edge_mm=d["restricted_edge_mm"], edge_ring_mm=d["restricted_edge_ring_mm"])
 
         def restricted_pass(exclude):
             with ThreadPoolExecutor(max(1, min(n, self.inputs.n_workers))) as ex:

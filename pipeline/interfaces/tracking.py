@@ -77,7 +77,8 @@ class TrackLesions(SimpleInterface):
             # without diffusion: an empty image)
             classes = dynamics.voxel_class_image(
                 radc[i], (flair[i] & has_flair[i]) | ever, shine[i] & has_dwi[i],
-                restricted_below=dyn["restricted_below"], elevated_above=dyn["elevated_above"])
+                restricted_below=dyn["restricted_below"], elevated_above=dyn["elevated_above"],
+                restricted=restricted[i] & has_dwi[i])
             class_files.append(save(like(classes, ref_img), runtime,
                                     f"diffusion_dseg_{i:02d}.nii.gz", np.uint8))
             row = {"session": label, "day": ins.days[i]}

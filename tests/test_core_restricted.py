@@ -1,0 +1,128 @@
+"""Restricted diffusion and the NAWM ADC reference (pipeline.core.restricted) on the synthetic
+brain of test_core_segmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from pipeline.core import restricted as rd
+from pipeline.core import segmentation as seg
+from pipeline.core.metrics import dice
+from test_core_segmentation import ADC_I, SP, _brain, _sphere
+
+
+def test_segment_restricted_and_shine_through():
+    flair, adc, brain, csf = _brain(seed=1)
+    trace = np.where(brain, 100.0, 0).astype(np.float32)
+    trace[csf] = 20.0
+    restr = _sphere((28, 38, 20), 4)
+    shine = _sphere((28, 38, 34), 4)
+    adc[restr], trace[restr] = 400.0, 200.0
+    adc[shine], trace[shine] = 1100.0, 180.0
+    t = seg.tissue_model(flair, brain, adc, csf_adc_min_um2_s=2000.0)
+    nawm = seg.nawm_mask(t.labels == seg.WM, [restr, shine], erosion_mm=2.0,
+                         lesion_margin_mm=3.0, spacing_mm=SP)
+    res = rd.segment_restricted(
+        trace, adc, brain, nawm, restricted_below=0.75, dwi_hyperintense_ratio=1.15,
+        min_lesion_volume_mm3=10.0, csf_adc_min_um2_s=2000.0, spacing_mm=SP,
+    )
+    assert abs(res.reference_adc.median_um2_s - 800.0) < 10
+    assert res.reference_dwi == pytest.approx(100.0)
+    assert dice(restr, res.restricted) > 0.95
+    assert dice(shine, res.shine_through) > 0.95
+    assert not (res.restricted & csf).any() and not (res.shine_through & csf).any()
+    assert res.radc.dtype == np.float32 and res.dwi_ratio.dtype == np.float32
+
+
+def test_segment_restricted_drops_tiny_components():
+    flair, adc, brain, csf = _brain(seed=2)
+    trace = np.where(brain, 100.0, 0).astype(np.float32)
+    dot = _sphere((28, 38, 26), 1)  # 7 voxels
+    adc[dot], trace[dot] = 400.0, 200.0
+    nawm = brain & ~csf & ~dot
+    res = rd.segment_restricted(
+        trace, adc, brain, nawm, restricted_below=0.75, dwi_hyperintense_ratio=1.15,
+        min_lesion_volume_mm3=10.0, csf_adc_min_um2_s=2000.0, spacing_mm=SP,
+    )
+    assert res.restricted.sum() == 0
+
+
+def test_nawm_reference_mask_finds_pure_wm_adc():
+    """Partial volume raises ADC near CSF: the reference is the WM mode, not the median."""
+    flair, adc, brain, csf = _brain(seed=6)
+    restr = _sphere((28, 38, 26), 5)
+    adc[restr] = 400.0
+    near = ndimage.distance_transform_edt(~csf) < 4
+    adc[near & brain & ~csf] += 400.0  # a thick partial-volume rim
+    c = seg.csf_mask(flair, brain, adc, csf_adc_min_um2_s=1500.0, csf_flair_max_ratio=0.5)
+    deep = seg.deep_parenchyma(brain, c, csf_margin_mm=1.0, surface_margin_mm=1.0, spacing_mm=SP)
+    nawm = rd.nawm_reference_mask(adc, deep, [restr], erosion_mm=0.0, lesion_margin_mm=3.0,
+                                   trim_sd=2.5, spacing_mm=SP)
+    assert not (nawm & restr).any()
+    assert abs(np.median(adc[nawm]) - ADC_I["wm"]) < 15
+    assert np.median(adc[deep]) > ADC_I["wm"] + 25  # without the mode it would be biased
+    res = rd.segment_restricted(
+        np.where(brain, 100.0, 0).astype(np.float32) + 100.0 * restr, adc, brain, nawm,
+        restricted_below=0.75, dwi_hyperintense_ratio=1.15, min_lesion_volume_mm3=10.0,
+        csf_adc_min_um2_s=2000.0, spacing_mm=SP,
+    )
+    assert dice(restr, res.restricted) > 0.95
+
+
+def test_nawm_reference_erosion_keeps_the_core_of_a_blurred_white_matter():
+    """Candidates whose edge mixes WM with GM (ADC between the two, as after a 3-5 mm DWI
+    voxel): the mode trim alone keeps part of that edge, the erosion keeps the WM core."""
+    flair, adc, brain, csf = _brain(seed=7, noise=2.0)
+    rng = np.random.default_rng(7)
+    wm_core = seg.deep_parenchyma(brain, csf, csf_margin_mm=1.0, surface_margin_mm=7.0,
+                                  spacing_mm=SP)
+    cand = seg.deep_parenchyma(brain, csf, csf_margin_mm=1.0, surface_margin_mm=4.0,
+                               spacing_mm=SP)
+    edge = cand & ~wm_core
+    adc = (np.full(adc.shape, ADC_I["wm"]) + rng.normal(0, 40, adc.shape)).astype(np.float32)
+    adc[edge] += rng.uniform(0, 150, int(edge.sum())).astype(np.float32)  # partial volume with GM
+    restr = _sphere((28, 38, 26), 3)
+    adc[restr] = 400.0
+    flat = rd.nawm_reference_mask(adc, cand, [restr], erosion_mm=0.0, lesion_margin_mm=3.0,
+                                  trim_sd=2.5, spacing_mm=SP)
+    eroded = rd.nawm_reference_mask(adc, cand, [restr], erosion_mm=4.0, lesion_margin_mm=3.0,
+                                    trim_sd=2.5, spacing_mm=SP)
+    assert np.median(adc[flat]) > ADC_I["wm"] + 10
+    assert abs(np.median(adc[eroded]) - ADC_I["wm"]) < 5
+    assert not (eroded & restr).any() and eroded.sum() > 1000
+    # an erosion that leaves nothing (a 2-voxel slab) falls back to the un-eroded candidates
+    slab = cand.copy()
+    slab[:, :, :24] = slab[:, :, 26:] = False
+    kw = dict(lesion_margin_mm=3.0, trim_sd=2.5, spacing_mm=SP)
+    assert np.array_equal(rd.nawm_reference_mask(adc, slab, [restr], erosion_mm=4.0, **kw),
+                          rd.nawm_reference_mask(adc, slab, [restr], erosion_mm=0.0, **kw))
+    assert rd.nawm_reference_mask(adc, slab, [restr], erosion_mm=4.0, **kw).sum() > 100
+
+
+def test_half_contrast_edge_restores_a_blurred_lesion_and_stays_pseudonormal_free():
+    """A lesion of rADC 0.55 in tissue of rADC 1.0, blurred like a coarse DWI voxel: the fixed
+    cut-off 0.75 cuts inside the half-contrast contour, the edge step restores the volume; the
+    grown voxels (rADC >= 0.75) are restricted now, so nothing counts as pseudonormalized."""
+    from pipeline.core import dynamics
+
+    truth = _sphere((28, 30, 26), 7)
+    radc = np.where(truth, 0.55, 1.0).astype(np.float32)
+    radc = ndimage.gaussian_filter(radc, 1.5).astype(np.float32)
+    allowed = np.ones(radc.shape, bool)
+    cut = radc < 0.75
+    grown = rd.grow_to_half_contrast(cut, radc, allowed, ring_mm=(2.0, 6.0), max_mm=2.0,
+                                     spacing_mm=SP)
+    assert cut.sum() < 0.85 * truth.sum()
+    assert abs(grown.sum() / truth.sum() - 1) < 0.05 and dice(truth, grown) > 0.95
+    assert (radc[grown & ~cut] >= 0.75).all()
+    assert dynamics.pseudonormalized_fraction(grown, radc, 0.75, grown) == 0.0
+    assert dynamics.pseudonormalized_fraction(grown, radc, 0.75) > 0.1
+    classes = dynamics.voxel_class_image(radc, grown, np.zeros_like(grown), restricted_below=0.75,
+                                         elevated_above=1.15, restricted=grown)
+    assert (classes[grown] == dynamics.RESTRICTED).all()
+    # no contrast (lesion level equals its surround): nothing grows
+    flat = np.full(radc.shape, 0.7, np.float32)
+    assert np.array_equal(rd.grow_to_half_contrast(truth, flat, allowed, ring_mm=(2.0, 6.0),
+                                                   max_mm=2.0, spacing_mm=SP), truth)
