@@ -323,13 +323,16 @@ class Project:
     name = "lesionlapse"
 
     def __init__(self, params: dict, threads: int):
-        self.kw = registration_kwargs(params)
-        self.kw["n_threads"] = threads
+        # the pipeline's keywords: b0 -> FLAIR pairs as its DWI -> FLAIR step, others as the
+        # cross-session steps
+        self.kw = {dwi: {**registration_kwargs(params, dwi=dwi), "n_threads": threads}
+                   for dwi in (False, True)}
 
-    def __call__(self, fixed, moving, fmask, mmask, tmp):
+    def __call__(self, fixed, moving, fmask, mmask, tmp, kind: str = ""):
         t0 = time.perf_counter()
         res = core_reg.register_rigid(fixed, moving, fixed_mask=fmask, moving_mask=mmask,
-                                      transform_type="rigid", **self.kw)
+                                      transform_type="rigid",
+                                      **self.kw[kind == "phantom-dwi"])
         return res.transform, time.perf_counter() - t0
 
 
@@ -415,7 +418,8 @@ class Greedy:
 
 def run_case(engine, case: Case, tmp: str, project_ic: Project | None) -> Outcome:
     try:
-        t, dt = engine(case.fixed, case.moving, case.fixed_mask, case.moving_mask, tmp)
+        t, dt = engine(case.fixed, case.moving, case.fixed_mask, case.moving_mask, tmp,
+                       **({"kind": case.kind} if isinstance(engine, Project) else {}))
         mean, mx = core_reg.tre(t, case.truth, case.points)
     except Exception as exc:  # a crash is a failure, reported
         return Outcome(engine.name, case, float("nan"), float("inf"), float("inf"),

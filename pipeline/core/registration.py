@@ -42,6 +42,7 @@ TransformType = Literal["rigid", "affine"]
 Interpolator = Literal["linear", "nearest", "bspline", "label"]
 Initialisation = Literal["moments", "geometry", "identity"]
 Optimizer = Literal["regular_step", "conjugate_gradient"]
+SamplingStrategy = Literal["regular", "random"]
 
 
 class RegistrationQCError(ValueError):
@@ -540,6 +541,7 @@ def _run(
     metric: Metric,
     histogram_bins: int,
     sampling: float,
+    sampling_strategy: SamplingStrategy,
     iterations: int,
     learning_rate: float,
     min_step: float,
@@ -556,7 +558,10 @@ def _run(
     else:
         raise ValueError(f"unknown metric {metric!r}; use 'mattes' or 'correlation'")
     if sampling < 1.0:
-        reg.SetMetricSamplingStrategy(reg.RANDOM)
+        # REGULAR = a grid with a random (seeded) offset per point: stratified, so the metric
+        # of a given sample count varies less than with RANDOM points (real-motion TRE)
+        reg.SetMetricSamplingStrategy(reg.REGULAR if sampling_strategy == "regular"
+                                      else reg.RANDOM)
         reg.SetMetricSamplingPercentage(float(sampling), int(seed))
     # Image gradients by central differences at the sample points: the default pre-computed
     # (recursive-Gaussian) gradient image of the moving image biased the metric derivative by
@@ -651,6 +656,7 @@ def register_rigid(
     metric: Metric = "mattes",
     histogram_bins: int = 32,
     sampling_fraction: float = 0.25,
+    sampling_strategy: SamplingStrategy = "regular",
     max_samples: int | None = 50000,
     min_samples: int = 5000,
     shrink_factors: Sequence[int] = (4, 2, 1),
@@ -659,6 +665,7 @@ def register_rigid(
     iterations: int = 200,
     learning_rate: float = 1.0,
     min_step: float = 1e-5,
+    coarse_min_step: float | None = None,
     optimizer: Optimizer = "regular_step",
     transform_type: TransformType = "rigid",
     initial_transform: sitk.Transform | None = None,
@@ -697,7 +704,12 @@ def register_rigid(
     histogram_bins
         Mattes histogram bins.
     sampling_fraction
-        Fraction of fixed-mask voxels sampled per level (random, seeded).
+        Fraction of fixed-mask voxels sampled per level (seeded).
+    sampling_strategy
+        ``"regular"``: a regular grid of sample points, each moved at random (seeded) within
+        its voxel (ITK's REGULAR); ``"random"``: points drawn at random. The stratified grid
+        varies less from sample to sample: on the benchmark's real-motion pairs the mean TRE
+        over 4 seeds was 0.018 mm vs 0.022 mm for random points, at the same cost.
     max_samples
         Cap on the number of sampled points per level (speed); ``None`` = no cap.
     min_samples
@@ -719,6 +731,11 @@ def register_rigid(
         ``log2(learning_rate / min_step)`` bounds the number of halvings; on brain images
         ``min_step = 1e-5`` reaches a precision of about 0.05 mm, 1e-3 stops 1-2 mm short.
         For ``"conjugate_gradient"``, ``learning_rate`` is the largest step (mm).
+    coarse_min_step
+        Minimum step of the levels before the finest (and of the multi-start probes); ``None``
+        or 0 = ``min_step``. A coarse level only has to bring the next one within reach:
+        converged to ``min_step`` the coarsest level took ~160-190 iterations, more than the
+        finer levels together.
     optimizer
         ``"regular_step"`` (RegularStepGradientDescent) or ``"conjugate_gradient"``
         (ConjugateGradientLineSearch, learning rate estimated at every iteration; more metric
@@ -782,7 +799,7 @@ def register_rigid(
     common = dict(
         metric=metric,
         histogram_bins=histogram_bins,
-        min_step=min_step,
+        sampling_strategy=sampling_strategy,
         optimizer=optimizer,
         n_threads=n_threads,
         seed=seed,
@@ -791,6 +808,13 @@ def register_rigid(
     def level_lr(k: int) -> float:
         # every level refines the previous one: the first step shrinks with the voxel size
         return float(learning_rate) * min(1.0, levels[k][5] / levels[0][5])
+
+    def level_min_step(k: int) -> float:
+        # a coarse level only needs to bring the next one into its capture range: converging
+        # it to the final precision cost more iterations than all finer levels together
+        if k == finest or not coarse_min_step:
+            return float(min_step)
+        return max(float(min_step), float(coarse_min_step))
 
     n_iter = 0
     start_index = 0
@@ -824,6 +848,7 @@ def register_rigid(
                     sampling=samp0,
                     iterations=min(iterations, multistart_iterations),
                     learning_rate=level_lr(0),
+                    min_step=level_min_step(0),
                     **common,
                 )
                 n_iter += n
@@ -854,6 +879,7 @@ def register_rigid(
             sampling=samp,
             iterations=iterations,
             learning_rate=level_lr(k),
+            min_step=level_min_step(k),
             **common,
         )
         n_iter += n
@@ -871,6 +897,7 @@ def register_rigid(
             sampling=_n_samples(mml, ml, sampling_fraction, max_samples, min_samples),
             iterations=iterations,
             learning_rate=level_lr(finest),
+            min_step=level_min_step(finest),
             **common,
         )
         n_iter += n

@@ -22,13 +22,18 @@ from pipeline.interfaces.base import out_path, read, save, save_json
 _NOT_REGISTER_RIGID = {
     "dwi_to_flair", "template_iterations", "output_spacing_mm", "max_rotation_deg",
     "max_translation_mm", "template_spacing_mm", "subject_space_margin_mm",
+    "dwi_sampling_strategy",
 }
 
 
-def registration_kwargs(params: dict) -> dict:
-    """Optimizer/metric keywords of core.registration.register_rigid from [registration]."""
-    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items()
-            if k not in _NOT_REGISTER_RIGID}
+def registration_kwargs(params: dict, dwi: bool = False) -> dict:
+    """Optimizer/metric keywords of core.registration.register_rigid from [registration];
+    ``dwi``: for the within-session DWI -> FLAIR step (its own sampling strategy)."""
+    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items()
+          if k not in _NOT_REGISTER_RIGID}
+    if dwi and "dwi_sampling_strategy" in params:
+        kw["sampling_strategy"] = params["dwi_sampling_strategy"]
+    return kw
 
 
 def _qc_record(result, name: str) -> dict:
@@ -73,7 +78,7 @@ class RegisterImages(SimpleInterface):
             moving_mask=mask(self.inputs.moving_mask),
             transform_type=self.inputs.transform_type,
             n_threads=self.inputs.n_threads,
-            **registration_kwargs(p),
+            **registration_kwargs(p, dwi=True),
         )
         qc = _qc_record(result, self.inputs.name)
         self._results["qc"] = save_json(qc, runtime, "qc.json")
