@@ -58,3 +58,15 @@ def test_subject_space_workers_fill_the_processes(tmp_path, nprocs, threads, wor
     assert node.inputs.n_workers == workers
     assert node.inputs.n_threads == threads
     assert node.n_procs == workers * threads
+
+
+def test_dwi_step_gets_its_own_sampling_strategy():
+    # the DWI -> FLAIR step samples at random, the cross-session steps on a jittered grid
+    # (benchmarks/results/registration.md); both reach register_rigid as sampling_strategy
+    from pipeline.interfaces.registration import registration_kwargs
+
+    params = load_config().replace("registration", sampling_strategy="regular",
+                                   dwi_sampling_strategy="random").to_dict()["registration"]
+    assert registration_kwargs(params)["sampling_strategy"] == "regular"
+    assert registration_kwargs(params, dwi=True)["sampling_strategy"] == "random"
+    assert "dwi_sampling_strategy" not in registration_kwargs(params, dwi=True)
