@@ -91,7 +91,7 @@ def flair_project(flairs: list[np.ndarray], brains: list[np.ndarray],
         maps, brains, z_seed=s.flair_z_seed, z_grow=s.flair_z_grow, gm_z_seed=s.flair_gm_z_seed,
         gm_z_grow=s.flair_gm_z_grow, min_lesion_volume_mm3=s.min_lesion_volume_mm3,
         spacing_mm=spacing, edge_fraction=s.flair_edge_fraction,
-        edge_percentile=s.flair_edge_percentile)
+        edge_percentile=s.flair_edge_percentile, rim_z_grow=s.flair_rim_z_grow)
 
 
 def flair_baseline(flair: np.ndarray, brain: np.ndarray, z: float, min_mm3: float,
@@ -410,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
                         "pipeline's subject-space FLAIR again with the current code")
     p.add_argument("--baseline-z", type=float, default=2.0,
                    help="FLAIR global z-score threshold of the baseline (default 2.0)")
+    p.add_argument("--config", type=Path, default=None, metavar="TOML",
+                   help="overlay this TOML on configs/default.toml (parameter studies)")
     p.add_argument("--commit", default=None,
                    help="source commit to record when run from a git-archive export")
     p.add_argument("--out", type=Path,
@@ -419,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = set(cases) - set(CASES)
     if bad:
         p.error(f"unknown case(s) {sorted(bad)}; choose from {CASES}")
-    config = load_config()
+    config = load_config(args.config)
     machine = C.machine_info(args.commit)
     timings, ph, st, mni, lon, info = {}, None, None, None, None, {}
     pd.set_option("display.width", 250)

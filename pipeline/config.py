@@ -101,6 +101,7 @@ class Segmentation:
     flair_edge_fraction: float = _rng(0, 1)
     flair_edge_percentile: float = _rng(0, 100)
     csf_rim_mm: float = _rng(0, 20)
+    flair_rim_z_grow: float = _rng(0, None, lo_open=True)
     dwi_hyperintense_ratio: float = _rng(0, 100, lo_open=True)
     min_lesion_volume_mm3: float = _rng(0, 1e6)
     cortex_rim_mm: float = _rng(0, 20)

@@ -289,3 +289,24 @@ def test_relative_edge_reaches_the_same_fraction_of_faint_and_bright_lesions():
     assert (shell & ndimage.binary_dilation(faint, iterations=3)).any()
     assert not seg.grow_relative_edge(np.zeros_like(core), z, fraction=0.35,
                                       percentile=90.0).any()
+
+
+def test_periventricular_rule_grows_into_the_rim_but_never_seeds_there():
+    # a lesion touching the ventricle keeps its rim part with rim_z_grow; a bright strip that
+    # lies wholly inside the rim (ependymal signal) is never a lesion
+    les = _sphere((28, 20, 26), 5) & ~_sphere((28, 25, 26), 5)
+    flair, adc, brain, csf = _brain(seed=5, lesions=[les])
+    d = ndimage.distance_transform_edt(~csf)
+    strip = (d > 0) & (d <= 2.0) & _sphere((28, 30, 26), 6) & (np.indices(SHAPE)[1] > 27)
+    assert strip.sum() * 1.0 > 2 * PARAMS["min_lesion_volume_mm3"]
+    flair[strip] = FLAIR_I["lesion"]
+    params = {**PARAMS, "csf_rim_mm": 2.0}
+    off = seg.segment_flair_lesions(flair, brain, spacing_mm=SP, adc_um2_s=adc, **params)
+    on = seg.segment_flair_lesions(flair, brain, spacing_mm=SP, adc_um2_s=adc, rim_z_grow=6.0,
+                                   **params)
+    rim = les & (d > 0) & (d <= 2.0) & ~csf
+    assert not (off & rim).any()
+    assert (on & rim).sum() > 0.8 * rim.sum()
+    assert not (on & strip).any() and not (on & csf).any()
+    assert np.array_equal(on & ~rim, off)  # outside the lesion's rim part nothing changes
+

@@ -16,8 +16,10 @@ Method (FLAIR lesions)
    partial volume.
 3. :func:`hysteresis_series`: seeds above ``z_seed`` and ``gm_z_seed``; growth through voxels
    above ``z_grow`` and ``gm_z_grow`` connected in space or in time (adjacent sessions);
-   CSF, ``csf_rim_mm`` around it and ``cortex_rim_mm`` inside the brain surface excluded;
-   each lesion then takes its face-neighbours above ``edge_fraction`` of its own level
+   CSF, ``csf_rim_mm`` around it and ``cortex_rim_mm`` inside the brain surface excluded,
+   except that growth continues into that CSF rim where ``z > rim_z_grow`` (periventricular
+   lesions keep their part against the ventricle; the rim alone never seeds); each
+   lesion then takes its face-neighbours above ``edge_fraction`` of its own level
    (:func:`grow_relative_edge`); enclosed holes filled; components below
    ``min_lesion_volume_mm3`` dropped.
 4. NAWM candidates for the ADC reference (:func:`nawm_candidates`; the final mask is
@@ -296,6 +298,9 @@ class FlairMaps:
     deep_ref: RobustRef  #: FLAIR mode and lower half-width of the deep parenchyma
     outer_mode: float  #: FLAIR mode of the outer (cortical) parenchyma (NaN if too small)
     z_gm: np.ndarray  #: float32, (FLAIR - outer mode) / outer upper half-width (grey-matter z)
+    #: bool, the CSF rim: non-CSF brain within ``csf_rim_mm`` of CSF (and deeper than
+    #: ``cortex_rim_mm``); lesions grown from the domain may enter it (``rim_z_grow``)
+    rim: np.ndarray | None = None
 
 
 def flair_session_maps(
@@ -349,7 +354,8 @@ def flair_session_maps(
     level = max(ref.median, outer_mode) if np.isfinite(outer_mode) else ref.median
     z_wm = ((flair - np.float32(ref.median)) / np.float32(ref.sd)).astype(np.float32)
     z = ((flair - np.float32(level)) / np.float32(ref.sd)).astype(np.float32)
-    dom = brain & ~csf & (distances.to_csf_mm > csf_rim_mm) & (distances.depth_mm > cortex_rim_mm)
+    inside = brain & ~csf & (distances.depth_mm > cortex_rim_mm)
+    dom = inside & (distances.to_csf_mm > csf_rim_mm)
     z_gm = z
     if np.isfinite(outer_mode):
         v = flair[outer]
@@ -357,7 +363,7 @@ def flair_session_maps(
         gsd = MAD_TO_SD * float(np.median(up)) if up.size else 0.0
         if gsd > 0:
             z_gm = ((flair - np.float32(outer_mode)) / np.float32(gsd)).astype(np.float32)
-    return FlairMaps(z, z_wm, dom, csf, deep, ref, float(outer_mode), z_gm)
+    return FlairMaps(z, z_wm, dom, csf, deep, ref, float(outer_mode), z_gm, inside & ~dom)
 
 
 def hysteresis_series(
@@ -372,6 +378,7 @@ def hysteresis_series(
     spacing_mm: tuple[float, ...],
     edge_fraction: float = 0.0,
     edge_percentile: float = 90.0,
+    rim_z_grow: float = np.inf,
 ) -> list[np.ndarray]:
     """Spatio-temporal hysteresis on the stacked z-maps of :func:`flair_session_maps`.
 
@@ -381,16 +388,19 @@ def hysteresis_series(
     takes its face-neighbours above that fraction of its own level (:func:`grow_relative_edge`;
     only lesions whose core already reaches ``min_lesion_volume_mm3``). Holes enclosed by a lesion are filled and components below ``min_lesion_volume_mm3``
     dropped, per session.
+
+    Periventricular rule: growth (never a seed) may also run through the CSF rim
+    (:attr:`FlairMaps.rim`) where ``z > rim_z_grow``, so a lesion whose core lies outside the
+    rim keeps its part against the ventricle, while the thin bright ependymal rim alone never
+    starts a lesion (``inf``: the rim is excluded).
     """
     _check_thresholds(z_seed, z_grow, gm_z_seed, gm_z_grow)
     n = len(maps)
     if n == 0:
         return []
     sp = _check_spacing(spacing_mm, maps[0].z.ndim)
-    z4 = np.stack([
-        np.where(m.domain & np.isfinite(m.z) & (m.z_gm > gm_z_grow), m.z, -np.inf) for m in maps
-    ])
-    seeds = (z4 > z_seed) & np.stack([m.z_gm > gm_z_seed for m in maps])
+    z4 = np.stack([_grow_z(m, gm_z_grow, rim_z_grow) for m in maps])
+    seeds = (z4 > z_seed) & np.stack([m.domain & (m.z_gm > gm_z_seed) for m in maps])
     st = np.zeros((3,) * 4, bool)
     st[1] = ndimage.generate_binary_structure(3, 3)
     st[0, 1, 1, 1] = st[2, 1, 1, 1] = True
@@ -412,6 +422,31 @@ def hysteresis_series(
     return out
 
 
+def _grow_z(m: FlairMaps, gm_z_grow: float, rim_z_grow: float) -> np.ndarray:
+    """``z`` where a lesion may grow (domain, or rim above ``rim_z_grow``), else -inf."""
+    where = m.domain
+    if np.isfinite(rim_z_grow) and m.rim is not None:
+        with np.errstate(invalid="ignore"):
+            where = where | (m.rim & (m.z > rim_z_grow))
+    return np.where(where & np.isfinite(m.z) & (m.z_gm > gm_z_grow), m.z, -np.inf)
+
+
+def _component_levels(lab: np.ndarray, n: int, z: np.ndarray, percentile: float) -> np.ndarray:
+    """``percentile`` of ``z`` over each labelled component (index 0 unused; NaN sort last)."""
+    mask = lab > 0
+    level = np.zeros(n + 1)
+    vals = np.where(np.isfinite(z[mask]), z[mask], np.nan)
+    ids = lab[mask]
+    order = np.lexsort((vals, ids))  # by component, then by z
+    vals, ids = vals[order], ids[order]
+    start = np.searchsorted(ids, np.arange(1, n + 1))
+    count = np.bincount(ids, minlength=n + 1)[1:]
+    pos = start + percentile / 100.0 * (count - 1)  # linear interpolation, as numpy.percentile
+    lo, hi = np.floor(pos).astype(int), np.ceil(pos).astype(int)
+    level[1:] = vals[lo] + (pos - lo) * (vals[hi] - vals[lo])
+    return level
+
+
 def grow_relative_edge(
     mask: np.ndarray, z: np.ndarray, *, fraction: float, percentile: float
 ) -> np.ndarray:
@@ -428,16 +463,7 @@ def grow_relative_edge(
     lab, n = ndimage.label(mask, ndimage.generate_binary_structure(mask.ndim, mask.ndim))
     if n == 0:
         return mask.copy()
-    level = np.zeros(n + 1)
-    vals = np.where(np.isfinite(z[mask]), z[mask], np.nan)
-    ids = lab[mask]
-    order = np.lexsort((vals, ids))  # by component, then by z
-    vals, ids = vals[order], ids[order]
-    start = np.searchsorted(ids, np.arange(1, n + 1))
-    count = np.bincount(ids, minlength=n + 1)[1:]
-    pos = start + percentile / 100.0 * (count - 1)  # linear interpolation, as numpy.percentile
-    lo, hi = np.floor(pos).astype(int), np.ceil(pos).astype(int)
-    level[1:] = vals[lo] + (pos - lo) * (vals[hi] - vals[lo])  # NaN sorts last
+    level = _component_levels(lab, n, z, percentile)
     near = ndimage.grey_dilation(lab, footprint=ndimage.generate_binary_structure(mask.ndim, 1))
     with np.errstate(invalid="ignore"):
         add = (near > 0) & ~mask & (z > 0) & (z > fraction * level[near])
@@ -471,6 +497,7 @@ def segment_flair_series(
     maps: list[FlairMaps] | None = None,
     edge_fraction: float = 0.0,
     edge_percentile: float = 90.0,
+    rim_z_grow: float = np.inf,
 ) -> list[np.ndarray]:
     """FLAIR lesions of several sessions of one subject, already in one space (time order).
 
@@ -503,6 +530,8 @@ def segment_flair_series(
         not used again).
     edge_fraction, edge_percentile
         Relative edge step of :func:`grow_relative_edge` (0: off).
+    rim_z_grow
+        Periventricular rule of :func:`hysteresis_series` (``inf``: off).
 
     Returns
     -------
@@ -540,7 +569,7 @@ def segment_flair_series(
     return hysteresis_series(maps, brains, z_seed=z_seed, z_grow=z_grow, gm_z_seed=gm_z_seed,
                              gm_z_grow=gm_z_grow, min_lesion_volume_mm3=min_lesion_volume_mm3,
                              spacing_mm=sp, edge_fraction=edge_fraction,
-                             edge_percentile=edge_percentile)
+                             edge_percentile=edge_percentile, rim_z_grow=rim_z_grow)
 
 
 def segment_flair_lesions(

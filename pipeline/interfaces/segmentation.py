@@ -117,7 +117,8 @@ class SegmentSessions(SimpleInterface):
             z_seed=s["flair_z_seed"], z_grow=s["flair_z_grow"],
             gm_z_seed=s["flair_gm_z_seed"], gm_z_grow=s["flair_gm_z_grow"],
             min_lesion_volume_mm3=s["min_lesion_volume_mm3"], spacing_mm=spacing,
-            edge_fraction=s["flair_edge_fraction"], edge_percentile=s["flair_edge_percentile"])
+            edge_fraction=s["flair_edge_fraction"], edge_percentile=s["flair_edge_percentile"],
+            rim_z_grow=s["flair_rim_z_grow"])
         for i, mask in zip(with_flair, joint):
             lesions[i] = mask
         # NAWM candidates from the same maps: deep parenchyma at most nawm_flair_z_max above
