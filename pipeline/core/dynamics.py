@@ -121,6 +121,12 @@ def diffusion_classes(
     return bright & low, bright & np.isfinite(radc) & ~low
 
 
+def _not_restricted_now(ever: np.ndarray, restricted_now: np.ndarray | None) -> np.ndarray:
+    """Ever-restricted voxels outside this session's restricted mask (all of them without one):
+    the only voxels that can count as recovered."""
+    return ever if restricted_now is None else ever & ~np.asarray(restricted_now, bool)
+
+
 def pseudonormalized_fraction(
     ever_restricted: np.ndarray,
     radc_now: np.ndarray,
@@ -139,8 +145,7 @@ def pseudonormalized_fraction(
     n = int(ever.sum())
     if n == 0:
         return float("nan")
-    gone = ever if restricted_now is None else ever & ~np.asarray(restricted_now, bool)
-    values = radc_now[gone]
+    values = radc_now[_not_restricted_now(ever, restricted_now)]
     return float(np.count_nonzero(np.isfinite(values) & (values >= restricted_below)) / n)
 
 
@@ -156,9 +161,7 @@ def recovered_volumes_ml(
     """Volumes (mL) of the ever-restricted voxels whose rADC class (:func:`classify_radc`) is
     now pseudonormal and elevated, outside ``restricted_now`` (as in
     :func:`pseudonormalized_fraction`); together they are that fraction's numerator."""
-    gone = np.asarray(ever_restricted, bool)
-    if restricted_now is not None:
-        gone = gone & ~np.asarray(restricted_now, bool)
+    gone = _not_restricted_now(np.asarray(ever_restricted, bool), restricted_now)
     classes = classify_radc(radc_now[gone], restricted_below, elevated_above)
     return (
         float(np.count_nonzero(classes == PSEUDONORMAL) * voxel_volume_ml),
@@ -388,9 +391,9 @@ def lesion_table(
         for s in range(first, n_sessions):
             here = (dseg[s][box] == lesion) & seen[s]
             adc_s, radc_s = adc_um2_s[s][box], radc[s][box]
-            restricted_here = here & np.asarray(restricted[s][box], bool) & dwi[s]
-            ever |= restricted_here
             restricted_now = np.asarray(restricted[s][box], bool) & dwi[s]
+            restricted_here = here & restricted_now
+            ever |= restricted_here
             both = seen[s] and dwi[s]
             recovered = recovered_volumes_ml(
                 ever,

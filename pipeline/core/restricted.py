@@ -50,12 +50,12 @@ def nawm_reference_mask(
     if cand.shape != adc.shape:
         raise ValueError(f"candidate mask shape {cand.shape} differs from ADC {adc.shape}")
     ok = np.isfinite(adc) & (adc > 0)
-    kept = nawm_mask(cand, lesion_masks, erosion_mm=erosion_mm,
-                     lesion_margin_mm=lesion_margin_mm, spacing_mm=sp) & ok
-    if np.count_nonzero(kept) < 10 and erosion_mm > 0:
-        kept = nawm_mask(cand, lesion_masks, erosion_mm=0.0, lesion_margin_mm=lesion_margin_mm,
-                         spacing_mm=sp) & ok
-    if np.count_nonzero(kept) < 10:
+    for erosion in dict.fromkeys((float(erosion_mm), 0.0)):  # eroded, else not eroded
+        kept = nawm_mask(cand, lesion_masks, erosion_mm=erosion,
+                         lesion_margin_mm=lesion_margin_mm, spacing_mm=sp) & ok
+        if np.count_nonzero(kept) >= 10:
+            break
+    else:
         kept = cand & ok
     if not kept.any():
         return kept

@@ -37,7 +37,6 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-
 CSF, GM, WM = 1, 2, 3  #: labels of :attr:`TissueModel.labels` (0 outside the brain)
 MAD_TO_SD = 1.4826  #: MAD of a normal distribution times this is its standard deviation
 
@@ -431,22 +430,6 @@ def _grow_z(m: FlairMaps, gm_z_grow: float, rim_z_grow: float) -> np.ndarray:
     return np.where(where & np.isfinite(m.z) & (m.z_gm > gm_z_grow), m.z, -np.inf)
 
 
-def _component_levels(lab: np.ndarray, n: int, z: np.ndarray, percentile: float) -> np.ndarray:
-    """``percentile`` of ``z`` over each labelled component (index 0 unused; NaN sort last)."""
-    mask = lab > 0
-    level = np.zeros(n + 1)
-    vals = np.where(np.isfinite(z[mask]), z[mask], np.nan)
-    ids = lab[mask]
-    order = np.lexsort((vals, ids))  # by component, then by z
-    vals, ids = vals[order], ids[order]
-    start = np.searchsorted(ids, np.arange(1, n + 1))
-    count = np.bincount(ids, minlength=n + 1)[1:]
-    pos = start + percentile / 100.0 * (count - 1)  # linear interpolation, as numpy.percentile
-    lo, hi = np.floor(pos).astype(int), np.ceil(pos).astype(int)
-    level[1:] = vals[lo] + (pos - lo) * (vals[hi] - vals[lo])
-    return level
-
-
 def grow_relative_edge(
     mask: np.ndarray, z: np.ndarray, *, fraction: float, percentile: float
 ) -> np.ndarray:
@@ -463,7 +446,16 @@ def grow_relative_edge(
     lab, n = ndimage.label(mask, ndimage.generate_binary_structure(mask.ndim, mask.ndim))
     if n == 0:
         return mask.copy()
-    level = _component_levels(lab, n, z, percentile)
+    level = np.zeros(n + 1)
+    vals = np.where(np.isfinite(z[mask]), z[mask], np.nan)
+    ids = lab[mask]
+    order = np.lexsort((vals, ids))  # by component, then by z
+    vals, ids = vals[order], ids[order]
+    start = np.searchsorted(ids, np.arange(1, n + 1))
+    count = np.bincount(ids, minlength=n + 1)[1:]
+    pos = start + percentile / 100.0 * (count - 1)  # linear interpolation, as numpy.percentile
+    lo, hi = np.floor(pos).astype(int), np.ceil(pos).astype(int)
+    level[1:] = vals[lo] + (pos - lo) * (vals[hi] - vals[lo])  # NaN sorts last
     near = ndimage.grey_dilation(lab, footprint=ndimage.generate_binary_structure(mask.ndim, 1))
     with np.errstate(invalid="ignore"):
         add = (near > 0) & ~mask & (z > 0) & (z > fraction * level[near])

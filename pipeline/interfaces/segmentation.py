@@ -99,6 +99,8 @@ class SegmentSessions(SimpleInterface):
                 for i in range(n)]
         # The per-session steps run in threads: scipy.ndimage and numpy release the GIL in
         # their loops, and each session's result depends only on that session's images.
+        workers = max(1, min(n, self.inputs.n_workers))
+
         def session_maps(i):
             return seg.flair_session_maps(
                 anat[i], brains[i], adcs[i], csf_adc_min_um2_s=s["reference_csf_adc_min_um2_s"],
@@ -107,7 +109,7 @@ class SegmentSessions(SimpleInterface):
                 reference_depth_mm=s["reference_depth_mm"], cortex_rim_mm=s["cortex_rim_mm"],
                 csf_rim_mm=s["csf_rim_mm"], spacing_mm=spacing)
 
-        with ThreadPoolExecutor(max(1, min(n, self.inputs.n_workers))) as ex:
+        with ThreadPoolExecutor(workers) as ex:
             maps = list(ex.map(session_maps, range(n)))
         del anat
         with_flair = [i for i in range(n) if has_flair[i]]
@@ -142,7 +144,7 @@ class SegmentSessions(SimpleInterface):
                 edge_mm=d["restricted_edge_mm"], edge_ring_mm=d["restricted_edge_ring_mm"])
 
         def restricted_pass(exclude):
-            with ThreadPoolExecutor(max(1, min(n, self.inputs.n_workers))) as ex:
+            with ThreadPoolExecutor(workers) as ex:
                 return list(ex.map(lambda i: restricted_session(i, exclude), range(n)))
 
         first = restricted_pass(lesions)
