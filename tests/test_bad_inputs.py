@@ -662,7 +662,7 @@ def test_partial_sessions_end_to_end(partial_run):
 
 # Known gap (issue 5): without its day-45 session the seed case's FLAIR lesions of days 0-8
 # peaked at z ~ 5.0 against flair_z_seed = 5.0 (measured: 4.96 and 5.07 in two registrations
-# 0.01 mm apart), so no seed and 0 mL, while the truth has ~4 and ~70 mL. Since 6fe55fa/24871f6
+# 0.01 mm apart), so no seed and 0 mL, while the truth has ~4 and ~70 mL. At 6653967
 # it passes (XPASS in the fresh-clone suite), but the peak still sits at the seed threshold:
 # kept non-strict until the segmentation finds these lesions with a margin.
 @pytest.mark.xfail(strict=False, reason="seed case days 0-8 alone: FLAIR lesions below z_seed")
