@@ -36,6 +36,7 @@ from typing import Literal
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 Metric = Literal["mattes", "correlation"]
 TransformType = Literal["rigid", "affine"]
@@ -450,10 +451,14 @@ def _level_image(
     if interpolator == sitk.sitkLinear:
         aa = 0.5 * np.sqrt(np.maximum(target**2 - native**2, 0.0))
         sig = np.sqrt(aa**2 + float(sigma_mm) ** 2)
-        for axis in range(3):
-            if sig[axis] > 0.25 * native[axis]:
-                out = sitk.RecursiveGaussian(out, float(sig[axis]), False,
-                                             sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
+        sig_vox = np.where(sig > 0.25 * native, sig / native, 0.0)  # x, y, z order
+        if sig_vox.any():
+            # scipy's FIR Gaussian (float32, 3 sigma) instead of ITK's per-axis recursive
+            # Gaussian: 0.07 vs 0.38 s of CPU on a 1 mm 182x218x182 image, same real-motion TRE
+            arr = ndimage.gaussian_filter(sitk.GetArrayViewFromImage(out), sig_vox[::-1],
+                                          truncate=3.0)
+            out = sitk.GetImageFromArray(arr)
+            out.CopyInformation(image)
     if np.allclose(target, native):
         return out
     size = np.array(image.GetSize(), float)
@@ -475,6 +480,7 @@ def _pyramid(
     shrink_factors: Sequence[int],
     smoothing_sigmas_mm: Sequence[float],
     base_mm: float,
+    fine_image_smoothing_mm: float = 0.0,
 ) -> list[tuple[sitk.Image, sitk.Image | None]]:
     """Registration pyramid of one image and its mask: per level (in the order of
     ``shrink_factors``), the float32 image smoothed and resampled (:func:`_level_image`) and
@@ -485,8 +491,12 @@ def _pyramid(
     # smoothed once (smoothing it per level dominated the run time)
     prev_sigma = 0.0
     built = {}
-    for k in sorted(range(len(shrink_factors)), key=lambda k: shrink_factors[k]):
+    finest_first = sorted(range(len(shrink_factors)), key=lambda k: shrink_factors[k])
+    for k in finest_first:
         shrink, sigma = shrink_factors[k], float(smoothing_sigmas_mm[k])
+        if k == finest_first[0] and min(image.GetSpacing()) < base_mm:
+            # an image finer than the working grid: extra smoothing of its finest level
+            sigma = math.hypot(sigma, float(fine_image_smoothing_mm))
         spacing = _level_spacing(image, shrink, base_mm)
         # Gaussian sigmas add in quadrature: smooth the finer level by the difference only
         extra = math.sqrt(max(sigma**2 - prev_sigma**2, 0.0))
@@ -499,19 +509,21 @@ def _pyramid(
 
 
 def _cached_pyramid(cache: dict | None, image, mask, shrink_factors, smoothing_sigmas_mm,
-                    base_mm: float):
+                    base_mm: float, fine_image_smoothing_mm: float = 0.0):
     """:func:`_pyramid`, looked up in ``cache`` (keyed by the image and mask objects, which the
     cache keeps alive so that their ids cannot be reused) when one is given."""
     if cache is None:
-        return _pyramid(image, mask, shrink_factors, smoothing_sigmas_mm, base_mm)
+        return _pyramid(image, mask, shrink_factors, smoothing_sigmas_mm, base_mm,
+                        fine_image_smoothing_mm)
     key = (id(image), id(mask), tuple(shrink_factors), tuple(map(float, smoothing_sigmas_mm)),
-           float(base_mm))
+           float(base_mm), float(fine_image_smoothing_mm))
     # one lock per key (dict.setdefault is atomic): registrations running in parallel threads
     # (build_subject_space's n_workers) build a shared pyramid once
     with cache.setdefault(("lock", *key), threading.Lock()):
         if key not in cache:
             cache[key] = (image, mask,
-                          _pyramid(image, mask, shrink_factors, smoothing_sigmas_mm, base_mm))
+                          _pyramid(image, mask, shrink_factors, smoothing_sigmas_mm, base_mm,
+                                   fine_image_smoothing_mm))
     return cache[key][2]
 
 
@@ -662,6 +674,7 @@ def register_rigid(
     shrink_factors: Sequence[int] = (4, 2, 1),
     smoothing_sigmas_mm: Sequence[float] = (2.0, 1.0, 0.0),
     working_spacing_mm: float | None = 2.0,
+    fine_image_smoothing_mm: float = 0.0,
     iterations: int = 200,
     learning_rate: float = 1.0,
     min_step: float = 1e-5,
@@ -673,6 +686,7 @@ def register_rigid(
     multistart_deg: float = 10.0,
     multistart_iterations: int = 50,
     symmetric: bool = True,
+    backward_learning_rate: float | None = None,
     n_threads: int | None = None,
     seed: int = 1,
     pyramid_cache: dict | None = None,
@@ -725,6 +739,16 @@ def register_rigid(
         Voxel size (mm) of the finest level; registration never runs on a finer grid
         (sub-millimetre in-plane voxels cost time and add no rigid precision). ``None`` or 0:
         the finest native spacing of the fixed image.
+    fine_image_smoothing_mm
+        Extra Gaussian sigma (mm, added in quadrature to the finest level's) for an image whose
+        finest native spacing is below the working spacing, i.e. that is downsampled to reach
+        it. Its noise and texture otherwise make the finest level's metric rough: on the
+        benchmark's real-motion pairs (1 mm FLAIR vs thick-slice copies with Rician noise)
+        mean TRE 0.0215 -> 0.0154 mm with 1.5 (4 sampling seeds); images at or coarser than
+        the working grid (the phantom's 2.4 x 2.4 x 5 mm) are left as they are: smoothing
+        them by 1.5 mm worsened the phantom (FLAIR 0.076 -> 0.089 mm, b0 -> FLAIR
+        0.22 -> 0.27 mm on the first pairs). Raising the anisotropic anti-aliasing instead made
+        real-motion worse (factor 2: 0.024 mm).
     iterations
         Maximum regular-step gradient-descent iterations per level.
     learning_rate, min_step
@@ -757,6 +781,11 @@ def register_rigid(
         Rigid only: also register the finest level backwards (moving -> fixed) and return the
         rigid mean of the forward transform and the inverted backward one, so that
         registering A->B and B->A gives (nearly) inverse transforms.
+    backward_learning_rate
+        Initial step of the symmetric backward pass (scaled units, as ``learning_rate``);
+        ``None`` or 0 = the finest level's. The backward pass starts from the forward
+        optimum, a few hundredths of a millimetre from its own: 0.02 instead of 0.25 gave the
+        same real-motion TRE with ~10 % less CPU per pair (fewer step halvings).
     n_threads
         Threads of every ITK filter of the call (SimpleITK's global default is set for its
         duration and restored); ``None`` uses the global default as it is.
@@ -789,9 +818,9 @@ def register_rigid(
         else float(min(f.GetSpacing()))
     )
     fixed_levels = _cached_pyramid(pyramid_cache, fixed, fixed_mask, shrink_factors,
-                                   smoothing_sigmas_mm, base)
+                                   smoothing_sigmas_mm, base, fine_image_smoothing_mm)
     moving_levels = _cached_pyramid(pyramid_cache, moving, moving_mask, shrink_factors,
-                                    smoothing_sigmas_mm, base)
+                                    smoothing_sigmas_mm, base, fine_image_smoothing_mm)
     levels = []
     for k, shrink in enumerate(shrink_factors):
         (fl, fml), (ml, mml) = fixed_levels[k], moving_levels[k]
@@ -898,7 +927,7 @@ def register_rigid(
             moving_mask=fml if moving_mask_in_metric else None,
             sampling=_n_samples(mml, ml, sampling_fraction, max_samples, min_samples),
             iterations=iterations,
-            learning_rate=level_lr(finest),
+            learning_rate=float(backward_learning_rate or level_lr(finest)),
             min_step=level_min_step(finest),
             **common,
         )
