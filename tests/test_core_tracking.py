@@ -458,6 +458,8 @@ def test_tables_say_not_observed():
         "voxel_volume_ml": VOXEL_ML,
         "restricted_below": 0.75,
         "elevated_above": 1.15,
+        "core_depth_mm": 2.0,
+        "spacing_mm": (1.0, 1.0, 1.0),
     }
     full = dynamics.session_summary(**kwargs)
     assert not any(np.isnan(v) for v in full.values())
@@ -690,3 +692,52 @@ def test_property_every_component_gets_one_id(
     per_session = table.groupby("session").volume_ml.sum()
     for t, mask in enumerate(masks):
         assert per_session.get(t, 0.0) == pytest.approx(mask.sum() * VOXEL_ML)
+
+
+def test_lesion_core_depth_per_lesion():
+    """Core = voxels at least depth_mm inside (distance to the surface); a lesion too thin for
+    that keeps its deepest voxels; the same depth on a 2 mm grid picks the same region."""
+    mask = np.zeros((24, 24, 24), bool)
+    mask[2:12, 2:12, 2:12] = True  # 10 mm cube: centre voxels 4.5 mm deep
+    mask[16:19, 16:19, 16:19] = True  # 3 mm cube: centre voxel 1.5 mm deep
+    core = dynamics.lesion_core(mask, depth_mm=2.0, spacing_mm=(1.0, 1.0, 1.0))
+    assert core[2:12, 2:12, 2:12].sum() == 6**3  # voxels 2.5 mm or deeper
+    assert core[16:19, 16:19, 16:19].sum() == 1 and core[17, 17, 17]
+    assert not (core & ~mask).any()
+    coarse = dynamics.lesion_core(mask[::2, ::2, ::2], depth_mm=2.0, spacing_mm=(2.0,) * 3)
+    assert coarse[1:6, 1:6, 1:6].sum() == 3**3  # 2 mm grid: 1 mm, 3 mm, 5 mm deep rings
+    assert not dynamics.lesion_core(np.zeros((3, 3, 3), bool), depth_mm=1.0,
+                                    spacing_mm=(1.0,) * 3).any()
+
+
+def test_session_core_radc_ignores_the_blurred_rim():
+    """radc_mean_restricted_core reads the lesion's centre, radc_mean_restricted its rim too."""
+    mask = np.zeros((12, 12, 12), bool)
+    mask[2:10, 2:10, 2:10] = True
+    radc = np.full(mask.shape, 1.0, np.float32)
+    radc[mask] = 0.7  # the rim: blurred towards the surround
+    radc[4:8, 4:8, 4:8] = 0.5  # the lesion's core (2.5 mm and deeper)
+    row = dynamics.session_summary(
+        flair_lesion=mask, restricted=mask, shine_through=np.zeros_like(mask),
+        ever_restricted=mask, adc_um2_s=radc * 800, radc=radc,
+        reference=dynamics.ReferenceADC(800.0, 40.0, 10), voxel_volume_ml=VOXEL_ML,
+        restricted_below=0.75, elevated_above=1.15, core_depth_mm=2.0, spacing_mm=(1.0,) * 3)
+    assert row["radc_mean_restricted_core"] == pytest.approx(0.5)
+    assert row["radc_mean_restricted"] == pytest.approx((0.5 * 64 + 0.7 * (512 - 64)) / 512)
+
+
+def test_lesion_table_core_radc_per_lesion():
+    """radc_mean_core: per lesion id the mean rADC of its core (NaN without a depth)."""
+    dseg = np.zeros((12, 12, 20), np.int32)
+    dseg[2:10, 2:10, 2:10] = 1  # 8 mm cube: core (2.5 mm deep) = the inner 4 mm cube
+    dseg[5:8, 5:8, 14:17] = 2  # 3 mm cube: core = its centre voxel
+    radc = np.where(dseg > 0, 0.7, 1.0).astype(np.float32)
+    radc[4:8, 4:8, 4:8] = 0.5
+    radc[6, 6, 15] = 0.6
+    kwargs = dict(kind="restricted", adc_um2_s=[radc * 800], radc=[radc], restricted=[dseg > 0],
+                  shine_through=[np.zeros(dseg.shape, bool)], days=[0.0], sessions=["a"],
+                  voxel_volume_ml=VOXEL_ML, restricted_below=0.75, elevated_above=1.15)
+    table = dynamics.lesion_table([dseg], **kwargs, core_depth_mm=2.0, spacing_mm=(1.0,) * 3)
+    assert table.set_index("lesion_id").radc_mean_core.to_dict() == pytest.approx({1: 0.5, 2: 0.6})
+    assert table.radc_mean.iloc[0] > 0.6
+    assert dynamics.lesion_table([dseg], **kwargs).radc_mean_core.isna().all()

@@ -33,6 +33,16 @@ SESSION_COLUMNS: dict[str, dict[str, str]] = {
     "adc_median_restricted_um2_s": {"Description": "Median ADC in the restricted-diffusion mask", "Units": "um^2/s"},
     "radc_mean_restricted": {"Description": "Mean rADC (ADC / NAWM ADC) in the restricted-diffusion mask", "Units": "ratio"},
     "radc_median_restricted": {"Description": "Median rADC in the restricted-diffusion mask", "Units": "ratio"},
+    "radc_mean_restricted_core": {
+        "Description": (
+            "Mean rADC in the core of the restricted lesions: per lesion its voxels at least "
+            "[dynamics] radc_core_depth_mm inside the restricted mask (a lesion thinner than "
+            "that: its deepest voxels), like a region of interest placed in the lesion's centre. "
+            "The rADC of the lesion itself: the outer millimetres mix, at the DWI's resolution, "
+            "lesion with surrounding tissue and raise radc_mean_restricted"
+        ),
+        "Units": "ratio",
+    },
     "radc_mean_flair": {"Description": "Mean rADC in the FLAIR lesion mask", "Units": "ratio"},
     "radc_median_flair": {"Description": "Median rADC in the FLAIR lesion mask", "Units": "ratio"},
     "radc_mean_ever_restricted": {"Description": "Mean rADC over voxels restricted at this or any earlier session", "Units": "ratio"},
@@ -168,6 +178,14 @@ LESION_COLUMNS: dict[str, dict[str, object]] = {
     "adc_median_um2_s": {"Description": "Median ADC in the lesion", "Units": "um^2/s"},
     "radc_mean": {"Description": "Mean rADC (ADC / NAWM ADC) in the lesion", "Units": "ratio"},
     "radc_median": {"Description": "Median rADC in the lesion", "Units": "ratio"},
+    "radc_mean_core": {
+        "Description": (
+            "Mean rADC in the lesion's core: its voxels at least [dynamics] radc_core_depth_mm "
+            "inside (a thinner lesion: its deepest voxels), like a region of interest placed in "
+            "its centre, away from the rim that the DWI voxel mixes with surrounding tissue"
+        ),
+        "Units": "ratio",
+    },
     "radc_mean_initial": {
         "Description": (
             "Mean rADC at this session over the voxels the lesion occupied when first seen: "

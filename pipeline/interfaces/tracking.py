@@ -16,7 +16,9 @@ from nipype.interfaces.base import (
 
 from pipeline.core import dynamics, tracking
 from pipeline.core.dynamics import ReferenceADC
-from pipeline.interfaces.base import array, like, load_json, out_path, read, save, session_flags
+from pipeline.interfaces.base import (
+    array, like, load_json, out_path, read, save, session_flags, spacing_zyx,
+)
 
 
 class _TrackLesionsInputSpec(BaseInterfaceInputSpec):
@@ -61,6 +63,7 @@ class TrackLesions(SimpleInterface):
         ins, trk, dyn = self.inputs, self.inputs.tracking, self.inputs.dynamics
         ref_img = read(ins.flair_lesion[0])
         voxel_ml = float(np.prod(ref_img.GetSpacing())) / 1000.0
+        spacing = spacing_zyx(ref_img)
         load = lambda files, dtype: [array(read(f)).astype(dtype) for f in files]
         flair, restricted = load(ins.flair_lesion, bool), load(ins.restricted, bool)
         shine, adc, radc = load(ins.shine_through, bool), load(ins.adc, np.float32), load(ins.radc, np.float32)
@@ -87,6 +90,7 @@ class TrackLesions(SimpleInterface):
                 ever_restricted=ever, adc_um2_s=adc[i], radc=radc[i], reference=refs[i],
                 voxel_volume_ml=voxel_ml, restricted_below=dyn["restricted_below"],
                 elevated_above=dyn["elevated_above"], flair_observed=has_flair[i], diffusion_observed=has_dwi[i],
+                core_depth_mm=dyn["radc_core_depth_mm"], spacing_mm=spacing,
             ))
             rows.append(row)
         sessions = pd.DataFrame(rows)
@@ -112,7 +116,8 @@ class TrackLesions(SimpleInterface):
                 shine_through=shine, days=ins.days, sessions=list(ins.labels),
                 voxel_volume_ml=voxel_ml, restricted_below=dyn["restricted_below"],
                 elevated_above=dyn["elevated_above"], observed=observed,
-                diffusion_observed=has_dwi,
+                diffusion_observed=has_dwi, core_depth_mm=dyn["radc_core_depth_mm"],
+                spacing_mm=spacing,
             ))
             event_tables.append(result.events.assign(kind=kind))
             lineage_tables.append(result.lineage.assign(kind=kind))
