@@ -91,7 +91,9 @@ def flair_project(flairs: list[np.ndarray], brains: list[np.ndarray],
         maps, brains, z_seed=s.flair_z_seed, z_grow=s.flair_z_grow, gm_z_seed=s.flair_gm_z_seed,
         gm_z_grow=s.flair_gm_z_grow, min_lesion_volume_mm3=s.min_lesion_volume_mm3,
         spacing_mm=spacing, edge_fraction=s.flair_edge_fraction,
-        edge_percentile=s.flair_edge_percentile, rim_z_grow=s.flair_rim_z_grow)
+        edge_percentile=s.flair_edge_percentile, rim_z_grow=s.flair_rim_z_grow,
+        change_sd=s.flair_change_sd, change_smooth_mm=s.flair_change_smooth_mm,
+        edge_level_all_sessions=s.flair_edge_level_all_sessions)
 
 
 def flair_baseline(flair: np.ndarray, brain: np.ndarray, z: float, min_mm3: float,
@@ -325,6 +327,8 @@ def phantom(args, config: Config) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     info: dict = {}
     simulate(bids, args.subjects, args.seed, args.grid, "mixed")
     subs = C.subjects(bids)
+    if args.only:
+        subs = [s for s in subs if s in args.only.split(",")]
     if args.pipeline_out:
         deriv = args.pipeline_out.resolve()
     else:
@@ -398,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", default=",".join(CASES),
                    help=f"comma-separated subset of {', '.join(CASES)}")
     p.add_argument("--subjects", type=int, default=20, help="phantom subjects (default 20)")
+    p.add_argument("--only", default=None, metavar="LABELS",
+                   help="score only these phantom subjects (comma-separated labels, e.g. 01,02)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--grid", default="small", choices=("small", "clinical"))
     p.add_argument("--workdir", type=Path, default=Path("/tmp/lesionlapse-bench-segmentation"))

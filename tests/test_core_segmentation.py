@@ -289,6 +289,11 @@ def test_relative_edge_reaches_the_same_fraction_of_faint_and_bright_lesions():
     assert (shell & ndimage.binary_dilation(faint, iterations=3)).any()
     assert not seg.grow_relative_edge(np.zeros_like(core), z, fraction=0.35,
                                       percentile=90.0).any()
+    # the level over sessions: the same voxels twice as bright at another session set it
+    both = seg.grow_relative_edge(core, z, fraction=0.35, percentile=90.0, level_z=[2.0 * z])
+    same = seg.grow_relative_edge(core, z, fraction=0.7, percentile=90.0)
+    np.testing.assert_array_equal(both, same)
+    assert (both & ~core).sum() < shell.sum()
 
 
 def test_periventricular_rule_grows_into_the_rim_but_never_seeds_there():
@@ -310,3 +315,55 @@ def test_periventricular_rule_grows_into_the_rim_but_never_seeds_there():
     assert not (on & strip).any() and not (on & csf).any()
     assert np.array_equal(on & ~rim, off)  # outside the lesion's rim part nothing changes
 
+
+
+def test_run_average_shares_values_within_runs_only():
+    v = [np.full((2, 2), x, np.float32) for x in (1.0, 3.0, 8.0)]
+    v[1][0, 0] = np.nan
+    runs = np.array([np.zeros((2, 2)), np.zeros((2, 2)), [[1, 1], [0, 0]]], np.int16)
+    out = seg.run_average(v, runs)
+    np.testing.assert_allclose(out[0], [[1.0, 2.0], [4.0, 4.0]])  # NaN left out of the mean
+    assert np.isnan(out[1][0, 0])  # and kept where it is
+    np.testing.assert_allclose(out[1][1], [4.0, 4.0])
+    np.testing.assert_allclose(out[2], [[8.0, 8.0], [4.0, 4.0]])
+
+
+def test_temporal_consistency_keeps_unchanged_outlines_and_real_growth():
+    """Three sessions with fresh correlated noise: a stable faint-edged lesion and one that
+    enlarges at the last session. Sharing z over unchanged sessions steadies the stable outline,
+    while the enlarging lesion still grows and is not pulled back at the earlier sessions."""
+    stable = _sphere((28, 40, 30), 6)
+    small, big = _sphere((28, 16, 24), 3.5), _sphere((28, 16, 24), 6)
+    flairs, brains = [], []
+    for t in range(3):
+        f, adc, brain, _ = _brain(noise=0.0)
+        # noise correlated over ~2 voxels, as after resampling a thick-slice acquisition
+        noise = ndimage.gaussian_filter(np.random.default_rng(20 + t).normal(0, 1, SHAPE), 1.0)
+        grow = big if t == 2 else small
+        contrast = (ndimage.gaussian_filter(stable.astype(np.float32), 2.5)
+                    + ndimage.gaussian_filter(grow.astype(np.float32), 1.0))
+        flairs.append(f + (np.float32(60.0) * contrast + 5.0 * noise / noise.std()) * brain)
+        brains.append(brain)
+    maps = [seg.flair_session_maps(f, b, None, csf_adc_min_um2_s=1500.0, csf_flair_max_ratio=0.5,
+                                   reference_csf_margin_mm=4.0, reference_depth_mm=6.0,
+                                   cortex_rim_mm=2.0, csf_rim_mm=1.0, spacing_mm=SP)
+            for f, b in zip(flairs, brains)]
+    runs = seg.unchanged_runs(maps, change_sd=2.0, smooth_mm=2.0, spacing_mm=SP)
+    shell = big & ~ndimage.binary_dilation(small, iterations=1)
+    assert (runs[2][shell] != runs[1][shell]).mean() > 0.9  # the growth is a change
+    assert (runs[1][stable] == runs[0][stable]).mean() > 0.8  # the stable lesion is not
+    hp = {k: PARAMS[k] for k in ("z_seed", "z_grow", "gm_z_seed", "gm_z_grow",
+                                 "min_lesion_volume_mm3")}
+    off = seg.hysteresis_series(maps, brains, spacing_mm=SP, **hp)
+    on = seg.hysteresis_series(maps, brains, spacing_mm=SP, change_sd=2.0,
+                               change_smooth_mm=2.0, **hp)
+    region = ndimage.binary_dilation(stable, iterations=4)
+
+    def disagreement(masks):  # voxels of the stable lesion not called alike at all sessions
+        both = [m & region for m in masks]
+        return np.count_nonzero(np.logical_or.reduce(both) & ~np.logical_and.reduce(both))
+
+    assert disagreement(on) < 0.5 * disagreement(off)
+    # the growth is kept as found without the step; the earlier sessions do not take it
+    assert np.count_nonzero(on[2] & big) >= 0.95 * np.count_nonzero(off[2] & big) > 0
+    assert np.count_nonzero(on[1] & ~ndimage.binary_dilation(small, iterations=2) & big) == 0

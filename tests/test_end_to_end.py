@@ -55,11 +55,14 @@ def test_seed_case_restricted_volumes_match_truth(run):
     _check_volumes_against_truth(run, "restricted_volume_ml")
 
 
-# Known gap (issue 5): with the relative edge step (segmentation.flair_edge_fraction) day 3 is
-# within 20 % (20.6 vs 23.9 mL; it was -35 % without it) but day 0 is +52 % (6.6 vs 4.3 mL):
-# the one-voxel shell is large relative to the small early lesion, likely voxels still ramping
-# up (truth = 50 % of the plateau signal; not verified voxel by voxel). Not strict: it passes
-# once segmentation improves.
+# Known gap (issue 5). Cause measured in session 5: the third N4 fitting level
+# (preprocessing.n4_iterations [50, 50, 30], 50 mm knots) takes part of the large seed lesion
+# into the bias field (lesion/surround FLAIR on the native day-3 image 1.287 raw, 1.222 after
+# 3 levels, 1.287 after 2), so days 3-45 lose contrast and a relative edge step large enough
+# for them over-grows the day-0 lesion, which N4 leaves alone. Segmentation alone (edge level
+# over sessions) reaches day 0 +20 %, day 3 -21 % (phantom20 sub-01 = this subject); with
+# n4_iterations [50, 50] (sample_data re-run with --config) it is +1, -9, -5.5, +1 %.
+# Not strict: it passes once the N4 change is made.
 @pytest.mark.xfail(strict=False, reason="FLAIR volume at day 0 about 50% above truth (issue 5)")
 def test_seed_case_flair_volumes_match_truth(run):
     _check_volumes_against_truth(run, "flair_volume_ml")

@@ -18,7 +18,10 @@ Method (FLAIR lesions)
    above ``z_grow`` and ``gm_z_grow`` connected in space or in time (adjacent sessions);
    CSF, ``csf_rim_mm`` around it and ``cortex_rim_mm`` inside the brain surface excluded,
    except that growth continues into that CSF rim where ``z > rim_z_grow`` (periventricular
-   lesions keep their part against the ventricle; the rim alone never seeds); each
+   lesions keep their part against the ventricle; the rim alone never seeds). Before it,
+   :func:`temporally_consistent`: where a voxel's z did not change between consecutive
+   sessions (smoothed subtraction within ``change_sd`` robust SDs), those sessions share its
+   mean z, so unchanged lesions keep one outline. Each
    lesion then takes its face-neighbours above ``edge_fraction`` of its own level
    (:func:`grow_relative_edge`); enclosed holes filled; components below
    ``min_lesion_volume_mm3`` dropped.
@@ -32,6 +35,7 @@ use it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -378,6 +382,9 @@ def hysteresis_series(
     edge_fraction: float = 0.0,
     edge_percentile: float = 90.0,
     rim_z_grow: float = np.inf,
+    change_sd: float = np.inf,
+    change_smooth_mm: float = 1.0,
+    edge_level_all_sessions: bool = False,
 ) -> list[np.ndarray]:
     """Spatio-temporal hysteresis on the stacked z-maps of :func:`flair_session_maps`.
 
@@ -387,6 +394,10 @@ def hysteresis_series(
     takes its face-neighbours above that fraction of its own level (:func:`grow_relative_edge`;
     only lesions whose core already reaches ``min_lesion_volume_mm3``). Holes enclosed by a lesion are filled and components below ``min_lesion_volume_mm3``
     dropped, per session.
+
+    Longitudinal consistency (``change_sd`` finite): after the seeds are found, the maps go
+    through :func:`temporally_consistent` (``change_smooth_mm``), so sessions between which a
+    voxel's FLAIR did not change see the same z and z_gm when growing.
 
     Periventricular rule: growth (never a seed) may also run through the CSF rim
     (:attr:`FlairMaps.rim`) where ``z > rim_z_grow``, so a lesion whose core lies outside the
@@ -398,8 +409,14 @@ def hysteresis_series(
     if n == 0:
         return []
     sp = _check_spacing(spacing_mm, maps[0].z.ndim)
+    # seeds from each session's own evidence: the mean over sessions judged unchanged must not
+    # pull a lesion's peak under z_seed (a slow rise passes the change test)
+    seeds = np.stack([(_grow_z(m, gm_z_grow, rim_z_grow) > z_seed) & m.domain
+                      & (m.z_gm > gm_z_seed) for m in maps])
+    if np.isfinite(change_sd):
+        maps = temporally_consistent(maps, change_sd=change_sd, smooth_mm=change_smooth_mm,
+                                     spacing_mm=sp)
     z4 = np.stack([_grow_z(m, gm_z_grow, rim_z_grow) for m in maps])
-    seeds = (z4 > z_seed) & np.stack([m.domain & (m.z_gm > gm_z_seed) for m in maps])
     st = np.zeros((3,) * 4, bool)
     st[1] = ndimage.generate_binary_structure(3, 3)
     st[0, 1, 1, 1] = st[2, 1, 1, 1] = True
@@ -409,16 +426,82 @@ def hysteresis_series(
     seeded[0] = False
     grown = seeded[lab]
     out = []
+    zdom = [np.where(m.domain, m.z, np.nan) for m in maps] if edge_fraction > 0 else []
     for t in range(n):
         m = grown[t]
         if edge_fraction > 0:
             # the size rule judges the hysteresis core: a shell must not lift a speck over it
             m = remove_small_components(m, min_lesion_volume_mm3, sp)
-            m = grow_relative_edge(m, np.where(maps[t].domain, maps[t].z, np.nan),
-                                   fraction=edge_fraction, percentile=edge_percentile)
+            others = [zdom[u] for u in range(n) if u != t] if edge_level_all_sessions else []
+            m = grow_relative_edge(m, zdom[t], fraction=edge_fraction, percentile=edge_percentile,
+                                   level_z=others)
         m = fill_holes_per_component(m) & np.asarray(brain_masks[t], bool)
         out.append(remove_small_components(m, min_lesion_volume_mm3, sp))
     return out
+
+
+def unchanged_runs(
+    maps: list[FlairMaps], *, change_sd: float, smooth_mm: float, spacing_mm: tuple[float, ...]
+) -> np.ndarray:
+    """Per voxel and session, the index of its run of unchanged sessions (int16, sessions
+    first): consecutive sessions share a run where their FLAIR did not change.
+
+    The change between sessions t-1 and t is ``z_t - z_(t-1)`` smoothed by a Gaussian of
+    ``smooth_mm`` (sigma); it counts as a change where its magnitude exceeds ``change_sd``
+    robust SDs (MAD) of that smoothed difference over the voxels where both sessions may hold
+    a lesion (mostly unchanged tissue), or where either z is not finite. The test is a
+    subtraction image between consecutive sessions, as LST-long and MSSEG-2 methods use.
+    """
+    n = len(maps)
+    runs = np.zeros((n,) + maps[0].z.shape, np.int16)
+    sigma = [smooth_mm / s for s in spacing_mm]
+    for t in range(1, n):
+        a, b = maps[t - 1].z, maps[t].z
+        ok = np.isfinite(a) & np.isfinite(b)
+        diff = ndimage.gaussian_filter(np.where(ok, b - a, 0.0).astype(np.float32), sigma)
+        both = maps[t - 1].domain & maps[t].domain & ok
+        if np.count_nonzero(both) < 100:
+            runs[t] = runs[t - 1] + 1
+            continue
+        v = diff[both].astype(np.float64)
+        med = float(np.median(v))
+        sd = MAD_TO_SD * float(np.median(np.abs(v - med)))
+        changed = ~ok | ~(np.abs(diff - med) <= change_sd * sd)
+        runs[t] = runs[t - 1] + changed
+    return runs
+
+
+def run_average(values: list[np.ndarray], runs: np.ndarray) -> list[np.ndarray]:
+    """Each session's ``values`` replaced, voxel by voxel, by their mean over the sessions of
+    the same run of :func:`unchanged_runs` (finite values only; a voxel not finite in its own
+    session stays as it is; float32)."""
+    out = []
+    for t in range(len(values)):
+        total = np.zeros(values[t].shape, np.float64)
+        count = np.zeros(values[t].shape, np.int16)
+        for u in range(len(values)):
+            same = (runs[u] == runs[t]) & np.isfinite(values[u])
+            total[same] += values[u][same]
+            count += same
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(np.isfinite(values[t]), total / count, values[t])
+        out.append(mean.astype(np.float32))
+    return out
+
+
+def temporally_consistent(
+    maps: list[FlairMaps], *, change_sd: float, smooth_mm: float, spacing_mm: tuple[float, ...]
+) -> list[FlairMaps]:
+    """``maps`` with ``z`` and ``z_gm`` averaged over each voxel's unchanged sessions
+    (:func:`unchanged_runs`, :func:`run_average`): where FLAIR did not change, every session
+    sees the same evidence, so an unchanged lesion keeps its outline and noise is averaged down;
+    where it changed, each session keeps its own values."""
+    if len(maps) < 2:
+        return list(maps)
+    runs = unchanged_runs(maps, change_sd=change_sd, smooth_mm=smooth_mm, spacing_mm=spacing_mm)
+    z = run_average([m.z for m in maps], runs)
+    z_gm = run_average([m.z_gm for m in maps], runs)
+    return [dataclasses.replace(m, z=zt, z_gm=gt) for m, zt, gt in zip(maps, z, z_gm)]
 
 
 def _grow_z(m: FlairMaps, gm_z_grow: float, rim_z_grow: float) -> np.ndarray:
@@ -430,8 +513,26 @@ def _grow_z(m: FlairMaps, gm_z_grow: float, rim_z_grow: float) -> np.ndarray:
     return np.where(where & np.isfinite(m.z) & (m.z_gm > gm_z_grow), m.z, -np.inf)
 
 
+def _component_percentile(lab: np.ndarray, n: int, z: np.ndarray, percentile: float) -> np.ndarray:
+    """``percentile`` of ``z`` over each labelled component (index 0 unused). NaN sorts above
+    every value, so a component with more NaN than ``100 - percentile`` % has a NaN level."""
+    mask = lab > 0
+    vals = np.where(np.isfinite(z[mask]), z[mask], np.nan)
+    ids = lab[mask]
+    order = np.lexsort((vals, ids))  # by component, then by z
+    vals, ids = vals[order], ids[order]
+    start = np.searchsorted(ids, np.arange(1, n + 1))
+    count = np.bincount(ids, minlength=n + 1)[1:]
+    pos = start + percentile / 100.0 * (count - 1)  # linear interpolation, as numpy.percentile
+    lo, hi = np.floor(pos).astype(int), np.ceil(pos).astype(int)
+    level = np.zeros(n + 1)
+    level[1:] = vals[lo] + (pos - lo) * (vals[hi] - vals[lo])  # NaN sorts last
+    return level
+
+
 def grow_relative_edge(
-    mask: np.ndarray, z: np.ndarray, *, fraction: float, percentile: float
+    mask: np.ndarray, z: np.ndarray, *, fraction: float, percentile: float,
+    level_z: list[np.ndarray] | tuple[np.ndarray, ...] = (),
 ) -> np.ndarray:
     """Add to each lesion its face-neighbours whose ``z`` is above ``fraction`` times the
     lesion's own level (the ``percentile`` of ``z`` over the lesion, 26-connected components).
@@ -441,21 +542,18 @@ def grow_relative_edge(
     (the phantom truth is the half-plateau contour, blurred by the acquisition). One voxel deep
     only, so a faint region never spreads through normal tissue. ``z`` is NaN where no lesion
     may be; voxels with ``z <= 0`` are never added.
+
+    ``level_z``: the same z-maps at the subject's other sessions; the level is then the highest
+    percentile of the lesion's voxels over all sessions, so a lesion still brightening (or
+    fading) has its edge at the height its tissue reaches, not at a fraction of a low peak.
     """
     mask = np.asarray(mask, bool)
     lab, n = ndimage.label(mask, ndimage.generate_binary_structure(mask.ndim, mask.ndim))
     if n == 0:
         return mask.copy()
-    level = np.zeros(n + 1)
-    vals = np.where(np.isfinite(z[mask]), z[mask], np.nan)
-    ids = lab[mask]
-    order = np.lexsort((vals, ids))  # by component, then by z
-    vals, ids = vals[order], ids[order]
-    start = np.searchsorted(ids, np.arange(1, n + 1))
-    count = np.bincount(ids, minlength=n + 1)[1:]
-    pos = start + percentile / 100.0 * (count - 1)  # linear interpolation, as numpy.percentile
-    lo, hi = np.floor(pos).astype(int), np.ceil(pos).astype(int)
-    level[1:] = vals[lo] + (pos - lo) * (vals[hi] - vals[lo])  # NaN sorts last
+    level = _component_percentile(lab, n, z, percentile)
+    for other in level_z:
+        level = np.fmax(level, _component_percentile(lab, n, other, percentile))
     near = ndimage.grey_dilation(lab, footprint=ndimage.generate_binary_structure(mask.ndim, 1))
     with np.errstate(invalid="ignore"):
         add = (near > 0) & ~mask & (z > 0) & (z > fraction * level[near])

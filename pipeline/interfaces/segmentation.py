@@ -120,7 +120,9 @@ class SegmentSessions(SimpleInterface):
             gm_z_seed=s["flair_gm_z_seed"], gm_z_grow=s["flair_gm_z_grow"],
             min_lesion_volume_mm3=s["min_lesion_volume_mm3"], spacing_mm=spacing,
             edge_fraction=s["flair_edge_fraction"], edge_percentile=s["flair_edge_percentile"],
-            rim_z_grow=s["flair_rim_z_grow"])
+            rim_z_grow=s["flair_rim_z_grow"], change_sd=s["flair_change_sd"],
+            change_smooth_mm=s["flair_change_smooth_mm"],
+            edge_level_all_sessions=s["flair_edge_level_all_sessions"])
         for i, mask in zip(with_flair, joint):
             lesions[i] = mask
         # NAWM candidates from the same maps: deep parenchyma at most nawm_flair_z_max above
