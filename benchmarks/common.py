@@ -120,6 +120,11 @@ class Truth:
     def preset(self) -> str:
         return self.sim["preset"]
 
+    @property
+    def spacing_mm(self) -> tuple[float, ...]:
+        """Voxel size in array axis order (nibabel arrays are x, y, z like the affine)."""
+        return tuple(float(v) for v in np.sqrt((self.affine[:3, :3] ** 2).sum(0)))
+
     def image(self, session: str, kind: str = "flair") -> Path:
         """A truth-space image of this session (the resampling reference grid)."""
         folder = "anat" if kind == "flair" else "dwi"
@@ -185,6 +190,7 @@ def analyse(
     days: list[float],
     sessions: list[str],
     voxel_ml: float,
+    spacing_mm: tuple[float, ...],
     config: Config,
     reference_um2_s: list[float] | None = None,
 ) -> Analysis:
@@ -208,7 +214,8 @@ def analyse(
             adc_um2_s=adc[i], radc=radc[i],
             reference=dynamics.ReferenceADC(float(refs[i]), float("nan"), 0),
             voxel_volume_ml=voxel_ml, restricted_below=dyn.restricted_below,
-            elevated_above=dyn.elevated_above))
+            elevated_above=dyn.elevated_above, core_depth_mm=dyn.radc_core_depth_mm,
+            spacing_mm=spacing_mm))
         rows.append(row)
     events, lesions, dsegs = [], [], {}
     for kind in KINDS:
@@ -226,7 +233,8 @@ def analyse(
         lesions.append(dynamics.lesion_table(
             result.dseg, kind=kind, adc_um2_s=adc, radc=radc, restricted=masks["restricted"],
             shine_through=shine, days=days, sessions=sessions, voxel_volume_ml=voxel_ml,
-            restricted_below=dyn.restricted_below, elevated_above=dyn.elevated_above))
+            restricted_below=dyn.restricted_below, elevated_above=dyn.elevated_above,
+            core_depth_mm=dyn.radc_core_depth_mm, spacing_mm=spacing_mm))
     lesion_df = pd.concat(lesions, ignore_index=True)
     return Analysis(
         sessions=pd.DataFrame(rows),
@@ -241,7 +249,8 @@ def analyse_truth(truth: Truth, config: Config) -> Analysis:
     """:func:`analyse` on the truth masks and the true rADC."""
     refs = [float(s["reference_adc_um2_s"]) for s in truth.sim["sessions"]]
     return analyse(truth.masks, truth.radc, days=truth.days, sessions=truth.sessions,
-                   voxel_ml=truth.voxel_ml, config=config, reference_um2_s=refs)
+                   voxel_ml=truth.voxel_ml, spacing_mm=truth.spacing_mm, config=config,
+                   reference_um2_s=refs)
 
 
 # --------------------------------------------------------------------------------------------

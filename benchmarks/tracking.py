@@ -139,21 +139,9 @@ def run_pipeline(bids: Path, out: Path, work: Path, nprocs: int, subs: list[str]
     return seconds
 
 
-def _with_core_radc(sessions: pd.DataFrame, restricted: list[np.ndarray], radc: list[np.ndarray],
-                    spacing_mm: tuple[float, ...], config: Config) -> pd.DataFrame:
-    """``radc_mean_restricted_core`` filled in (``benchmarks.common.analyse`` leaves it NaN: it
-    does not pass the core depth), as the pipeline computes it."""
-    depth = config.dynamics.radc_core_depth_mm
-    core = [dynamics.masked_mean(r, dynamics.lesion_core(m, depth_mm=depth, spacing_mm=spacing_mm))
-            for m, r in zip(restricted, radc)]
-    return sessions.assign(radc_mean_restricted_core=core)
-
-
 def from_truth(truth: C.Truth, config: Config) -> Result:
     a = C.analyse_truth(truth, config)
-    spacing = tuple(float(v) for v in np.sqrt((truth.affine[:3, :3] ** 2).sum(0)))
-    sessions = _with_core_radc(a.sessions, truth.masks["restricted"], truth.radc, spacing, config)
-    return Result(sessions, a.events, a.lesions, a.summary,
+    return Result(a.sessions, a.events, a.lesions, a.summary,
                   {k: list(v) for k, v in a.dseg.items()})
 
 
@@ -277,9 +265,8 @@ def from_truth_in_subject_space(out: Path, truth: C.Truth, config: Config) -> Re
     refs = [float(s["reference_adc_um2_s"]) for s in truth.sim["sessions"]]
     voxel_ml = float(np.prod(subject.GetSpacing())) / 1000.0
     a = C.analyse(masks, radc, days=truth.days, sessions=truth.sessions, voxel_ml=voxel_ml,
-                  config=config, reference_um2_s=refs)
-    sessions = _with_core_radc(a.sessions, masks["restricted"], radc,
-                               tuple(reversed(subject.GetSpacing())), config)
+                  spacing_mm=tuple(reversed(subject.GetSpacing())), config=config,
+                  reference_um2_s=refs)
     reference = sitk.ReadImage(str(truth.image(truth.sessions[0])))
     dseg: dict[str, list] = {k: [] for k in C.KINDS}
     for kind in C.KINDS:
@@ -288,7 +275,7 @@ def from_truth_in_subject_space(out: Path, truth: C.Truth, config: Config) -> Re
             img.CopyInformation(subject)
             dseg[kind].append(C.to_truth_space(img, reference, transform,
                                                interpolator=sitk.sitkNearestNeighbor))
-    return Result(sessions, a.events, a.lesions, a.summary, dseg)
+    return Result(a.sessions, a.events, a.lesions, a.summary, dseg)
 
 
 def native_truth(truth: C.Truth) -> dict[str, list[tuple[np.ndarray, float]]]:
@@ -370,7 +357,7 @@ def evaluate(truth: C.Truth, res: Result, config: Config) -> dict[str, pd.DataFr
         wm = np.asarray(nib.load(str(truth.root / "anat" /
                                      f"sub-{sub}_space-truth_label-WM_probseg.nii.gz")).dataobj)
         deep_wm = ndimage.binary_erosion(wm >= 0.9, iterations=2)
-    truth_spacing = tuple(float(v) for v in np.sqrt((truth.affine[:3, :3] ** 2).sum(0)))
+    truth_spacing = truth.spacing_mm
     for ses in want.index:
         row = {**tag, "session": ses, "day": float(want.loc[ses, "day"])}
         for col in RADC_COLUMNS + ("pseudonormalized_fraction",) + VOLUME_COLUMNS:

@@ -164,7 +164,7 @@ def test_designed_events_fail_on_wrong_tracking(ms_like):
     regions = common.design_regions(truth.sim, truth.affine, truth.radc[0].shape)
     masks["flair"][2] &= ~regions[4][2]
     bad = common.analyse(masks, truth.radc, days=truth.days, sessions=truth.sessions,
-                         voxel_ml=truth.voxel_ml, config=CONFIG)
+                         voxel_ml=truth.voxel_ml, spacing_mm=truth.spacing_mm, config=CONFIG)
     obs = _designed((truth, bad))
     row = obs[(obs["design_id"] == 4) & (obs["interval"] == 1)].iloc[0]
     assert row["observed"] != row["expected"] == "new"

@@ -245,7 +245,8 @@ def _simulate_subject(
             flair_lesion=flair_mask, restricted=restricted, shine_through=shine,
             ever_restricted=ever, adc_um2_s=truth.adc_um2_s, radc=radc, reference=ref,
             voxel_volume_ml=vox_ml, restricted_below=dyn.restricted_below,
-            elevated_above=dyn.elevated_above))
+            elevated_above=dyn.elevated_above, core_depth_mm=dyn.radc_core_depth_mm,
+            spacing_mm=(anatomy.spacing,) * 3))
         rows.append(row)
         flair_masks.append(flair_mask)
         restricted_masks.append(restricted)
@@ -332,7 +333,8 @@ def _simulate_subject(
         lesion_tables.append(dynamics.lesion_table(
             result.dseg, kind=kind, adc_um2_s=adcs, radc=radcs, restricted=restricted_masks,
             shine_through=shine_masks, days=days, sessions=sessions, voxel_volume_ml=vox_ml,
-            restricted_below=dyn.restricted_below, elevated_above=dyn.elevated_above))
+            restricted_below=dyn.restricted_below, elevated_above=dyn.elevated_above,
+            core_depth_mm=dyn.radc_core_depth_mm, spacing_mm=(anatomy.spacing,) * 3))
         folder = "anat" if kind == "flair" else "dwi"
         for k, ses in enumerate(sessions):
             prefix = f"sub-{sub}_ses-{ses}"
