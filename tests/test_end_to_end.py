@@ -55,15 +55,6 @@ def test_seed_case_restricted_volumes_match_truth(run):
     _check_volumes_against_truth(run, "restricted_volume_ml")
 
 
-# Known gap (issue 5). Cause measured in session 5: the third N4 fitting level
-# (preprocessing.n4_iterations [50, 50, 30], 50 mm knots) takes part of the large seed lesion
-# into the bias field (lesion/surround FLAIR on the native day-3 image 1.287 raw, 1.222 after
-# 3 levels, 1.287 after 2), so days 3-45 lose contrast and a relative edge step large enough
-# for them over-grows the day-0 lesion, which N4 leaves alone. Segmentation alone (edge level
-# over sessions) reaches day 0 +20 %, day 3 -21 % (phantom20 sub-01 = this subject); with
-# n4_iterations [50, 50] (sample_data re-run with --config) it is +1, -9, -5.5, +1 %.
-# Not strict: it passes once the N4 change is made.
-@pytest.mark.xfail(strict=False, reason="FLAIR volume at day 0 about 50% above truth (issue 5)")
 def test_seed_case_flair_volumes_match_truth(run):
     _check_volumes_against_truth(run, "flair_volume_ml")
 
