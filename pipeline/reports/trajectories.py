@@ -15,7 +15,9 @@ from matplotlib.figure import Figure
 VOLUME_LINES = (("flair_volume_ml", "FLAIR lesion", "-", "#1f77b4"),
                 ("restricted_volume_ml", "restricted diffusion", "-", "#d62728"),
                 ("ever_restricted_volume_ml", "ever restricted", "--", "#d62728"))
-RADC_LINES = (("radc_mean_restricted", "restricted lesion", "#d62728"),
+# the core (a reader's ROI, clear of the DWI-blurred rim) first: it is the lesion's own rADC
+RADC_LINES = (("radc_mean_restricted_core", "restricted lesion core", "#8b0000"),
+              ("radc_mean_restricted", "restricted lesion", "#d62728"),
               ("radc_mean_ever_restricted", "ever-restricted tissue", "#9467bd"),
               ("radc_mean_flair", "FLAIR lesion", "#1f77b4"))
 
