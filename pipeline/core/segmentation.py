@@ -263,6 +263,12 @@ class RobustRef:
     n_voxels: int
 
 
+def _median_sd(v: np.ndarray) -> tuple[float, float]:
+    """Median and MAD-based SD (``MAD_TO_SD`` x MAD) of the values ``v`` (float64)."""
+    med = float(np.median(v))
+    return med, float(MAD_TO_SD * np.median(np.abs(v - med)))
+
+
 def robust_reference(image: np.ndarray, mask: np.ndarray) -> RobustRef:
     """Median and MAD-based SD of the finite values of ``image`` inside ``mask``.
 
@@ -275,8 +281,7 @@ def robust_reference(image: np.ndarray, mask: np.ndarray) -> RobustRef:
     v = v[np.isfinite(v)].astype(np.float64)
     if v.size == 0:
         raise ValueError("reference mask holds no voxel with a finite value")
-    med = float(np.median(v))
-    sd = float(MAD_TO_SD * np.median(np.abs(v - med)))
+    med, sd = _median_sd(v)
     if not sd > 0:
         raise ValueError("reference voxels have no spread (MAD is 0); cannot normalise")
     return RobustRef(med, sd, int(v.size))
@@ -463,9 +468,7 @@ def unchanged_runs(
         if np.count_nonzero(both) < 100:
             runs[t] = runs[t - 1] + 1
             continue
-        v = diff[both].astype(np.float64)
-        med = float(np.median(v))
-        sd = MAD_TO_SD * float(np.median(np.abs(v - med)))
+        med, sd = _median_sd(diff[both].astype(np.float64))
         changed = ~ok | ~(np.abs(diff - med) <= change_sd * sd)
         runs[t] = runs[t - 1] + changed
     return runs
