@@ -129,10 +129,28 @@ def scores(truth: np.ndarray, pred: np.ndarray, spacing: tuple[float, ...]) -> d
 # real-mni
 
 
+def patient_dirs(name: str) -> list[Path]:
+    """The ``patient*`` folders of the real data set ``DATA / name``.
+
+    Raises
+    ------
+    SystemExit
+        Naming the folder, when it does not exist or holds no ``patient*`` folder (a benchmark
+        run from a snapshot without ``../shared/data`` next to it).
+    """
+    root = DATA / name
+    dirs = sorted(d for d in root.glob("patient*") if d.is_dir())
+    if not dirs:
+        what = "holds no patient* folder" if root.is_dir() else "does not exist"
+        raise SystemExit(f"real data folder {root} {what}: the real cases need "
+                         f"<repo>/../shared/data/{name} (from a snapshot under /tmp: the "
+                         "symlink /tmp/shared -> /work/shared), or leave them out of --cases")
+    return dirs
+
+
 def real_mni(config: Config, baseline_z: float) -> pd.DataFrame:
-    root = DATA / "ms_flair_mni"
     rows = []
-    for pdir in sorted(d for d in root.glob("patient*") if d.is_dir()):
+    for pdir in patient_dirs("ms_flair_mni"):
         img = nib.load(str(pdir / "FLAIR_brain_MNI.nii.gz"))
         flair = np.asarray(img.dataobj, np.float32)
         truth = np.asarray(nib.load(str(pdir / "lesion_consensus_MNI.nii.gz")).dataobj) > 0
@@ -158,9 +176,8 @@ def _zyx_spacing(img: sitk.Image) -> tuple[float, ...]:
 
 
 def real_long(config: Config, baseline_z: float) -> pd.DataFrame:
-    root = DATA / "ms_flair_longitudinal"
     rows = []
-    for pdir in sorted(d for d in root.glob("patient*") if d.is_dir()):
+    for pdir in patient_dirs("ms_flair_longitudinal"):
         ref = sitk.ReadImage(str(pdir / "gt_lesion_change_common_space.nii.gz"))
         truth = sitk.GetArrayFromImage(ref) > 0
         brain = sitk.GetArrayFromImage(sitk.ReadImage(
