@@ -11,6 +11,11 @@ One run scores the project and two baselines computed on the same images:
 
 Both baselines drop components below ``segmentation.min_lesion_volume_mm3`` like the project.
 
+Restricted diffusion also gets a reference row, not a method: **ceiling: truth at the DWI
+grid** (:func:`dwi_grid_ceiling`), the truth mask as the DWI acquisition grid can hold it (a DWI
+voxel is lesion when at least half of it is, the truth's own rule), mapped back to the truth
+grid: the Dice a perfect voxel classifier at the DWI resolution would reach.
+
 Cases (``--cases``, comma-separated):
 
 * ``phantom``: ``lesionlapse simulate --preset mixed`` (seed case, MS-like, control), the
@@ -48,6 +53,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import SimpleITK as sitk
+from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import common as C
@@ -59,6 +65,8 @@ from pipeline.core import segmentation as seg
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 ADC_BASELINE_UM2_S = 620.0  #: absolute ADC threshold of the restricted-diffusion baseline
+CEILING = "ceiling: truth at the DWI grid"  #: method label of :func:`dwi_grid_ceiling` rows
+CEILING_SAMPLE_MM = 1.5  #: sub-sample spacing (at most) of a DWI voxel for its lesion fraction
 CASES = ("phantom", "real-mni", "real-long")
 TARGETS = {
     "phantom FLAIR Dice (pooled, lesion subjects)": ">= 0.90",
@@ -109,6 +117,33 @@ def adc_baseline(adc: np.ndarray, brain: np.ndarray, min_mm3: float,
     """Absolute ADC < 620 um^2/s inside the brain mask (valid ADC only)."""
     ok = brain & np.isfinite(adc) & (adc > 0)
     return seg.remove_small_components(ok & (adc < ADC_BASELINE_UM2_S), min_mm3, spacing)
+
+
+def dwi_grid_ceiling(truth: np.ndarray, truth_affine: np.ndarray, dwi_affine: np.ndarray,
+                     dwi_shape: tuple[int, ...]) -> np.ndarray:
+    """``truth`` (bool, on the grid of ``truth_affine``) as the DWI grid can hold it, back on
+    the truth grid (bool).
+
+    Each DWI voxel's lesion fraction is the mean of the truth (linear interpolation) at
+    sub-samples at most ``CEILING_SAMPLE_MM`` apart; a DWI voxel is lesion when the fraction is
+    at least 0.5 (the phantom truth's half-volume rule); every truth voxel then takes the value
+    of the DWI voxel holding its centre. The nominal acquisition grid of the header is used, so
+    simulated head motion is not followed: the ceiling is a statistical partial-volume bound,
+    not the exact grid of each session.
+    """
+    zooms = np.sqrt((np.asarray(dwi_affine)[:3, :3] ** 2).sum(0))
+    sub = [max(int(np.ceil(z / CEILING_SAMPLE_MM)), 1) for z in zooms]
+    axes = [np.arange(n * k) / k - 0.5 + 0.5 / k for n, k in zip(dwi_shape, sub)]
+    grid = np.meshgrid(*axes, indexing="ij")
+    pts = np.stack([g.ravel() for g in grid] + [np.ones(grid[0].size)])
+    vox = (np.linalg.inv(truth_affine) @ dwi_affine @ pts)[:3]
+    vals = ndimage.map_coordinates(np.asarray(truth, np.float32), vox, order=1, cval=0.0)
+    shape6 = [v for n, k in zip(dwi_shape, sub) for v in (n, k)]
+    dwi_mask = vals.reshape(shape6).mean(axis=(1, 3, 5)) >= 0.5
+    idx = np.indices(np.shape(truth)).reshape(3, -1)
+    back = (np.linalg.inv(dwi_affine) @ truth_affine @ np.vstack([idx, np.ones(idx.shape[1])]))[:3]
+    return ndimage.map_coordinates(dwi_mask.astype(np.uint8), back, order=0,
+                                   cval=0).reshape(np.shape(truth)) > 0
 
 
 def scores(truth: np.ndarray, pred: np.ndarray, spacing: tuple[float, ...]) -> dict:
@@ -278,6 +313,8 @@ def phantom_subject(out: Path, truth: C.Truth, config: Config, baseline_z: float
             ("restricted", "baseline"): adc_baseline(im.adc, im.brain, s.min_lesion_volume_mm3,
                                                      spacing),
         }
+        bids_dwi = truth.root.parents[2] / f"sub-{truth.sub}" / f"ses-{ses}" / "dwi"
+        adc_raw = nib.load(str(bids_dwi / f"sub-{truth.sub}_ses-{ses}_ADC.nii.gz"))
         for (kind, method), pred in preds.items():
             p = _to_truth(pred, im.reference, ref, tx)
             if (kind, method) == ("flair", "project"):
@@ -285,6 +322,12 @@ def phantom_subject(out: Path, truth: C.Truth, config: Config, baseline_z: float
             rows.append({"subject": truth.sub, "preset": truth.preset, "session": ses,
                          "day": truth.days[k], "kind": kind, "method": method,
                          **scores(truth.masks[kind][k], p, truth_spacing)})
+        t = truth.masks["restricted"][k]
+        ceiling = (dwi_grid_ceiling(t, truth.affine, adc_raw.affine, adc_raw.shape[:3])
+                   if t.any() else np.zeros_like(t))
+        rows.append({"subject": truth.sub, "preset": truth.preset, "session": ses,
+                     "day": truth.days[k], "kind": "restricted", "method": CEILING,
+                     **scores(t, ceiling, truth_spacing)})
     return pd.DataFrame(rows), unchanged_volumes(truth, mapped["project"])
 
 
@@ -389,7 +432,8 @@ def summary(ph: pd.DataFrame | None, st: pd.DataFrame | None,
         seed_case = ph[ph["preset"] == "seed-case"]
         if len(seed_case):
             put("phantom restricted Dice (pooled, seed case)",
-                fmt(get("restricted", "project", "dice_pooled", seed_case)),
+                fmt(get("restricted", "project", "dice_pooled", seed_case))
+                + f" ({CEILING}: {fmt(get('restricted', CEILING, 'dice_pooled', seed_case))})",
                 fmt(get("restricted", "baseline", "dice_pooled", seed_case)))
         put("phantom FLAIR lesion F1 (pooled)", fmt(get("flair", "project", "f1_mean")),
             fmt(get("flair", "baseline", "f1_mean")))
