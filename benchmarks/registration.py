@@ -91,6 +91,7 @@ class Case:
     truth: sitk.Transform  # fixed points -> moving points
     points: np.ndarray  # brain points of the fixed space (mm) where the TRE is measured
     inverse_consistency: bool = False
+    subject: str = ""  # phantom subject label ("" for the real cases)
 
 
 @dataclass
@@ -125,7 +126,13 @@ def _mask_points(mask: sitk.Image, n: int = 5000) -> np.ndarray:
 
 
 def _phantom_root(args) -> Path:
-    """The phantom's BIDS folder in the work dir, simulated when missing."""
+    """The phantom's BIDS folder: ``--phantom-bids`` when given, else in the work dir,
+    simulated when missing."""
+    if args.phantom_bids:
+        root = Path(args.phantom_bids)
+        if not (root / "derivatives" / "truth").is_dir():
+            raise SystemExit(f"--phantom-bids {root}: no derivatives/truth (not a phantom)")
+        return root
     root = Path(args.workdir) / f"phantom-{args.grid}-n{args.subjects}-s{args.seed}"
     if not (root / "derivatives" / "truth").is_dir():
         print(f"simulating {args.subjects} subject(s) into {root} ...", flush=True)
@@ -142,7 +149,10 @@ def phantom_cases(args, pre: dict) -> list[Case]:
     root = _phantom_root(args)
     truth_root = root / "derivatives" / "truth"
     cases: list[Case] = []
-    for sub in sorted(p.name for p in root.glob("sub-*") if p.is_dir()):
+    subjects = sorted(p.name for p in root.glob("sub-*") if p.is_dir())
+    if args.phantom_bids:
+        subjects = subjects[:args.subjects]
+    for sub in subjects:
         sessions = sorted(p.name for p in (root / sub).glob("ses-*"))
         flair, fmask, ftruth, fpts = {}, {}, {}, {}
         for ses in sessions:
@@ -170,12 +180,13 @@ def phantom_cases(args, pre: dict) -> list[Case]:
                 # FLAIR point x -> truth F(x) -> DWI point D^-1(F(x))
                 truth = core_reg.compose_transforms(core_reg.invert_transform(dtruth), ftruth[ses])
                 cases.append(Case("phantom-dwi", f"{sub}_{ses}", img, b0, msk, b0mask, truth,
-                                  fpts[ses]))
+                                  fpts[ses], subject=sub))
         s0 = sessions[0]
         for ses in sessions[1:]:
             truth = core_reg.compose_transforms(core_reg.invert_transform(ftruth[ses]), ftruth[s0])
             cases.append(Case("phantom-flair", f"{sub}_{s0}-{ses}", flair[s0], flair[ses],
-                              fmask[s0], fmask[ses], truth, fpts[s0], inverse_consistency=True))
+                              fmask[s0], fmask[ses], truth, fpts[s0], inverse_consistency=True,
+                              subject=sub))
     return cases
 
 
@@ -439,10 +450,21 @@ def summarise(outcomes: list[Outcome], kinds: list[str], engines: list[str]) -> 
         if not proj:
             continue
         t_proj = float(np.nanmedian([o.seconds for o in proj]))
-        for eng in engines:
-            sel = [o for o in outcomes if o.case.kind == kind and o.engine == eng]
+        peer_names = {o.case.name for o in outcomes
+                      if o.case.kind == kind and o.engine != engines[0]}
+        subset = [o for o in proj if o.case.name in peer_names]
+        t_subset = float(np.nanmedian([o.seconds for o in subset])) if subset else t_proj
+        for eng in [engines[0], *([f"{engines[0]} (peers' pairs)"]
+                                  if subset and len(subset) < len(proj) else []), *engines[1:]]:
+            if eng.endswith("(peers' pairs)"):
+                sel = subset
+            else:
+                sel = [o for o in outcomes if o.case.kind == kind and o.engine == eng]
             if not sel:
                 continue
+            # peers run on a subset of the pairs (--peer-subjects): their time ratio is taken
+            # against lesionlapse's median on the same pairs
+            t_ref = t_proj if eng == engines[0] else t_subset
             ok = [o for o in sel if not o.error]
             times = [o.seconds for o in ok]
             means = np.array([o.tre_mean for o in sel])
@@ -450,7 +472,7 @@ def summarise(outcomes: list[Outcome], kinds: list[str], engines: list[str]) -> 
             ics = [o.ic_mean for o in sel if np.isfinite(o.ic_mean)]
             t_med = float(np.median(times)) if times else float("nan")
             rows.append(dict(
-                kind=kind, engine=eng, n=len(sel), median_s=t_med, ratio=t_med / t_proj,
+                kind=kind, engine=eng, n=len(sel), median_s=t_med, ratio=t_med / t_ref,
                 tre_mean=float(np.mean(means)), tre_worst_pair=float(np.max(means)),
                 tre_max=float(np.max(maxes)),
                 failures=int(sum(1 for o in sel if o.error or o.tre_mean > FAIL_MM)),
@@ -506,7 +528,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--subjects", type=int, default=20, help="phantom subjects (default 20)")
     ap.add_argument("--grid", choices=("small", "clinical"), default="small",
                     help="phantom acquisition grid (default small)")
-    ap.add_argument("--seed", type=int, default=2024)
+    ap.add_argument("--seed", type=int, default=2024,
+                    help="seed of the phantom simulation and of the real motions")
+    ap.add_argument("--phantom-bids", default=None,
+                    help="an existing phantom BIDS folder (with derivatives/truth) to read, "
+                         "instead of simulating one: its first --subjects subjects")
+    ap.add_argument("--peer-subjects", type=int, default=0,
+                    help="run the other engines on the phantom cases of the first N subjects "
+                         "only (0 = all); lesionlapse runs on all, and the report adds its row "
+                         "over the peers' pairs")
     ap.add_argument("--threads", type=int, default=2,
                     help="threads of every engine (ITK/OMP/greedy; default 2)")
     ap.add_argument("--real-cases", type=int, default=4,
@@ -619,8 +649,14 @@ def main(argv: list[str] | None = None) -> int:
                 lines.append(f"* `{k}`: {DESCRIPTIONS[k]}")
         lines += [
             "",
-            f"Phantom: `lesionlapse simulate --preset mixed --subjects {args.subjects} --seed "
-            f"{args.seed} --grid {args.grid}`. Real motion: {args.real_cases} motions up to "
+            (f"Phantom: the first {args.subjects} subjects of `{args.phantom_bids}`"
+             if args.phantom_bids else
+             f"Phantom: `lesionlapse simulate --preset mixed --subjects {args.subjects} --seed "
+             f"{args.seed} --grid {args.grid}`")
+            + (f"; peers on the first {args.peer_subjects} subjects only (lesionlapse on all; "
+               "its row \"(peers' pairs)\" is over the same pairs, and the peers' time ratio "
+               "is against it)" if args.peer_subjects else "")
+            + f". Real motion: {args.real_cases} motions up to "
             f"{args.max_deg:g} deg / {args.max_mm:g} mm, Rician noise sigma {args.noise:g} x brain "
             "median.",
             "",
@@ -649,10 +685,16 @@ def main(argv: list[str] | None = None) -> int:
         if final:
             print(f"\nwrote {out}")
 
+    phantom_subjects = sorted({c.subject for c in cases if c.subject})
+    peer_subjects = set(phantom_subjects[:args.peer_subjects] if args.peer_subjects
+                        else phantom_subjects)
     outcomes: list[Outcome] = []
     with tempfile.TemporaryDirectory(prefix="regbench-") as tmp:
         for i, case in enumerate(cases):
             for eng in engines:  # interleaved: every engine sees the same machine load
+                if (eng is not project and case.subject
+                        and case.subject not in peer_subjects):
+                    continue
                 o = run_case(eng, case, tmp, project if eng is project else None)
                 outcomes.append(o)
                 ic = f" ic {o.ic_mean:.3f}" if np.isfinite(o.ic_mean) else ""

@@ -70,6 +70,7 @@ class Registration:
     shrink_factors: tuple[int, ...] = field()
     smoothing_sigmas_mm: tuple[float, ...] = field()
     working_spacing_mm: float = _rng(0, 20)
+    finest_spacing_mm: float = _rng(0, 20)
     fine_image_smoothing_mm: float = _rng(0, 10)
     iterations: int = _rng(1, 10000)
     learning_rate: float = _rng(0, 100, lo_open=True)

@@ -156,6 +156,24 @@ def test_fine_image_smoothing_only_for_images_finer_than_the_working_grid():
             assert np.array_equal(plain, smooth)
 
 
+def test_finest_spacing_only_changes_the_finest_level():
+    img = make_image((48, 48, 24), (1.0, 1.0, 4.0), (-24.0, -24.0, -48.0), seed=3)
+    plain = reg._pyramid(img, None, (4, 2, 1), (2.0, 1.0, 0.0), 2.0)
+    fine = reg._pyramid(img, None, (4, 2, 1), (2.0, 1.0, 0.0), 2.0, finest_mm=1.5)
+    assert [lv[0].GetSpacing() for lv in fine[:2]] == [lv[0].GetSpacing() for lv in plain[:2]]
+    assert plain[2][0].GetSpacing() == pytest.approx((2.0, 2.0, 4.0))
+    # per axis never finer than native: the 4 mm slices stay 4 mm
+    assert fine[2][0].GetSpacing() == pytest.approx((1.5, 1.5, 4.0))
+
+
+def test_finest_spacing_recovers_known_motion(pair):
+    a, b, g, ma, mb = pair
+    res = reg.register_rigid(b, a, fixed_mask=mb, moving_mask=ma,
+                             **dict(REG, shrink_factors=(2, 1), smoothing_sigmas_mm=(3.0, 0.0),
+                                    working_spacing_mm=4.5, finest_spacing_mm=3.0))
+    assert reg.tre(res.transform, g, mb)[0] < 0.5
+
+
 def _params_repr(n_threads: int) -> str:
     """Exact (repr round-trips doubles) parameters of one registration of the ``pair`` heads."""
     a = make_image((64, 64, 64), (3.0, 3.0, 3.0), (-96.0, -96.0, -96.0), seed=0)

@@ -481,10 +481,13 @@ def _pyramid(
     smoothing_sigmas_mm: Sequence[float],
     base_mm: float,
     fine_image_smoothing_mm: float = 0.0,
+    finest_mm: float | None = None,
 ) -> list[tuple[sitk.Image, sitk.Image | None]]:
     """Registration pyramid of one image and its mask: per level (in the order of
     ``shrink_factors``), the float32 image smoothed and resampled (:func:`_level_image`) and
-    the uint8 mask resampled by nearest neighbour onto the same grid (``None`` without mask)."""
+    the uint8 mask resampled by nearest neighbour onto the same grid (``None`` without mask).
+    ``finest_mm``: voxel size of the finest level instead of ``shrink * base_mm`` (the coarser
+    levels keep ``shrink * base_mm``)."""
     src = (sitk.Cast(image, sitk.sitkFloat32),
            sitk.Cast(mask > 0, sitk.sitkUInt8) if mask is not None else None)
     # built fine -> coarse, each level from the next finer one: the full-resolution image is
@@ -494,10 +497,13 @@ def _pyramid(
     finest_first = sorted(range(len(shrink_factors)), key=lambda k: shrink_factors[k])
     for k in finest_first:
         shrink, sigma = shrink_factors[k], float(smoothing_sigmas_mm[k])
-        if k == finest_first[0] and min(image.GetSpacing()) < base_mm:
+        level_mm = shrink * base_mm
+        if k == finest_first[0] and finest_mm:
+            shrink, level_mm = 1.0, float(finest_mm)
+        if k == finest_first[0] and min(image.GetSpacing()) < level_mm:
             # an image finer than the working grid: extra smoothing of its finest level
             sigma = math.hypot(sigma, float(fine_image_smoothing_mm))
-        spacing = _level_spacing(image, shrink, base_mm)
+        spacing = _level_spacing(image, shrink, level_mm / shrink)
         # Gaussian sigmas add in quadrature: smooth the finer level by the difference only
         extra = math.sqrt(max(sigma**2 - prev_sigma**2, 0.0))
         src = (_level_image(src[0], spacing, extra),
@@ -509,21 +515,22 @@ def _pyramid(
 
 
 def _cached_pyramid(cache: dict | None, image, mask, shrink_factors, smoothing_sigmas_mm,
-                    base_mm: float, fine_image_smoothing_mm: float = 0.0):
+                    base_mm: float, fine_image_smoothing_mm: float = 0.0,
+                    finest_mm: float | None = None):
     """:func:`_pyramid`, looked up in ``cache`` (keyed by the image and mask objects, which the
     cache keeps alive so that their ids cannot be reused) when one is given."""
     if cache is None:
         return _pyramid(image, mask, shrink_factors, smoothing_sigmas_mm, base_mm,
-                        fine_image_smoothing_mm)
+                        fine_image_smoothing_mm, finest_mm)
     key = (id(image), id(mask), tuple(shrink_factors), tuple(map(float, smoothing_sigmas_mm)),
-           float(base_mm), float(fine_image_smoothing_mm))
+           float(base_mm), float(fine_image_smoothing_mm), float(finest_mm or 0.0))
     # one lock per key (dict.setdefault is atomic): registrations running in parallel threads
     # (build_subject_space's n_workers) build a shared pyramid once
     with cache.setdefault(("lock", *key), threading.Lock()):
         if key not in cache:
             cache[key] = (image, mask,
                           _pyramid(image, mask, shrink_factors, smoothing_sigmas_mm, base_mm,
-                                   fine_image_smoothing_mm))
+                                   fine_image_smoothing_mm, finest_mm))
     return cache[key][2]
 
 
@@ -674,6 +681,7 @@ def register_rigid(
     shrink_factors: Sequence[int] = (4, 2, 1),
     smoothing_sigmas_mm: Sequence[float] = (2.0, 1.0, 0.0),
     working_spacing_mm: float | None = 2.0,
+    finest_spacing_mm: float | None = None,
     fine_image_smoothing_mm: float = 0.0,
     iterations: int = 200,
     learning_rate: float = 1.0,
@@ -739,6 +747,12 @@ def register_rigid(
         Voxel size (mm) of the finest level; registration never runs on a finer grid
         (sub-millimetre in-plane voxels cost time and add no rigid precision). ``None`` or 0:
         the finest native spacing of the fixed image.
+    finest_spacing_mm
+        Voxel size (mm) of the finest level only (per axis never finer than native); the
+        coarser levels keep ``shrink * working_spacing_mm``. ``None`` or 0 = the finest level
+        at ``working_spacing_mm``. A finer last level resolves the sub-voxel optimum of
+        sub-millimetre scans better (benchmarks/results/registration.md); its cost is held by
+        ``max_samples``.
     fine_image_smoothing_mm
         Extra Gaussian sigma (mm, added in quadrature to the finest level's) for an image whose
         finest native spacing is below the working spacing, i.e. that is downsampled to reach
@@ -817,10 +831,11 @@ def register_rigid(
         if working_spacing_mm and working_spacing_mm > 0
         else float(min(f.GetSpacing()))
     )
+    finest_mm = float(finest_spacing_mm) if finest_spacing_mm and finest_spacing_mm > 0 else None
     fixed_levels = _cached_pyramid(pyramid_cache, fixed, fixed_mask, shrink_factors,
-                                   smoothing_sigmas_mm, base, fine_image_smoothing_mm)
+                                   smoothing_sigmas_mm, base, fine_image_smoothing_mm, finest_mm)
     moving_levels = _cached_pyramid(pyramid_cache, moving, moving_mask, shrink_factors,
-                                    smoothing_sigmas_mm, base, fine_image_smoothing_mm)
+                                    smoothing_sigmas_mm, base, fine_image_smoothing_mm, finest_mm)
     levels = []
     for k, shrink in enumerate(shrink_factors):
         (fl, fml), (ml, mml) = fixed_levels[k], moving_levels[k]
