@@ -367,3 +367,63 @@ def test_temporal_consistency_keeps_unchanged_outlines_and_real_growth():
     # the growth is kept as found without the step; the earlier sessions do not take it
     assert np.count_nonzero(on[2] & big) >= 0.95 * np.count_nonzero(off[2] & big) > 0
     assert np.count_nonzero(on[1] & ~ndimage.binary_dilation(small, iterations=2) & big) == 0
+
+
+def _hysteresis_by_labels(maps, brains, *, z_seed, z_grow, gm_z_seed, gm_z_grow,
+                          min_lesion_volume_mm3, edge_fraction, edge_percentile, change_sd,
+                          change_smooth_mm):
+    """The joint step written the direct way (all consistent maps at once, a 4D label volume,
+    components holding a seed): the reference of the memory-saving hysteresis_series."""
+    seeds = np.stack([(seg._grow_z(m, gm_z_grow, np.inf) > z_seed) & m.domain
+                      & (m.z_gm > gm_z_seed) for m in maps])
+    maps = seg.temporally_consistent(maps, change_sd=change_sd, smooth_mm=change_smooth_mm,
+                                     spacing_mm=SP)
+    z4 = np.stack([seg._grow_z(m, gm_z_grow, np.inf) for m in maps])
+    st = np.zeros((3,) * 4, bool)
+    st[1] = ndimage.generate_binary_structure(3, 3)
+    st[0, 1, 1, 1] = st[2, 1, 1, 1] = True
+    lab, nlab = ndimage.label(z4 > z_grow, st)
+    seeded = np.zeros(nlab + 1, bool)
+    seeded[np.unique(lab[seeds])] = True
+    seeded[0] = False
+    grown = seeded[lab]
+    zdom = [np.where(m.domain, m.z, np.nan) for m in maps]
+    out = []
+    for t in range(len(maps)):
+        m = seg.remove_small_components(grown[t], min_lesion_volume_mm3, SP)
+        m = seg.grow_relative_edge(m, zdom[t], fraction=edge_fraction, percentile=edge_percentile,
+                                   level_z=[zdom[u] for u in range(len(maps)) if u != t])
+        m = seg.fill_holes_per_component(m) & brains[t]
+        out.append(seg.remove_small_components(m, min_lesion_volume_mm3, SP))
+    return out
+
+
+def test_hysteresis_series_equals_direct_joint_step_on_slim_maps():
+    """hysteresis_series keeps only bool volumes and one z-map per session and grows by
+    propagation from the seeds; on maps slimmed by joint_step_maps it must give exactly the
+    masks of the direct computation (4D labels over all consistent maps at once)."""
+    rng = np.random.default_rng(7)
+    flairs, brains = [], []
+    for t in range(4):
+        f, _, brain, _ = _brain(noise=0.0)
+        les = _sphere((28, 40, 30), 5 + (t == 3)) | _sphere((28, 16, 24), 3 + t)
+        noise = ndimage.gaussian_filter(rng.normal(0, 1, SHAPE), 1.0)
+        contrast = ndimage.gaussian_filter(les.astype(np.float32), 1.5)
+        flairs.append(f + (np.float32(50.0) * contrast + 6.0 * noise / noise.std()) * brain)
+        brains.append(brain)
+    maps = [seg.flair_session_maps(f, b, None, csf_adc_min_um2_s=1500.0, csf_flair_max_ratio=0.5,
+                                   reference_csf_margin_mm=4.0, reference_depth_mm=6.0,
+                                   cortex_rim_mm=2.0, csf_rim_mm=1.0, spacing_mm=SP)
+            for f, b in zip(flairs, brains)]
+    hp = {k: PARAMS[k] for k in ("z_seed", "z_grow", "gm_z_seed", "gm_z_grow",
+                                 "min_lesion_volume_mm3")}
+    extra = {"edge_fraction": 0.35, "edge_percentile": 90.0, "change_sd": 2.0,
+             "change_smooth_mm": 2.0}
+    want = _hysteresis_by_labels(maps, brains, **hp, **extra)
+    slim = [seg.joint_step_maps(m) for m in maps]
+    assert slim[0].z_wm is None and slim[0].csf is None and slim[0].deep is None
+    got = seg.hysteresis_series(slim, brains, spacing_mm=SP, edge_level_all_sessions=True,
+                                **hp, **extra)
+    assert all(m.any() for m in want)
+    for g, w in zip(got, want):
+        assert np.array_equal(g, w)

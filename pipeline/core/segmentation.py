@@ -374,6 +374,13 @@ def flair_session_maps(
     return FlairMaps(z, z_wm, dom, csf, deep, ref, float(outer_mode), z_gm, inside & ~dom)
 
 
+def joint_step_maps(m: FlairMaps) -> FlairMaps:
+    """``m`` with only the fields :func:`hysteresis_series` reads (``z``, ``z_gm``, ``domain``,
+    ``rim``): ``z_wm``, ``csf`` and ``deep`` set to None, so a caller holding every session's
+    maps for the joint step does not also hold three volumes per session it no longer needs."""
+    return dataclasses.replace(m, z_wm=None, csf=None, deep=None)
+
+
 def hysteresis_series(
     maps: list[FlairMaps],
     brain_masks: list[np.ndarray],
@@ -414,24 +421,37 @@ def hysteresis_series(
     if n == 0:
         return []
     sp = _check_spacing(spacing_mm, maps[0].z.ndim)
+    # Memory: besides the input maps, only bool volumes (seeds, growth mask) and, for the edge
+    # step, one float z-map per session are kept; the consistent maps are made one session at
+    # a time (:func:`run_mean`).
+    shape = (n,) + maps[0].z.shape
     # seeds from each session's own evidence: the mean over sessions judged unchanged must not
     # pull a lesion's peak under z_seed (a slow rise passes the change test)
-    seeds = np.stack([(_grow_z(m, gm_z_grow, rim_z_grow) > z_seed) & m.domain
-                      & (m.z_gm > gm_z_seed) for m in maps])
-    if np.isfinite(change_sd):
-        maps = temporally_consistent(maps, change_sd=change_sd, smooth_mm=change_smooth_mm,
-                                     spacing_mm=sp)
-    z4 = np.stack([_grow_z(m, gm_z_grow, rim_z_grow) for m in maps])
+    seeds = np.empty(shape, bool)
+    for t, m in enumerate(maps):
+        seeds[t] = (_grow_z(m, gm_z_grow, rim_z_grow) > z_seed) & m.domain & (m.z_gm > gm_z_seed)
+    runs = (unchanged_runs(maps, change_sd=change_sd, smooth_mm=change_smooth_mm, spacing_mm=sp)
+            if np.isfinite(change_sd) and n >= 2 else None)
+    above = np.empty(shape, bool)  # where lesions may grow: z above z_grow (4D)
+    zdom = []
+    for t, m in enumerate(maps):
+        if runs is not None:  # temporally_consistent, one session at a time
+            m = dataclasses.replace(m, z=run_mean([u.z for u in maps], runs, t),
+                                    z_gm=run_mean([u.z_gm for u in maps], runs, t))
+        above[t] = _grow_z(m, gm_z_grow, rim_z_grow) > z_grow
+        if edge_fraction > 0:
+            zdom.append(np.where(m.domain, m.z, np.nan))
+    del runs
     st = np.zeros((3,) * 4, bool)
     st[1] = ndimage.generate_binary_structure(3, 3)
     st[0, 1, 1, 1] = st[2, 1, 1, 1] = True
-    lab, nlab = ndimage.label(z4 > z_grow, st)
-    seeded = np.zeros(nlab + 1, bool)
-    seeded[np.unique(lab[seeds])] = True
-    seeded[0] = False
-    grown = seeded[lab]
+    # the components of `above` (connected in space or time) that hold a seed: propagation
+    # from the seeds inside it (a seed no longer above z_grow after the consistency step
+    # starts nothing), without a 4D int32 label volume
+    seeds &= above
+    grown = ndimage.binary_propagation(seeds, structure=st, mask=above)
+    del seeds, above
     out = []
-    zdom = [np.where(m.domain, m.z, np.nan) for m in maps] if edge_fraction > 0 else []
     for t in range(n):
         m = grown[t]
         if edge_fraction > 0:
@@ -476,20 +496,23 @@ def unchanged_runs(
 
 def run_average(values: list[np.ndarray], runs: np.ndarray) -> list[np.ndarray]:
     """Each session's ``values`` replaced, voxel by voxel, by their mean over the sessions of
-    the same run of :func:`unchanged_runs` (finite values only; a voxel not finite in its own
-    session stays as it is; float32)."""
-    out = []
-    for t in range(len(values)):
-        total = np.zeros(values[t].shape, np.float64)
-        count = np.zeros(values[t].shape, np.int16)
-        for u in range(len(values)):
-            same = (runs[u] == runs[t]) & np.isfinite(values[u])
-            total[same] += values[u][same]
-            count += same
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(np.isfinite(values[t]), total / count, values[t])
-        out.append(mean.astype(np.float32))
-    return out
+    the same run of :func:`unchanged_runs` (:func:`run_mean` of every session)."""
+    return [run_mean(values, runs, t) for t in range(len(values))]
+
+
+def run_mean(values: list[np.ndarray], runs: np.ndarray, t: int) -> np.ndarray:
+    """Session ``t``'s ``values``, voxel by voxel, averaged over the sessions of its run of
+    :func:`unchanged_runs` (finite values only; a voxel not finite in session ``t`` stays as it
+    is; float32)."""
+    total = np.zeros(values[t].shape, np.float64)
+    count = np.zeros(values[t].shape, np.int16)
+    for u in range(len(values)):
+        same = (runs[u] == runs[t]) & np.isfinite(values[u])
+        total[same] += values[u][same]
+        count += same
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(np.isfinite(values[t]), total / count, values[t])
+    return mean.astype(np.float32)
 
 
 def temporally_consistent(

@@ -92,26 +92,35 @@ class SegmentSessions(SimpleInterface):
             raise ValueError("sessions without FLAIR need the b0 of every session (input b0)")
         ref_img = read(self.inputs.flair[0])
         spacing = spacing_zyx(ref_img)
+        # Memory: every image is read from its file when a step needs it and dropped after, so
+        # the node holds per session only bool masks and the two float z-maps the joint step
+        # needs (not the FLAIR, ADC, trace or the per-session results of the restricted passes).
         brains = [array(read(f)) > 0 for f in self.inputs.brain_mask]
-        adcs = [array(read(f)) if ok else None for f, ok in zip(self.inputs.adc, has_dwi)]
-        # the image that sets each session's reference regions: its FLAIR, else its b0
-        anat = [array(read(self.inputs.flair[i] if has_flair[i] else b0_files[i]))
-                for i in range(n)]
+
+        def adc(i):
+            return array(read(self.inputs.adc[i])) if has_dwi[i] else None
+
         # The per-session steps run in threads: scipy.ndimage and numpy release the GIL in
         # their loops, and each session's result depends only on that session's images.
         workers = max(1, min(n, self.inputs.n_workers))
 
         def session_maps(i):
-            return seg.flair_session_maps(
-                anat[i], brains[i], adcs[i], csf_adc_min_um2_s=s["reference_csf_adc_min_um2_s"],
+            # the image that sets the session's reference regions: its FLAIR, else its b0
+            anat = array(read(self.inputs.flair[i] if has_flair[i] else b0_files[i]))
+            m = seg.flair_session_maps(
+                anat, brains[i], adc(i), csf_adc_min_um2_s=s["reference_csf_adc_min_um2_s"],
                 csf_flair_max_ratio=s["csf_flair_max_ratio"],
                 reference_csf_margin_mm=s["reference_csf_margin_mm"],
                 reference_depth_mm=s["reference_depth_mm"], cortex_rim_mm=s["cortex_rim_mm"],
                 csf_rim_mm=s["csf_rim_mm"], spacing_mm=spacing)
+            # NAWM candidates from the same maps: deep parenchyma at most nawm_flair_z_max
+            # above its FLAIR mode (white matter is the darkest non-CSF tissue on FLAIR).
+            cand = m.deep & (m.z_wm <= s["nawm_flair_z_max"])
+            # the joint step reads z, z_gm, domain and rim only
+            return seg.joint_step_maps(m), cand
 
         with ThreadPoolExecutor(workers) as ex:
-            maps = list(ex.map(session_maps, range(n)))
-        del anat
+            maps, cands = map(list, zip(*ex.map(session_maps, range(n))))
         with_flair = [i for i in range(n) if has_flair[i]]
         lesions = [np.zeros(brains[i].shape, bool) for i in range(n)]
         joint = seg.hysteresis_series(
@@ -123,55 +132,68 @@ class SegmentSessions(SimpleInterface):
             rim_z_grow=s["flair_rim_z_grow"], change_sd=s["flair_change_sd"],
             change_smooth_mm=s["flair_change_smooth_mm"],
             edge_level_all_sessions=s["flair_edge_level_all_sessions"])
+        del maps
         for i, mask in zip(with_flair, joint):
             lesions[i] = mask
-        # NAWM candidates from the same maps: deep parenchyma at most nawm_flair_z_max above
-        # its FLAIR mode (white matter is the darkest non-CSF tissue on FLAIR).
-        cands = [m.deep & (m.z_wm <= s["nawm_flair_z_max"]) for m in maps]
-        del maps
-        traces = [array(read(f)) if ok else None for f, ok in zip(self.inputs.trace, has_dwi)]
+        del joint
 
         def restricted_session(i, exclude):
-            if adcs[i] is None:
+            """NAWM mask and :class:`RestrictedResult` of session ``i`` (None without DWI)."""
+            adc_i = adc(i)
+            if adc_i is None:
                 return None
             nawm = rd.nawm_reference_mask(
-                adcs[i], cands[i], exclude, erosion_mm=d["nawm_erosion_mm"],
+                adc_i, cands[i], exclude, erosion_mm=d["nawm_erosion_mm"],
                 lesion_margin_mm=d["nawm_lesion_margin_mm"], trim_sd=s["nawm_adc_trim_sd"],
                 spacing_mm=spacing)
             return nawm, rd.segment_restricted(
-                traces[i], adcs[i], brains[i], nawm, restricted_below=d["restricted_below"],
+                array(read(self.inputs.trace[i])), adc_i, brains[i], nawm,
+                restricted_below=d["restricted_below"],
                 dwi_hyperintense_ratio=s["dwi_hyperintense_ratio"],
                 min_lesion_volume_mm3=s["min_lesion_volume_mm3"],
                 csf_adc_min_um2_s=s["csf_adc_min_um2_s"], spacing_mm=spacing,
                 edge_mm=d["restricted_edge_mm"], edge_ring_mm=d["restricted_edge_ring_mm"])
 
-        def restricted_pass(exclude):
-            with ThreadPoolExecutor(workers) as ex:
-                return list(ex.map(lambda i: restricted_session(i, exclude), range(n)))
+        def first_pass(i):  # only the restricted masks are kept
+            result = restricted_session(i, lesions)
+            return None if result is None else result[1].restricted
 
-        first = restricted_pass(lesions)
-        results = restricted_pass(lesions + [r[1].restricted for r in first if r is not None])
+        with ThreadPoolExecutor(workers) as ex:
+            first = list(ex.map(first_pass, range(n)))
+        exclude = lesions + [r for r in first if r is not None]
 
-        outs = {k: [] for k in ("flair_lesion", "restricted", "shine_through", "radc", "nawm", "references")}
-        def put(key, i, arr, dtype):
-            name = f"{key}_{i:02d}.nii.gz"
-            outs[key].append(save(like(arr.astype(dtype), ref_img), runtime, name, dtype))
+        def save_session(i):
+            """Second pass of session ``i``, written at once: output file per key."""
+            files = {}
 
-        for i, (lesion, result) in enumerate(zip(lesions, results)):
-            put("flair_lesion", i, lesion, np.uint8)
+            def put(key, arr, dtype):
+                name = f"{key}_{i:02d}.nii.gz"
+                files[key] = save(like(arr.astype(dtype), ref_img), runtime, name, dtype)
+
+            lesion = lesions[i]
+            result = restricted_session(i, exclude)
+            put("flair_lesion", lesion, np.uint8)
             if result is None:  # no diffusion in this session
                 empty = np.zeros(lesion.shape, np.uint8)
                 for key in ("restricted", "shine_through", "nawm"):
-                    put(key, i, empty, np.uint8)
-                put("radc", i, np.full(lesion.shape, np.nan, np.float32), np.float32)
-                reference = {"median_um2_s": float("nan"), "iqr_um2_s": float("nan"), "n_voxels": 0}
+                    put(key, empty, np.uint8)
+                put("radc", np.full(lesion.shape, np.nan, np.float32), np.float32)
+                reference = {"median_um2_s": float("nan"), "iqr_um2_s": float("nan"),
+                             "n_voxels": 0}
             else:
                 nawm, res = result
-                put("restricted", i, res.restricted, np.uint8)
-                put("shine_through", i, res.shine_through, np.uint8)
-                put("radc", i, res.radc, np.float32)  # NaN outside the brain
-                put("nawm", i, nawm, np.uint8)
+                put("restricted", res.restricted, np.uint8)
+                put("shine_through", res.shine_through, np.uint8)
+                put("radc", res.radc, np.float32)  # NaN outside the brain
+                put("nawm", nawm, np.uint8)
                 reference = dataclasses.asdict(res.reference_adc)
-            outs["references"].append(save_json(reference, runtime, f"reference_{i:02d}.json"))
+            files["references"] = save_json(reference, runtime, f"reference_{i:02d}.json")
+            return files
+
+        with ThreadPoolExecutor(workers) as ex:
+            written = list(ex.map(save_session, range(n)))
+        outs = {k: [f[k] for f in written]
+                for k in ("flair_lesion", "restricted", "shine_through", "radc", "nawm",
+                          "references")}
         self._results.update(outs)
         return runtime
