@@ -470,12 +470,15 @@ def event_confusion(
     event is the other id's event in that interval, ``missed`` when there is none. Other
     event rows whose id overlaps no truth lesion at either end are ``spurious``.
     ``volume_ml``: the larger of the row's two volumes (truth lesion, or the spurious one).
+    Also per row, for listing the wrong ones: ``lesion_id`` (truth id; NaN for a spurious
+    row), ``from_session``, ``other_id`` (NaN when missed), ``truth_from_ml``/``truth_to_ml``
+    and ``other_from_ml``/``other_to_ml`` (the other id's volumes in that interval).
     """
     rows = []
     for kind in KINDS:
         tev = truth_events[truth_events["kind"] == kind]
         oev = other_events[other_events["kind"] == kind]
-        o_index = oev.set_index(["lesion_id", "from_session"])["event"]
+        o_index = oev.set_index(["lesion_id", "from_session"])
         matches = [best_match(t, o) for t, o in zip(truth_dseg[kind], other_dseg[kind])]
         for r in tev.itertuples():
             k = sessions.index(r.from_session)
@@ -483,16 +486,29 @@ def event_confusion(
             other = t2o_from.get(r.lesion_id) if r.volume_from_ml > 0 else None
             if other is None:
                 other = t2o_to.get(r.lesion_id) if r.volume_to_ml > 0 else None
-            got = str(o_index.get((other, r.from_session), MISSED)) if other else MISSED
+            got, v_from, v_to = MISSED, np.nan, np.nan
+            if other and (other, r.from_session) in o_index.index:
+                hit = o_index.loc[(other, r.from_session)]
+                got, v_from, v_to = str(hit["event"]), hit["volume_from_ml"], hit["volume_to_ml"]
             rows.append({"kind": kind, "truth": r.event, "pipeline": got,
-                         "volume_ml": max(r.volume_from_ml, r.volume_to_ml)})
+                         "volume_ml": max(r.volume_from_ml, r.volume_to_ml),
+                         "lesion_id": r.lesion_id, "from_session": r.from_session,
+                         "other_id": other if other else np.nan,
+                         "truth_from_ml": r.volume_from_ml, "truth_to_ml": r.volume_to_ml,
+                         "other_from_ml": v_from, "other_to_ml": v_to})
         for r in oev.itertuples():
             k = sessions.index(r.from_session)
             o2t_from, o2t_to = matches[k][1], matches[k + 1][1]
             if r.lesion_id not in o2t_from and r.lesion_id not in o2t_to:
                 rows.append({"kind": kind, "truth": SPURIOUS, "pipeline": r.event,
-                             "volume_ml": max(r.volume_from_ml, r.volume_to_ml)})
-    return pd.DataFrame(rows, columns=["kind", "truth", "pipeline", "volume_ml"])
+                             "volume_ml": max(r.volume_from_ml, r.volume_to_ml),
+                             "lesion_id": np.nan, "from_session": r.from_session,
+                             "other_id": r.lesion_id, "truth_from_ml": np.nan,
+                             "truth_to_ml": np.nan, "other_from_ml": r.volume_from_ml,
+                             "other_to_ml": r.volume_to_ml})
+    return pd.DataFrame(rows, columns=["kind", "truth", "pipeline", "volume_ml", "lesion_id",
+                                       "from_session", "other_id", "truth_from_ml",
+                                       "truth_to_ml", "other_from_ml", "other_to_ml"])
 
 
 def confusion_table(pairs: pd.DataFrame, row: str, col: str) -> pd.DataFrame:

@@ -58,6 +58,8 @@ from benchmarks import common as C
 from pipeline.config import Config, load_config
 from pipeline.core import dynamics
 from pipeline.core.registration import invert_transform
+from pipeline.simulate.acquisition import GRIDS
+from pipeline.simulate.anatomy import TRUTH_SPACING_MM
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {
@@ -297,8 +299,9 @@ def observable_rows(events: pd.DataFrame, native: dict[str, list], sessions: lis
                     min_ml: float) -> np.ndarray:
     """Per truth event row: whether the lesion is visible on the acquisition grid (at least
     ``min_ml`` of native-grid truth voxels) at every end of the interval where the truth has it.
-    A lesion of a few truth voxels (2 mm) that fills no acquisition voxel (small grid: FLAIR
-    2.4 x 2.4 x 5 mm, DWI 3.4 x 3.4 x 5.5 mm) to half cannot be found from the images."""
+    A lesion of a few truth voxels (2 mm on the small grid) that fills no acquisition voxel
+    (small grid: FLAIR 2.4 x 2.4 x 5 mm, DWI 3.4 x 3.4 x 5.5 mm) to half cannot be found
+    from the images."""
     volumes: dict[tuple[str, int], dict[int, float]] = {}
     for kind, per_session in native.items():
         for k, (labels, voxel_ml) in enumerate(per_session):
@@ -356,7 +359,7 @@ def evaluate(truth: C.Truth, res: Result, config: Config) -> dict[str, pd.DataFr
     if res.adc_maps is not None:  # pure white matter 4 mm (2 truth voxels) from anything else
         wm = np.asarray(nib.load(str(truth.root / "anat" /
                                      f"sub-{sub}_space-truth_label-WM_probseg.nii.gz")).dataobj)
-        deep_wm = ndimage.binary_erosion(wm >= 0.9, iterations=2)
+        deep_wm = ndimage.binary_erosion(wm >= 0.9, iterations=_voxels(4.0, truth))
     truth_spacing = truth.spacing_mm
     for ses in want.index:
         row = {**tag, "session": ses, "day": float(want.loc[ses, "day"])}
@@ -365,7 +368,7 @@ def evaluate(truth: C.Truth, res: Result, config: Config) -> dict[str, pd.DataFr
             row[f"{col}_got"] = float(got.loc[ses, col])
         k = truth.sessions.index(ses)
         # the rADC of the restricted lesions' core (dynamics.lesion_core), same definition on
-        # both sides: the truth's from its 2 mm masks and noise-free rADC, computed here (the
+        # both sides: the truth's from its truth-space masks and noise-free rADC, computed here (the
         # phantom's stored tables may predate the column)
         core = dynamics.lesion_core(truth.masks["restricted"][k], spacing_mm=truth_spacing,
                                     depth_mm=config.dynamics.radc_core_depth_mm)
@@ -388,14 +391,15 @@ def evaluate(truth: C.Truth, res: Result, config: Config) -> dict[str, pd.DataFr
         if res.radc_maps is not None:
             row["radc_map_in_truth_flair"] = dynamics.masked_mean(res.radc_maps[k],
                                                                   truth.masks["flair"][k])
-            # the same 3 truth voxels (6 mm) inside the restricted mask: away from the rim that
-            # the DWI voxel (small grid 3.4 x 3.4 x 5.5 mm) mixes with surrounding tissue
-            core = ndimage.binary_erosion(truth.masks["restricted"][k], iterations=3)
+            # the same 6 mm inside the restricted mask: away from the rim that the DWI voxel
+            # (small grid 3.4 x 3.4 x 5.5 mm, clinical 2 x 2 x 4 mm) mixes with surrounding tissue
+            core = ndimage.binary_erosion(truth.masks["restricted"][k],
+                                          iterations=_voxels(6.0, truth))
             row["adc_map_in_truth_restricted_core"] = dynamics.masked_mean(res.adc_maps[k], core)
             row["adc_in_truth_restricted_core_truth"] = ref * dynamics.masked_mean(
                 truth.radc[k], core)
             lesions = truth.masks["flair"][k] | (truth.radc[k] < 0.98) & (truth.radc[k] > 0)
-            far = ndimage.distance_transform_edt(~lesions) * 2.0 >= 6.0  # truth voxel 2 mm
+            far = ndimage.distance_transform_edt(~lesions, sampling=truth_spacing) >= 6.0
             v = res.adc_maps[k][deep_wm & far]
             v = v[np.isfinite(v) & (v > 0)]
             row["adc_map_in_deep_wm"] = float(np.median(v)) if v.size else np.nan
@@ -440,6 +444,14 @@ def evaluate(truth: C.Truth, res: Result, config: Config) -> dict[str, pd.DataFr
     out["pn_day"] = pd.DataFrame(lrows)
     out["volumes"] = pd.DataFrame(vrows)
     return out
+
+
+def _voxels(mm: float, truth: C.Truth) -> int:
+    """``mm`` in voxels of the (isotropic) truth grid: 2 mm on the small grid, 1 mm clinical."""
+    spacing = truth.spacing_mm
+    if max(spacing) - min(spacing) > 1e-6:
+        raise ValueError(f"sub-{truth.sub}: truth grid not isotropic {spacing}")
+    return max(1, int(round(mm / spacing[0])))
 
 
 def _pn_day_decomposition(truth: C.Truth, res: Result, kind: str, lesion: int, k0: int,
@@ -584,7 +596,7 @@ def metrics(r: dict[str, pd.DataFrame]) -> dict[str, str]:
             mean, mx, n = _abs_stats((s[f"{col}_got"] - nat) / nat.where(nat > 0))
             tmean, tmx, _ = _abs_stats((nat - t) / t.where(t > 0))
             parts.append(f"{kind} total vs truth on the acquisition grid {_pct(mean)} (max "
-                         f"{_pct(mx)}, n={n}; that truth vs the 2 mm truth {_pct(tmean)}, max "
+                         f"{_pct(mx)}, n={n}; that truth vs the truth-space truth {_pct(tmean)}, max "
                          f"{_pct(tmx)})")
     vol = r.get("volumes", pd.DataFrame())
     if len(vol):
@@ -622,11 +634,12 @@ REGISTRATION_RUN = "truth masks, pipeline registration"
 VOLUME_EVENTS = ("enlarging", "stable", "shrinking")
 
 
-def event_causes(runs: dict[str, dict]) -> pd.DataFrame | None:
+def row_causes(runs: dict[str, dict]) -> pd.DataFrame | None:
     """Why each truth event row of the whole chain is wrong, by comparing it with the same row
     from the truth masks carried through the pipeline's registration (same subjects, same row
     order): wrong there too -> registration, grid or tracking rules; right there -> the
-    difference is the segmentation (or the lesion is below the acquisition resolution)."""
+    difference is the segmentation (or the lesion is below the acquisition resolution).
+    Returns the whole chain's truth event rows with a ``cause`` column."""
     if "whole chain" not in runs or REGISTRATION_RUN not in runs:
         return None
     wc, rg = (runs[n]["events"] for n in ("whole chain", REGISTRATION_RUN))
@@ -646,13 +659,46 @@ def event_causes(runs: dict[str, dict]) -> pd.DataFrame | None:
          "segmentation: observable lesion missed",
          "segmentation: volume change misjudged (stable / enlarging / shrinking)"],
         "segmentation: lesions split or fused differently (new / merged / split / resolved)")
-    table = pd.crosstab(pd.Series(cause, name="cause"), wc["kind"], margins=True,
-                        margins_name="total")
+    return wc.assign(cause=cause)
+
+
+def event_causes(runs: dict[str, dict]) -> pd.DataFrame | None:
+    """Counts of :func:`row_causes` per cause and lesion kind."""
+    wc = row_causes(runs)
+    if wc is None:
+        return None
+    table = pd.crosstab(wc["cause"], wc["kind"], margins=True, margins_name="total")
     return table.sort_values("total", ascending=False)
+
+
+def observable_wrong_rows(runs: dict[str, dict]) -> pd.DataFrame | None:
+    """The whole chain's wrong truth event rows of lesions observable on the acquisition grid,
+    one line each: subject, kind, truth lesion id, interval, truth and pipeline event, the
+    truth lesion's and the matched pipeline id's volumes, cause (:func:`row_causes`)."""
+    wc = row_causes(runs)
+    if wc is None:
+        return None
+    w = wc[(wc["cause"] != "correct") & wc["observable"]]
+    return pd.DataFrame({
+        "subject": w["subject"], "preset": w["preset"], "kind": w["kind"],
+        "lesion": w["lesion_id"].astype(int), "from session": w["from_session"],
+        "truth": w["truth"], "pipeline": w["pipeline"],
+        "truth mL": [f"{a:.3f} -> {b:.3f}" for a, b in zip(w["truth_from_ml"], w["truth_to_ml"])],
+        "pipeline id": w["other_id"].map(lambda v: "" if pd.isna(v) else str(int(v))),
+        "pipeline mL": ["" if pd.isna(a) else f"{a:.3f} -> {b:.3f}"
+                        for a, b in zip(w["other_from_ml"], w["other_to_ml"])],
+        "cause": w["cause"].str.replace("segmentation: ", "", regex=False),
+    }).sort_values(["cause", "subject", "kind", "lesion", "from session"])
+
+
+def _mm(spacing) -> str:
+    return " x ".join(f"{v:g}" for v in spacing) + " mm"
 
 
 def report(args, info, runs: dict[str, dict], timings: dict[str, float], subs, chain,
            chain_notes: list[str]) -> str:
+    tmm = f"{TRUTH_SPACING_MM[args.grid]:g} mm"  # the phantom's truth grid
+    flair_mm, dwi_mm = _mm(GRIDS[args.grid]["flair"][1]), _mm(GRIDS[args.grid]["dwi"][1])
     lines = ["# Tracking and ADC dynamics benchmark", "",
              "Generated by `benchmarks/tracking.py`; do not edit by hand.", "",
              "Command:", "", "```", "python " + " ".join(sys.argv), "```", "",
@@ -692,8 +738,9 @@ def report(args, info, runs: dict[str, dict], timings: dict[str, float], subs, c
               "interval where the truth has the lesion, it holds at least that volume of "
               "acquisition-grid voxels in the phantom's native-grid truth (truth fraction >= 0.5 "
               "on the FLAIR grid for FLAIR lesions, the DWI grid for restricted ones): the truth "
-              "is drawn on a 2 mm grid, the small grid acquires FLAIR at 2.4 x 2.4 x 5 mm and DWI "
-              "at 3.4 x 3.4 x 5.5 mm, so a lesion of one or two truth voxels cannot be seen; "
+              f"is drawn on a {tmm} grid, the `{args.grid}` grid acquires FLAIR at {flair_mm} "
+              f"and DWI at {dwi_mm}, so a lesion filling no acquisition voxel to half cannot be "
+              "seen; "
               "*spurious* = event rows of ids overlapping no truth lesion."),
               ("* Designed: the MS-like lesions' designed events (`designed_events`) against the "
               "event of the id holding most of the designed ovoid. The second figure leaves "
@@ -710,10 +757,10 @@ def report(args, info, runs: dict[str, dict], timings: dict[str, float], subs, c
               f"`dynamics.radc_core_depth_mm` = {load_config(args.config).dynamics.radc_core_depth_mm:g} mm "
               "inside its mask, its deepest voxels when it is thinner; the region a reader "
               "measures), from each run's own restricted mask and rADC map, against the same "
-              "on the truth's 2 mm restricted mask and noise-free rADC (computed by the "
+              f"on the truth's {tmm} restricted mask and noise-free rADC (computed by the "
               "benchmark with the same function: phantoms simulated before the column have "
-              "none in their truth tables). Both sides are the lesion's centre; the 2 mm "
-              "truth's outer millimetres are not resolved by the 3.4 x 3.4 x 5.5 mm DWI voxel, "
+              f"none in their truth tables). Both sides are the lesion's centre; the {tmm} "
+              f"truth's outer millimetres are not resolved by the {dwi_mm} DWI voxel, "
               "which mixes them with the surrounding tissue (whole-mask means below). *map in "
               "truth restricted core*: the pipeline's rADC map over the truth's core (its "
               "segmentation taken out)."),
@@ -731,15 +778,20 @@ def report(args, info, runs: dict[str, dict], timings: dict[str, float], subs, c
               "measurement: partial volume, noise, registration, NAWM reference), and from the "
               "pipeline's ADC map over the true NAWM reference (the reference's error taken out "
               "too); days censored there are left out of that mean."),
-              ("* Volume: besides the 2 mm truth, against the truth on the acquisition grid "
+              (f"* Volume: besides the {tmm} truth, against the truth on the acquisition grid "
               "(the phantom's native-grid truth masks, partial-volume fraction >= 0.5), with "
-              "how far that grid truth is from the 2 mm truth: a half-voxel rule on the "
-              "acquisition grid already misses small lesions' volume, so the 2 mm truth stays "
+              f"how far that grid truth is from the {tmm} truth (*truth-space truth*): a half-voxel "
+              f"rule on the acquisition grid already misses small lesions' volume, so the {tmm} truth stays "
               "the target."), ""]
     causes = event_causes(runs)
     if causes is not None:
         lines += ["Whole-chain truth event rows by cause (each wrong row of the whole chain set "
                   f"against the same row of *{REGISTRATION_RUN}*):", "", C.markdown(causes), ""]
+        wrong = observable_wrong_rows(runs)
+        lines += ["Whole-chain wrong rows of lesions observable on the acquisition grid (truth "
+                  "lesion id and interval from the truth tables; *pipeline id* = the id "
+                  "overlapping the truth lesion most, with its own volumes in that interval):",
+                  "", C.markdown(wrong, index=False) if len(wrong) else "none", ""]
     for n in names:
         r = runs[n]
         lines += [f"## {n}", ""]

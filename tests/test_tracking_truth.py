@@ -130,6 +130,33 @@ def test_events_reproduce_truth_events(name, request):
         assert (merged[col] == merged[f"{col}_truth"]).all(), col
 
 
+def test_event_confusion_names_rows_ids_and_volumes(ms_like):
+    """event_confusion lists per truth row its lesion id, interval, the matched id and both
+    sides' volumes (the benchmark lists the wrong rows with them); a lesion erased from the
+    other side's ids is ``missed`` with no matched id."""
+    truth, got = ms_like
+    pairs = common.event_confusion(truth.tables["events"], got.events, truth.dseg, got.dseg,
+                                   truth.sessions)
+    rows = pairs[pairs["truth"] != common.SPURIOUS]
+    want = truth.tables["events"]
+    assert len(rows) == len(want) and (rows["truth"] == rows["pipeline"]).all()
+    assert rows["lesion_id"].tolist() == want["lesion_id"].tolist()
+    assert rows["from_session"].tolist() == want["from_session"].tolist()
+    assert (rows["other_id"] == rows["lesion_id"]).all()  # same tracking -> same ids
+    for side in ("from", "to"):
+        assert np.allclose(rows[f"other_{side}_ml"], rows[f"truth_{side}_ml"])
+    stable = rows[(rows["kind"] == "flair") & (rows["truth"] == "stable")].iloc[0]
+    lesion = int(stable["lesion_id"])
+    erased = {k: [np.where(d == lesion, 0, d) if k == "flair" else d for d in v]
+              for k, v in got.dseg.items()}
+    again = common.event_confusion(truth.tables["events"], got.events, truth.dseg, erased,
+                                   truth.sessions)
+    row = again[(again["kind"] == "flair") & (again["lesion_id"] == lesion)
+                & (again["from_session"] == stable["from_session"])].iloc[0]
+    assert row["pipeline"] == common.MISSED and np.isnan(row["other_id"])
+    assert np.isnan(row["other_from_ml"]) and row["truth_from_ml"] == stable["truth_from_ml"]
+
+
 def _designed(ms_like):
     truth, got = ms_like
     expected = common.designed_events(truth.sim, CONFIG)
