@@ -862,10 +862,17 @@ def main(argv=None) -> int:
     timings["simulate"] = time.perf_counter() - t0
     subs = C.subjects(bids)
 
+    # one subject's truth in memory at a time: on the clinical grid (1 mm truth) a subject's
+    # masks, ids and rADC take ~0.5 GB, 20 of them would not fit beside the pipeline
+    presets: dict[str, str] = {}
+    truth_parts = []
     t0 = time.perf_counter()
-    truths = {s: C.load_truth(bids, s) for s in subs}
-    runs = {"truth masks": gather([evaluate(t, from_truth(t, config), config)
-                                   for t in truths.values()])}
+    for s in subs:
+        truth = C.load_truth(bids, s)
+        presets[s] = truth.preset
+        truth_parts.append(evaluate(truth, from_truth(truth, config), config))
+        del truth
+    runs = {"truth masks": gather(truth_parts)}
     timings["truth-mask analytics"] = time.perf_counter() - t0
 
     chain_subs = subs[: args.pipeline_subjects] if args.pipeline_subjects else subs
@@ -889,30 +896,35 @@ def main(argv=None) -> int:
                           f"range {min(runtimes.values()):.0f}-{max(runtimes.values()):.0f} s; "
                           f"run on subjects {', '.join(runtimes)}."), ""]
             chain_subs = list(runtimes)
-        t0 = time.perf_counter()
-        parts, failed = [], []
+        chain_parts, registration_parts, failed = [], [], []
+        t_chain = t_registration = 0.0
         for s in chain_subs:
-            truth = truths[s]
+            t0 = time.perf_counter()
+            truth = C.load_truth(bids, s)
             try:
-                parts.append(evaluate(truth, from_pipeline(deriv, truth), config))
-                evaluated.append(s)
+                chain_parts.append(evaluate(truth, from_pipeline(deriv, truth), config))
             except (FileNotFoundError, KeyError) as exc:
                 failed.append(f"sub-{s}: {type(exc).__name__} {exc}")
+                continue
+            finally:
+                t_chain += time.perf_counter() - t0
+            evaluated.append(s)
+            t0 = time.perf_counter()
+            registration_parts.append(evaluate(
+                truth, from_truth_in_subject_space(deriv, truth, config), config))
+            t_registration += time.perf_counter() - t0
+            del truth
         if failed:
             print("not evaluated:\n  " + "\n  ".join(failed))
             notes += ["Not evaluated (no derivatives): " + "; ".join(failed), ""]
-        if parts:
-            runs["whole chain"] = gather(parts)
-        timings["whole-chain evaluation"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        parts = [evaluate(truths[s], from_truth_in_subject_space(deriv, truths[s], config), config)
-                 for s in evaluated]
-        if parts:
-            runs["truth masks, pipeline registration"] = gather(parts)
-        timings["truth masks through the pipeline's registration"] = time.perf_counter() - t0
+        if chain_parts:
+            runs["whole chain"] = gather(chain_parts)
+            runs["truth masks, pipeline registration"] = gather(registration_parts)
+        timings["whole-chain evaluation"] = t_chain
+        timings["truth masks through the pipeline's registration"] = t_registration
 
-    counts = pd.Series([t.preset for t in truths.values()]).value_counts().to_dict()
-    chain = pd.Series([truths[s].preset for s in evaluated]).value_counts().to_dict()
+    counts = pd.Series(list(presets.values())).value_counts().to_dict()
+    chain = pd.Series([presets[s] for s in evaluated]).value_counts().to_dict()
     text = report(args, C.machine_info(args.source_commit), runs, timings, counts,
                   None if args.skip_pipeline else chain, notes)
     summary = pd.DataFrame({"target": TARGETS, **{n: metrics(r) for n, r in runs.items()}})
