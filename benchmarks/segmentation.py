@@ -549,7 +549,8 @@ def report(args, machine, timings, table, ph, st, mni, lon, info) -> str:
                   "images and masks mapped into the truth space (nearest neighbour). FLAIR "
                   + ("segmented again from the pipeline's subject-space FLAIR with the current "
                      "code." if args.resegment else "masks as the pipeline wrote them.")
-                  + (f" Pipeline run: {info['pipeline seconds']:.0f} s."
+                  + (f" Pipeline run: {sum(info['pipeline seconds'].values()):.0f} s for "
+                     f"{len(info['pipeline seconds'])} subject(s)."
                      if "pipeline seconds" in info else ""), ""]
         if info.get("failed"):
             lines += ["Not scored: " + "; ".join(info["failed"]), ""]
