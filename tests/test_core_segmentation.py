@@ -328,6 +328,19 @@ def test_run_average_shares_values_within_runs_only():
     np.testing.assert_allclose(out[2], [[8.0, 8.0], [4.0, 4.0]])
 
 
+def _flair_maps(flairs, brains):
+    """flair_session_maps of each session (FLAIR only, the tests' reference-region settings)."""
+    return [seg.flair_session_maps(f, b, None, csf_adc_min_um2_s=1500.0, csf_flair_max_ratio=0.5,
+                                   reference_csf_margin_mm=4.0, reference_depth_mm=6.0,
+                                   cortex_rim_mm=2.0, csf_rim_mm=1.0, spacing_mm=SP)
+            for f, b in zip(flairs, brains)]
+
+
+def _hysteresis_params():
+    return {k: PARAMS[k] for k in ("z_seed", "z_grow", "gm_z_seed", "gm_z_grow",
+                                   "min_lesion_volume_mm3")}
+
+
 def test_temporal_consistency_keeps_unchanged_outlines_and_real_growth():
     """Three sessions with fresh correlated noise: a stable faint-edged lesion and one that
     enlarges at the last session. Sharing z over unchanged sessions steadies the stable outline,
@@ -344,16 +357,12 @@ def test_temporal_consistency_keeps_unchanged_outlines_and_real_growth():
                     + ndimage.gaussian_filter(grow.astype(np.float32), 1.0))
         flairs.append(f + (np.float32(60.0) * contrast + 5.0 * noise / noise.std()) * brain)
         brains.append(brain)
-    maps = [seg.flair_session_maps(f, b, None, csf_adc_min_um2_s=1500.0, csf_flair_max_ratio=0.5,
-                                   reference_csf_margin_mm=4.0, reference_depth_mm=6.0,
-                                   cortex_rim_mm=2.0, csf_rim_mm=1.0, spacing_mm=SP)
-            for f, b in zip(flairs, brains)]
+    maps = _flair_maps(flairs, brains)
     runs = seg.unchanged_runs(maps, change_sd=2.0, smooth_mm=2.0, spacing_mm=SP)
     shell = big & ~ndimage.binary_dilation(small, iterations=1)
     assert (runs[2][shell] != runs[1][shell]).mean() > 0.9  # the growth is a change
     assert (runs[1][stable] == runs[0][stable]).mean() > 0.8  # the stable lesion is not
-    hp = {k: PARAMS[k] for k in ("z_seed", "z_grow", "gm_z_seed", "gm_z_grow",
-                                 "min_lesion_volume_mm3")}
+    hp = _hysteresis_params()
     off = seg.hysteresis_series(maps, brains, spacing_mm=SP, **hp)
     on = seg.hysteresis_series(maps, brains, spacing_mm=SP, change_sd=2.0,
                                change_smooth_mm=2.0, **hp)
@@ -411,12 +420,8 @@ def test_hysteresis_series_equals_direct_joint_step_on_slim_maps():
         contrast = ndimage.gaussian_filter(les.astype(np.float32), 1.5)
         flairs.append(f + (np.float32(50.0) * contrast + 6.0 * noise / noise.std()) * brain)
         brains.append(brain)
-    maps = [seg.flair_session_maps(f, b, None, csf_adc_min_um2_s=1500.0, csf_flair_max_ratio=0.5,
-                                   reference_csf_margin_mm=4.0, reference_depth_mm=6.0,
-                                   cortex_rim_mm=2.0, csf_rim_mm=1.0, spacing_mm=SP)
-            for f, b in zip(flairs, brains)]
-    hp = {k: PARAMS[k] for k in ("z_seed", "z_grow", "gm_z_seed", "gm_z_grow",
-                                 "min_lesion_volume_mm3")}
+    maps = _flair_maps(flairs, brains)
+    hp = _hysteresis_params()
     extra = {"edge_fraction": 0.35, "edge_percentile": 90.0, "change_sd": 2.0,
              "change_smooth_mm": 2.0}
     want = _hysteresis_by_labels(maps, brains, **hp, **extra)
