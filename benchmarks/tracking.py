@@ -225,12 +225,17 @@ def resegment(src: Path, dst: Path, sub: str, config: Config, nprocs: int) -> No
                 tracking=cfg["tracking"], dynamics=cfg["dynamics"]).run().outputs
         finally:
             os.chdir(cwd)
+
+        def derivative(image: str, dst: Path) -> None:
+            # the nodes write plain .nii (pipeline.interfaces.base.save); derivatives are .nii.gz
+            sitk.WriteImage(sitk.ReadImage(image), str(dst), useCompression=True)
+
         for i, ses in enumerate(labels):
             for kind, folder in (("flair", "anat"), ("restricted", "dwi")):
-                shutil.copy(getattr(trk, f"{kind}_dseg")[i], out / f"ses-{ses}" / folder /
-                            f"sub-{sub}_ses-{ses}_space-subject_desc-{kind}_dseg.nii.gz")
-            shutil.copy(seg.radc[i], out / f"ses-{ses}" / "dwi" /
-                        f"sub-{sub}_ses-{ses}_space-subject_desc-relative_ADC.nii.gz")
+                derivative(getattr(trk, f"{kind}_dseg")[i], out / f"ses-{ses}" / folder /
+                           f"sub-{sub}_ses-{ses}_space-subject_desc-{kind}_dseg.nii.gz")
+            derivative(seg.radc[i], out / f"ses-{ses}" / "dwi" /
+                       f"sub-{sub}_ses-{ses}_space-subject_desc-relative_ADC.nii.gz")
         for name, table in (("sessions_timeseries", trk.sessions_table),
                             ("events", trk.events_table),
                             ("lesions_timeseries", trk.lesions_table),
@@ -731,7 +736,8 @@ def report(args, info, runs: dict[str, dict], timings: dict[str, float], subs, c
               "into the pipeline's 1 mm subject space through the pipeline's own transforms "
               "(nearest neighbour), tracked and measured there, ids mapped back "
               "like the whole chain's, on the same subjects: the whole chain without its "
-              "segmentation (registration, subject grid, tracking and dynamics rules)."),
+              "segmentation (registration, subject grid, tracking and dynamics rules); not run "
+              "with `--no-registration-run`."),
               ("* Events: every truth event row (lesion id x interval, both kinds) against the "
               "event of the matched id; *detectable* = truth lesion at least "
               "`segmentation.min_lesion_volume_mm3`; *observable* = at every end of the "
@@ -831,6 +837,13 @@ def main(argv=None) -> int:
     p.add_argument("--nprocs", type=int, default=2)
     p.add_argument("--pipeline-subjects", type=int, default=None, metavar="N",
                    help="run the whole chain on the first N subjects only (default: all)")
+    p.add_argument("--only", default=None, metavar="LABELS",
+                   help="evaluate only these phantom subjects, truth masks and whole chain "
+                        "(comma-separated labels, e.g. 02,05; parameter studies)")
+    p.add_argument("--no-registration-run", action="store_true",
+                   help="skip the truth masks carried through the pipeline's registration (it "
+                        "does not depend on the segmentation; without it the report has no "
+                        "per-cause table and no listing of wrong rows)")
     p.add_argument("--skip-pipeline", action="store_true", help="truth-mask part only")
     p.add_argument("--pipeline-out", type=Path, default=None, metavar="DIR",
                    help="evaluate existing pipeline derivatives in DIR (made from the same "
@@ -861,6 +874,12 @@ def main(argv=None) -> int:
     simulate(bids, args.subjects, args.seed, args.grid, args.preset)
     timings["simulate"] = time.perf_counter() - t0
     subs = C.subjects(bids)
+    if args.only:
+        wanted = [v.strip().removeprefix("sub-") for v in args.only.split(",") if v.strip()]
+        unknown = sorted(set(wanted) - set(subs))
+        if unknown:
+            raise SystemExit(f"--only: no subject {', '.join(unknown)} in {bids}")
+        subs = [s for s in subs if s in wanted]
 
     # one subject's truth in memory at a time: on the clinical grid (1 mm truth) a subject's
     # masks, ids and rADC take ~0.5 GB, 20 of them would not fit beside the pipeline
@@ -909,19 +928,22 @@ def main(argv=None) -> int:
             finally:
                 t_chain += time.perf_counter() - t0
             evaluated.append(s)
-            t0 = time.perf_counter()
-            registration_parts.append(evaluate(
-                truth, from_truth_in_subject_space(deriv, truth, config), config))
-            t_registration += time.perf_counter() - t0
+            if not args.no_registration_run:
+                t0 = time.perf_counter()
+                registration_parts.append(evaluate(
+                    truth, from_truth_in_subject_space(deriv, truth, config), config))
+                t_registration += time.perf_counter() - t0
             del truth
         if failed:
             print("not evaluated:\n  " + "\n  ".join(failed))
             notes += ["Not evaluated (no derivatives): " + "; ".join(failed), ""]
         if chain_parts:
             runs["whole chain"] = gather(chain_parts)
-            runs["truth masks, pipeline registration"] = gather(registration_parts)
+            if registration_parts:
+                runs[REGISTRATION_RUN] = gather(registration_parts)
         timings["whole-chain evaluation"] = t_chain
-        timings["truth masks through the pipeline's registration"] = t_registration
+        if registration_parts:
+            timings["truth masks through the pipeline's registration"] = t_registration
 
     counts = pd.Series(list(presets.values())).value_counts().to_dict()
     chain = pd.Series([presets[s] for s in evaluated]).value_counts().to_dict()
