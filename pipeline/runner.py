@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import gc
 import getpass
 import hashlib
 import json
@@ -382,6 +383,15 @@ def run_subject(subject: SubjectInputs, *, config: Config, output_dir: Path, wor
     if plugin in CLUSTER_PLUGINS and not os.environ.get("LOGNAME"):
         os.environ["LOGNAME"] = getpass.getuser()  # Nipype's SLURM plugin names jobs with it
     start = time.time()
+    # Nipype's MultiProc scheduler calls gc.collect() in this process at every scheduling round
+    # (poll_sleep_duration) that finds a free processor and after every node it runs itself; a
+    # full collection walks every object of the interpreter (~150 000: nipype, pandas, scipy,
+    # the graph), ~0.1 s of CPU each: 13 s of the main process's 47 s CPU on a 4-session
+    # clinical subject (benchmarks/results/end_to_end.md, session 7 P). Freezing what exists now
+    # moves it out of the collector's reach (forked workers inherit that); unfrozen below so
+    # that this subject's graph can be collected before the next one.
+    gc.collect()
+    gc.freeze()
     try:
         workflow.run(plugin=plugin, plugin_args=args)
         if token:
@@ -395,6 +405,7 @@ def run_subject(subject: SubjectInputs, *, config: Config, output_dir: Path, wor
             tmp.write_text(json.dumps(fingerprint(subject, config), indent=2))
         _publish(produced, output_dir / f"sub-{subject.subject}")
     finally:
+        gc.unfreeze()
         shutil.rmtree(staging, ignore_errors=True)
     write_subject_report(output_dir, subject.subject)
 

@@ -184,6 +184,35 @@ def test_resource_options_override_the_config():
     assert defaults.resources == load_config(None).resources
 
 
+def test_linear_run_of_reshuffled_copy_gives_identical_tables(cohort_run, tmp_path):
+    """Determinism (issue 9): a fresh run with the Linear plugin, on a copy of a seed-case
+    subject of the cohort whose session folders were written to disk in reverse order, gives
+    byte-identical tables to the cohort's MultiProc run (one ITK thread per process:
+    pipeline.threads). Moved here from tests/test_end_to_end.py, where it reran the 4-session
+    sample_data seed case: the cohort's 2-session seed case checks the same at half the cost."""
+    sub = GOOD[-1]
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    for name in ("dataset_description.json", "participants.tsv"):
+        shutil.copy(cohort_run["bids"] / name, bids / name)
+    src = cohort_run["bids"] / f"sub-{sub}"
+    (bids / f"sub-{sub}").mkdir()
+    for path in sorted(src.iterdir(), reverse=True):  # newest session first on disk
+        if path.is_dir():
+            shutil.copytree(path, bids / f"sub-{sub}" / path.name)
+        else:
+            shutil.copy(path, bids / f"sub-{sub}" / path.name)
+    out = tmp_path / "out"
+    status = main([str(bids), str(out), "participant", "-w", str(tmp_path / "work"),
+                   "--participant-label", sub, "--plugin", "Linear"])
+    assert status == 0
+    names = sorted(tables(cohort_run["out"], [sub]))
+    assert names
+    for name in names:
+        mine = (out / f"sub-{sub}" / name).read_bytes()
+        assert mine == cohort_run["tables"][name], name
+
+
 def test_unwritable_work_dir_is_refused(tmp_path, cohort_bids):
     blocker = tmp_path / "file"
     blocker.write_text("")
@@ -274,3 +303,30 @@ def test_kill_9_leaves_nothing_half_written_and_the_rerun_resumes(killed_and_rer
 def test_kill_9_rerun_tables_equal_the_uninterrupted_run(killed_and_rerun, cohort_run):
     sub = killed_and_rerun["sub"]
     assert tables(killed_and_rerun["out"], [sub]) == tables(cohort_run["out"], [sub])
+
+
+def test_scheduler_runs_with_the_heap_frozen_and_unfreezes_after(tmp_path, monkeypatch):
+    """run_subject freezes the objects that exist before the workflow runs (Nipype's MultiProc
+    scheduler calls gc.collect() every round) and unfreezes them afterwards, also on failure."""
+    import gc
+
+    from conftest import REPO
+
+    from pipeline.workflows import base
+
+    seen = []
+
+    class Workflow:
+        base_dir = None
+
+        def run(self, **_):
+            seen.append(gc.get_freeze_count())
+            raise RuntimeError("stop here")
+
+    monkeypatch.setattr(base, "init_subject_wf", lambda **_: Workflow())
+    subject = discover(REPO / "sample_data")[0]
+    with pytest.raises(RuntimeError, match="stop here"):
+        runner.run_subject(subject, config=load_config(), output_dir=tmp_path / "out",
+                           work_dir=tmp_path / "work", plugin="Linear", plugin_args={})
+    assert seen and seen[0] > 1000
+    assert gc.get_freeze_count() == 0

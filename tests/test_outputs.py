@@ -118,3 +118,49 @@ def test_written_voxel_classes_match_the_written_maps(sample_run):
             assert lut["index"].tolist() == [1, 2, 3, 4] and lut["name"].tolist() == names
             checked += 1
     assert checked >= 4
+
+
+def _nifti(tmp_path, data, name):
+    """An uncompressed NIfTI work-dir file holding ``data``."""
+    path = tmp_path / name
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["mask", "float", "float_nan"])
+def test_derivative_gzip_gives_back_the_work_file(tmp_path, kind):
+    """The derivative .nii.gz decompresses (any gzip reader) to the work-dir file's bytes,
+    with the run-length strategy for masks and NaN-free floats and the default one with NaN."""
+    import gzip
+    import zlib
+
+    from pipeline.interfaces import outputs
+
+    rng = np.random.default_rng(0)
+    data = {"mask": (rng.random((40, 30, 20)) > 0.9).astype(np.uint8),
+            "float": rng.normal(size=(40, 30, 20)).astype(np.float32),
+            "float_nan": np.where(rng.random((40, 30, 20)) > 0.5, np.nan, 1.0).astype(np.float32)}[kind]
+    src = _nifti(tmp_path, data, f"{kind}.nii")
+    strategies = []
+    real = zlib.compressobj
+
+    def spy(*args):
+        strategies.append(args[4])
+        return real(*args)
+
+    dst = tmp_path / "out" / f"{kind}.nii.gz"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(outputs.zlib, "compressobj", spy)
+        outputs._copy(str(src), dst)
+    assert gzip.decompress(dst.read_bytes()) == src.read_bytes()
+    np.testing.assert_array_equal(np.asarray(nib.load(dst).dataobj), data)
+    assert strategies == [zlib.Z_DEFAULT_STRATEGY if kind == "float_nan" else zlib.Z_RLE]
+
+
+def test_derivative_gzip_refuses_a_truncated_work_file(tmp_path):
+    from pipeline.interfaces import outputs
+
+    src = _nifti(tmp_path, np.zeros((20, 20, 20), np.float32), "short.nii")
+    src.write_bytes(src.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="short.nii"):
+        outputs._copy(str(src), tmp_path / "short.nii.gz")
