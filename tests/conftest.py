@@ -83,7 +83,7 @@ def sample_output(sample_run):
 # --- the phantom cohort shared by tests/test_cohort.py and tests/test_slurm.py -----------------
 
 #: The cohort's subject whose first FLAIR is truncated (fails validation) and the good ones: the
-#: issue's 4-subject check (3 succeed), and the 3 subjects the Slurm test runs.
+#: issue's 4-subject check (3 succeed); the Slurm test runs the last of them.
 COHORT_BROKEN = "02"
 COHORT_GOOD = ("01", "03", "04")
 
