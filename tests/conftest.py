@@ -45,6 +45,29 @@ def make_skeleton(root, sessions=("day0", "day3"), acq_times=None, subject="01",
     return root
 
 
+def colour_count(image) -> int:
+    """How many distinct RGB colours an image (H x W x 3 or 4 array) holds.
+
+    The same number as ``len(np.unique(image[..., :3].reshape(-1, 3), axis=0))``, which sorts
+    the pixels as rows (~20 s for a 1400 x 3000 report screenshot on a loaded 2-core machine):
+    here each channel's values are ranked on their own and the ranks are folded into one dense
+    code per pixel (0 .. colours - 1), re-ranked after each channel so that it stays below the
+    pixel count.
+    """
+    import numpy as np
+
+    rgb = np.asarray(image)[..., :3].reshape(-1, 3)
+    if not len(rgb):
+        return 0
+    code = None
+    for channel in rgb.T:
+        values, index = np.unique(channel, return_inverse=True)
+        index = index.reshape(-1)
+        code = index if code is None else np.unique(code * len(values) + index,
+                                                    return_inverse=True)[1].reshape(-1)
+    return int(code.max()) + 1
+
+
 @pytest.fixture(scope="session")
 def sample_run(tmp_path_factory):
     """lesionlapse run once over a copy of sample_data (participant level, MultiProc 2).
