@@ -660,12 +660,9 @@ def test_partial_sessions_end_to_end(partial_run):
     assert np.isfinite(table["adc_nawm_um2_s"].iloc[[0, 1]]).all()
 
 
-# Known gap (issue 5): without its day-45 session the seed case's FLAIR lesions of days 0-8
-# peaked at z ~ 5.0 against flair_z_seed = 5.0 (measured: 4.96 and 5.07 in two registrations
-# 0.01 mm apart), so no seed and 0 mL, while the truth has ~4 and ~70 mL. At 6653967
-# it passes (XPASS in the fresh-clone suite), but the peak still sits at the seed threshold:
-# kept non-strict until the segmentation finds these lesions with a margin.
-@pytest.mark.xfail(strict=False, reason="seed case days 0-8 alone: FLAIR lesions below z_seed")
+# Without its day-45 session the seed case's FLAIR lesions of days 0-8 peak at z ~ 5.0 (4.96
+# and 5.07 measured in two registrations 0.01 mm apart): at flair_z_seed 5 this was a known
+# gap (non-strict xfail); at 4.0 (session 7) they are found with a margin of about 1.
 @pytest.mark.slow
 def test_partial_sessions_find_flair_lesions(partial_run):
     proc, out = partial_run
