@@ -1,10 +1,10 @@
 """A real (single-node) Slurm cluster: the cohort through --plugin SLURM, compared with MultiProc.
 
 scripts/local_slurm.sh starts slurmctld, slurmd and munged in a temporary folder; a good
-(seed-case) subject of the phantom cohort of tests/conftest.py runs through
-``--plugin SLURM`` (one Slurm job per Nipype node, with the nodes' mem_gb/n_procs turned into
---mem/--cpus-per-task) and must succeed with byte-identical tables to the MultiProc run (one ITK thread per process
-makes runs reproducible whatever the backend: pipeline.threads).
+(seed-case) subject of the phantom cohort of tests/conftest.py runs through ``--plugin SLURM``
+(one Slurm job per Nipype node, with the nodes' mem_gb/n_procs turned into
+--mem/--cpus-per-task) and must succeed with byte-identical tables to the MultiProc run (one
+ITK thread per process makes runs reproducible whatever the backend: pipeline.threads).
 The cohort and its MultiProc run are session fixtures shared with tests/test_cohort.py, so
 they are made once. One subject goes through Slurm: the runner runs subjects in turn through
 the same code whatever the plugin, so more subjects only repeat the same jobs (three took
