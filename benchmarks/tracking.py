@@ -184,6 +184,7 @@ def resegment(src: Path, dst: Path, sub: str, config: Config, nprocs: int) -> No
     derivatives in ``src`` (FLAIR, brain mask, trace DWI, ADC; the registration is kept) with
     this source tree, into a mirror ``dst`` that links every other file of ``src``. Measures a
     change of the segment/track steps on a finished run without re-registering."""
+    from pipeline.interfaces.outputs import copy_to_derivative
     from pipeline.interfaces.segmentation import SegmentSessions
     from pipeline.interfaces.tracking import TrackLesions
 
@@ -225,17 +226,13 @@ def resegment(src: Path, dst: Path, sub: str, config: Config, nprocs: int) -> No
                 tracking=cfg["tracking"], dynamics=cfg["dynamics"]).run().outputs
         finally:
             os.chdir(cwd)
-
-        def derivative(image: str, dst: Path) -> None:
-            # the nodes write plain .nii (pipeline.interfaces.base.save); derivatives are .nii.gz
-            sitk.WriteImage(sitk.ReadImage(image), str(dst), useCompression=True)
-
+        # the nodes write plain .nii; written as the pipeline writes its .nii.gz derivatives
         for i, ses in enumerate(labels):
             for kind, folder in (("flair", "anat"), ("restricted", "dwi")):
-                derivative(getattr(trk, f"{kind}_dseg")[i], out / f"ses-{ses}" / folder /
-                           f"sub-{sub}_ses-{ses}_space-subject_desc-{kind}_dseg.nii.gz")
-            derivative(seg.radc[i], out / f"ses-{ses}" / "dwi" /
-                       f"sub-{sub}_ses-{ses}_space-subject_desc-relative_ADC.nii.gz")
+                copy_to_derivative(getattr(trk, f"{kind}_dseg")[i], out / f"ses-{ses}" / folder /
+                                   f"sub-{sub}_ses-{ses}_space-subject_desc-{kind}_dseg.nii.gz")
+            copy_to_derivative(seg.radc[i], out / f"ses-{ses}" / "dwi" /
+                               f"sub-{sub}_ses-{ses}_space-subject_desc-relative_ADC.nii.gz")
         for name, table in (("sessions_timeseries", trk.sessions_table),
                             ("events", trk.events_table),
                             ("lesions_timeseries", trk.lesions_table),

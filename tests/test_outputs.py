@@ -151,7 +151,7 @@ def test_derivative_gzip_gives_back_the_work_file(tmp_path, kind):
     dst = tmp_path / "out" / f"{kind}.nii.gz"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(outputs.zlib, "compressobj", spy)
-        outputs._copy(str(src), dst)
+        outputs.copy_to_derivative(str(src), dst)
     assert gzip.decompress(dst.read_bytes()) == src.read_bytes()
     np.testing.assert_array_equal(np.asarray(nib.load(dst).dataobj), data)
     assert strategies == [zlib.Z_DEFAULT_STRATEGY if kind == "float_nan" else zlib.Z_RLE]
@@ -163,4 +163,4 @@ def test_derivative_gzip_refuses_a_truncated_work_file(tmp_path):
     src = _nifti(tmp_path, np.zeros((20, 20, 20), np.float32), "short.nii")
     src.write_bytes(src.read_bytes()[:1000])
     with pytest.raises(ValueError, match="short.nii"):
-        outputs._copy(str(src), tmp_path / "short.nii.gz")
+        outputs.copy_to_derivative(str(src), tmp_path / "short.nii.gz")

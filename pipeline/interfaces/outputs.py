@@ -213,11 +213,11 @@ class WriteDerivatives(SimpleInterface):
                 sub, ses, "xfm", extra={"from": "DWI", "to": "FLAIR", "mode": "image"}, ext=".txt")))
         # gzip releases the GIL: the images are compressed in parallel
         with ThreadPoolExecutor(max(1, ins.n_threads)) as pool:
-            list(pool.map(lambda job: _copy(*job), copies))
+            list(pool.map(lambda job: copy_to_derivative(*job), copies))
 
         for field, (name, cols) in _TABLES.items():
             dst = subj_dir / f"sub-{sub}_{name}"
-            _copy(getattr(ins, field), dst)
+            copy_to_derivative(getattr(ins, field), dst)
             _write_text(dst.with_suffix(".json"), json.dumps(_describe(getattr(ins, field), cols), indent=2))
 
         qc = {
@@ -242,7 +242,7 @@ def _b_value(report: str) -> float:
     return float(_load(report).get("dwi_b_value_s_mm2", 1000.0))
 
 
-def _copy(src: str, dst: Path) -> None:
+def copy_to_derivative(src: str, dst: Path) -> None:
     """Copy a work-dir file to its derivative name, gzip-compressing a ``.nii`` into a
     ``.nii.gz`` (work-dir images are uncompressed, see :func:`pipeline.interfaces.base.save`)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
