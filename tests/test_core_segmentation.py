@@ -473,3 +473,27 @@ def test_default_seed_gate_finds_lesions_at_the_clinical_grid_contrast(seed):
     clean, adc0, brain0, _ = _textured_brain(seed)
     assert not seg.segment_flair_lesions(clean, brain0, adc_um2_s=adc0, spacing_mm=SP,
                                          **params).any()
+
+
+@pytest.mark.parametrize("edge", [False, True])
+def test_parenchyma_distances_match_whole_volume_transforms(edge):
+    # computed on the grown bounding box of brain and CSF: the same distances as the whole
+    # volume's transforms wherever a caller reads them (inside the brain), depth everywhere
+    rng = np.random.default_rng(3)
+    shape, sp = (30, 40, 36), (3.0, 1.0, 1.2)
+    zz, yy, xx = np.indices(shape)
+    centre = (15, 20, 18) if not edge else (5, 20, 30)  # edge: the brain is cut by the array
+    brain = ((zz - centre[0]) / 9.0) ** 2 + ((yy - centre[1]) / 12.0) ** 2 \
+        + ((xx - centre[2]) / 10.0) ** 2 <= 1.0
+    brain[rng.random(shape) < 0.02] = False  # holes: non-brain voxels inside
+    csf = brain & (rng.random(shape) < 0.01)
+    d = seg.parenchyma_distances(brain, csf, sp)
+    np.testing.assert_array_equal(d.depth_mm, ndimage.distance_transform_edt(brain, sampling=sp))
+    whole = ndimage.distance_transform_edt(~csf, sampling=sp)
+    computed = ~np.isnan(d.to_csf_mm)  # the grown box: holds the brain
+    assert computed[brain].all() and not computed.all()
+    np.testing.assert_array_equal(d.to_csf_mm[computed], whole[computed])
+    none = seg.parenchyma_distances(brain, np.zeros(shape, bool), sp)
+    assert np.isinf(none.to_csf_mm).all()
+    with pytest.raises(ValueError, match="CSF mask shape"):
+        seg.parenchyma_distances(brain, csf[:-1], sp)

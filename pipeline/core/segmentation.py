@@ -789,21 +789,49 @@ def csf_mask(
 class ParenchymaDistances:
     """Euclidean distances (mm, float64) used by :func:`deep_parenchyma` and the lesion domain."""
 
-    to_csf_mm: np.ndarray  #: distance to the nearest CSF voxel (inf everywhere without CSF)
+    #: distance to the nearest CSF voxel (inf everywhere without CSF); NaN outside the box of
+    #: brain and CSF grown by one voxel (see :func:`parenchyma_distances`)
+    to_csf_mm: np.ndarray
     depth_mm: np.ndarray  #: distance to the nearest voxel outside the brain mask (0 outside)
+
+
+def _grown_box(mask: np.ndarray, grow: int = 1) -> tuple[slice, ...] | None:
+    """Bounding box of ``mask`` grown by ``grow`` voxels (clipped to the array), None if empty."""
+    box = []
+    for axis, n in enumerate(mask.shape):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            return None
+        box.append(slice(max(int(hit[0]) - grow, 0), min(int(hit[-1]) + grow + 1, n)))
+    return tuple(box)
 
 
 def parenchyma_distances(
     brain_mask: np.ndarray, csf: np.ndarray, spacing_mm: tuple[float, ...]
 ) -> ParenchymaDistances:
     """Distance to CSF and depth inside the brain mask (two Euclidean distance transforms, the
-    costly step of :func:`flair_session_maps`: computed once per session and shared)."""
+    costly step of :func:`flair_session_maps`: computed once per session and shared).
+
+    Both transforms run on the bounding box of brain and CSF grown by one voxel, which holds
+    every CSF voxel and a shell of non-brain voxels all round: for a voxel in the box, moving a
+    voxel outside the box onto the box's edge (clamping each index) brings it no farther, so
+    the nearest CSF / non-brain voxel is found inside the box and both distances are those of
+    the whole volume. Outside the box the depth is 0 (not brain) and the distance to CSF is
+    left NaN (not computed: every caller reads it inside the brain mask).
+    """
     brain = np.asarray(brain_mask, bool)
     csf = np.asarray(csf, bool)
     sp = _check_spacing(spacing_mm, brain.ndim)
-    to_csf = (ndimage.distance_transform_edt(~csf, sampling=sp) if csf.any()
-              else np.full(brain.shape, np.inf))
-    return ParenchymaDistances(to_csf, ndimage.distance_transform_edt(brain, sampling=sp))
+    if csf.shape != brain.shape:
+        raise ValueError(f"CSF mask shape {csf.shape} differs from brain mask {brain.shape}")
+    depth = np.zeros(brain.shape)
+    to_csf = np.full(brain.shape, np.inf if not csf.any() else np.nan)
+    box = _grown_box(brain | csf)
+    if box is not None:
+        depth[box] = ndimage.distance_transform_edt(brain[box], sampling=sp)
+        if csf.any():
+            to_csf[box] = ndimage.distance_transform_edt(~csf[box], sampling=sp)
+    return ParenchymaDistances(to_csf, depth)
 
 
 def deep_parenchyma(
