@@ -497,3 +497,41 @@ def test_parenchyma_distances_match_whole_volume_transforms(edge):
     assert np.isinf(none.to_csf_mm).all()
     with pytest.raises(ValueError, match="CSF mask shape"):
         seg.parenchyma_distances(brain, csf[:-1], sp)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cropped_mask_steps_match_whole_volume(seed):
+    # remove_small_components, fill_holes_per_component and grow_relative_edge work on the
+    # mask's bounding box: the same masks as the whole-volume operations they replace, also
+    # for lesions touching the array's edge and holes closed by two lesions together
+    rng = np.random.default_rng(seed)
+    shape, sp = (24, 30, 28), (2.0, 1.0, 1.0)
+    mask = ndimage.binary_opening(rng.random(shape) < 0.35, iterations=1)
+    mask[:, :, :3] = False
+    mask[0, 10:16, 10:16] = True  # a lesion on the array's edge
+    shell = np.zeros(shape, bool)
+    shell[10:17, 5:12, 14:21] = True
+    shell[12:15, 7:10, 16:19] = False  # a cavity
+    mask |= shell
+    if seed == 2:
+        mask[:] = False
+        mask[5:9, 5:9, 5:9] = True
+        mask[6:8, 6:8, 6:8] = False
+    z = rng.normal(2.0, 1.5, shape)
+    z[rng.random(shape) < 0.05] = np.nan
+    np.testing.assert_array_equal(seg.fill_holes_per_component(mask),
+                                  ndimage.binary_fill_holes(mask))
+    assert seg.fill_holes_per_component(mask).sum() > mask.sum()  # a cavity was filled
+    lab, n = ndimage.label(mask, ndimage.generate_binary_structure(3, 3))
+    sizes = np.bincount(lab.ravel()) * 2.0
+    keep = sizes >= 20.0
+    keep[0] = False
+    np.testing.assert_array_equal(seg.remove_small_components(mask, 20.0, sp), keep[lab])
+    level = np.fmax(seg._component_percentile(lab, n, z, 90.0),
+                    seg._component_percentile(lab, n, 1.5 * z, 90.0))
+    near = ndimage.grey_dilation(lab, footprint=ndimage.generate_binary_structure(3, 1))
+    with np.errstate(invalid="ignore"):
+        whole = mask | ((near > 0) & ~mask & (z > 0) & (z > 0.4 * level[near]))
+    grown = seg.grow_relative_edge(mask, z, fraction=0.4, percentile=90.0, level_z=[1.5 * z])
+    np.testing.assert_array_equal(grown, whole)
+    assert grown.sum() > mask.sum() or seed == 2  # seed 2: one small hollow cube only

@@ -74,18 +74,39 @@ def remove_small_components(
     """
     mask = np.asarray(mask, bool)
     sp = _check_spacing(spacing_mm, mask.ndim)
-    lab, n = ndimage.label(mask, ndimage.generate_binary_structure(mask.ndim, connectivity))
-    if n == 0:
-        return mask.copy()
+    out = np.zeros(mask.shape, bool)
+    box = _grown_box(mask, 0)  # components lie inside the mask's bounding box
+    if box is None:
+        return out
+    lab, n = ndimage.label(mask[box], ndimage.generate_binary_structure(mask.ndim, connectivity))
     sizes = np.bincount(lab.ravel()) * float(np.prod(sp))
     keep = sizes >= min_volume_mm3
     keep[0] = False
-    return keep[lab]
+    out[box] = keep[lab]
+    return out
 
 
 def fill_holes_per_component(mask: np.ndarray) -> np.ndarray:
-    """Fill cavities fully enclosed by a lesion (3D), so confluent lesions are not hollow."""
-    return ndimage.binary_fill_holes(np.asarray(mask, bool))
+    """Fill cavities fully enclosed by a lesion (3D), so confluent lesions are not hollow.
+
+    The same as ``scipy.ndimage.binary_fill_holes`` (a cavity: background not face-connected
+    to the array's border), found by labelling the background of the mask's bounding box grown
+    by one voxel: that shell is background joined to everything outside the box, so the
+    background components touching the box's faces are exactly those reaching the border.
+    """
+    mask = np.asarray(mask, bool)
+    out = mask.copy()
+    box = _grown_box(mask)
+    if box is None:
+        return out
+    sub = mask[box]
+    lab, n = ndimage.label(~sub)  # face connectivity, as binary_fill_holes
+    outside = np.zeros(n + 1, bool)
+    for axis in range(sub.ndim):
+        for end in (0, -1):
+            outside[np.unique(np.take(lab, end, axis=axis))] = True
+    out[box] = sub | ~outside[lab]  # label 0 (the mask) is kept by ``sub``
+    return out
 
 
 # --------------------------------------------------------------------------- tissue classes
@@ -574,16 +595,23 @@ def grow_relative_edge(
     fading) has its edge at the height its tissue reaches, not at a fraction of a low peak.
     """
     mask = np.asarray(mask, bool)
-    lab, n = ndimage.label(mask, ndimage.generate_binary_structure(mask.ndim, mask.ndim))
-    if n == 0:
-        return mask.copy()
-    level = _component_percentile(lab, n, z, percentile)
+    out = mask.copy()
+    # every lesion and its face-neighbours lie in the mask's bounding box grown by one voxel;
+    # labels are numbered in raster order, which the box keeps: the same ids and levels
+    box = _grown_box(mask)
+    if box is None:
+        return out
+    sub = mask[box]
+    lab, n = ndimage.label(sub, ndimage.generate_binary_structure(mask.ndim, mask.ndim))
+    zb = np.asarray(z)[box]
+    level = _component_percentile(lab, n, zb, percentile)
     for other in level_z:
-        level = np.fmax(level, _component_percentile(lab, n, other, percentile))
+        level = np.fmax(level, _component_percentile(lab, n, np.asarray(other)[box], percentile))
     near = ndimage.grey_dilation(lab, footprint=ndimage.generate_binary_structure(mask.ndim, 1))
     with np.errstate(invalid="ignore"):
-        add = (near > 0) & ~mask & (z > 0) & (z > fraction * level[near])
-    return mask | add
+        add = (near > 0) & ~sub & (zb > 0) & (zb > fraction * level[near])
+    out[box] = sub | add
+    return out
 
 
 def _check_thresholds(z_seed: float, z_grow: float, gm_z_seed: float, gm_z_grow: float) -> None:
