@@ -70,3 +70,25 @@ def test_dwi_step_gets_its_own_sampling_strategy():
     assert registration_kwargs(params)["sampling_strategy"] == "regular"
     assert registration_kwargs(params, dwi=True)["sampling_strategy"] == "random"
     assert "dwi_sampling_strategy" not in registration_kwargs(params, dwi=True)
+
+
+@pytest.mark.parametrize("without_flair", [False, True])
+def test_b0_resampled_only_for_sessions_without_flair(tmp_path, without_flair):
+    # the subject-space b0 only sets the reference regions of a session without FLAIR: with a
+    # FLAIR in every session no b0 is resampled and the segment node gets none
+    root = make_skeleton(tmp_path / "bids", sessions=["day0", "day3"])
+    if without_flair:
+        (root / "sub-01" / "ses-day3" / "anat" / "sub-01_ses-day3_FLAIR.nii.gz").unlink()
+    (subject,) = discover(root)
+    wf = init_subject_wf(subject=subject, config=load_config(), staging_dir=tmp_path / "stage")
+    graph = wf._create_flat_graph()
+
+    def inputs_of(name):
+        node = next(n for n in graph.nodes if n.fullname.endswith(f".{name}"))
+        return {dest for _, _, data in graph.in_edges(node, data=True) for _, dest in data["connect"]}
+
+    for ses in ("day0", "day3"):
+        assert ("b0" in inputs_of(f"resample_{ses}")) == without_flair
+        assert {"flair", "trace", "adc"} <= inputs_of(f"resample_{ses}")
+    assert ("b0" in inputs_of("segment")) == without_flair
+    assert {"flair", "brain_mask", "trace", "adc"} <= inputs_of("segment")

@@ -177,7 +177,10 @@ def init_subject_wf(
 
     select_xfm = [pe.Node(niu.Select(index=i), name=f"select_xfm_{i:02d}",
                           run_without_submitting=True) for i in range(n)]
-    resampled = {field: _merge(f"merge_std_{field}", n) for field in RESAMPLED}
+    # the subject-space b0 is read only by the segment node, and only for a session without
+    # FLAIR (its reference regions); it is not a derivative: resampled only when needed
+    fields = RESAMPLED if not all(has_flair) else tuple(f for f in RESAMPLED if f != "b0")
+    resampled = {field: _merge(f"merge_std_{field}", n) for field in fields}
     for i, swf in enumerate(session_wfs):
         resample = pe.Node(ResampleSession(), name=f"resample_{sessions[i].session}", mem_gb=1.0)
         workflow.connect([
@@ -185,11 +188,13 @@ def init_subject_wf(
             (select_xfm[i], resample, [("out", "subject_xfm")]),
             (space, resample, [("reference", "reference")]),
             (swf, resample, [("outputnode.flair", "flair"), ("outputnode.flair_mask", "flair_mask"),
-                             ("outputnode.b0", "b0"), ("outputnode.trace", "trace"),
+                             ("outputnode.trace", "trace"),
                              ("outputnode.adc", "adc"), ("outputnode.dwi_to_flair", "dwi_to_flair"),
                              ("outputnode.dwi_mask", "dwi_mask")]),
         ])
-        for field in RESAMPLED:
+        if "b0" in fields:
+            workflow.connect(swf, "outputnode.b0", resample, "b0")
+        for field in fields:
             workflow.connect(resample, field, resampled[field], f"in{i + 1}")
 
     # numpy/scipy run one thread per call: the segment node threads over sessions instead
@@ -200,7 +205,7 @@ def init_subject_wf(
                         n_workers=seg_workers),
         name="segment", n_procs=seg_workers, mem_gb=2.0,
     )
-    for field in ("flair", "brain_mask", "trace", "adc", "b0"):
+    for field in fields:
         workflow.connect(resampled[field], "out", segment, field)
 
     track = pe.Node(
