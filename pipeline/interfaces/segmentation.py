@@ -30,6 +30,32 @@ from pipeline.interfaces.base import (
 )
 
 
+def analysis_box(brains: list[np.ndarray], spacing_mm: tuple[float, ...],
+                 smooth_mm: float) -> tuple[slice, ...]:
+    """The part of the subject-space grid the segmentation needs: the bounding box of every
+    session's brain mask, grown by the reach of the joint step's change smoothing (a Gaussian
+    of ``smooth_mm``, truncated at 4 sigma as scipy does) plus 2 voxels, clipped to the grid.
+
+    Every segmentation output lies inside the brain masks and depends only on voxels within
+    that reach of them: the per-session maps and the restricted passes read brain voxels (the
+    distance maps are exact on any box holding the brain with one voxel to spare, see
+    :func:`pipeline.core.segmentation.parenchyma_distances`), the consistency step's smoothed
+    differences read voxels up to the Gaussian's radius away, and the edge growth and hole
+    filling one voxel. The outputs are therefore those of the whole grid, at ~half its cost.
+    """
+    union = np.logical_or.reduce([np.asarray(b, bool) for b in brains])
+    if not union.any():
+        return tuple(slice(0, n) for n in union.shape)
+    reach = [int(4.0 * smooth_mm / s + 0.5) + 2 if np.isfinite(smooth_mm) else 2
+             for s in spacing_mm]
+    box = []
+    for axis, n in enumerate(union.shape):
+        hit = np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != axis)))
+        box.append(slice(max(int(hit[0]) - reach[axis], 0),
+                         min(int(hit[-1]) + reach[axis] + 1, n)))
+    return tuple(box)
+
+
 class _SegmentSessionsInputSpec(BaseInterfaceInputSpec):
     flair = InputMultiObject(File(exists=True), mandatory=True,
                              desc="FLAIR per session (all-NaN placeholder where missing)")
@@ -96,9 +122,17 @@ class SegmentSessions(SimpleInterface):
         # the node holds per session only bool masks and the two float z-maps the joint step
         # needs (not the FLAIR, ADC, trace or the per-session results of the restricted passes).
         brains = [array(read(f)) > 0 for f in self.inputs.brain_mask]
+        # Every step works on the box around the sessions' brains (see analysis_box): the
+        # subject-space grid is ~4x the brain's volume, and the masks are the same.
+        full_shape = brains[0].shape
+        box = analysis_box(brains, spacing, s["flair_change_smooth_mm"])
+        brains = [b[box] for b in brains]
+
+        def image(path):
+            return array(read(path))[box]
 
         def adc(i):
-            return array(read(self.inputs.adc[i])) if has_dwi[i] else None
+            return image(self.inputs.adc[i]) if has_dwi[i] else None
 
         # The per-session steps run in threads: scipy.ndimage and numpy release the GIL in
         # their loops, and each session's result depends only on that session's images.
@@ -106,7 +140,7 @@ class SegmentSessions(SimpleInterface):
 
         def session_maps(i):
             # the image that sets the session's reference regions: its FLAIR, else its b0
-            anat = array(read(self.inputs.flair[i] if has_flair[i] else b0_files[i]))
+            anat = image(self.inputs.flair[i] if has_flair[i] else b0_files[i])
             m = seg.flair_session_maps(
                 anat, brains[i], adc(i), csf_adc_min_um2_s=s["reference_csf_adc_min_um2_s"],
                 csf_flair_max_ratio=s["csf_flair_max_ratio"],
@@ -147,7 +181,7 @@ class SegmentSessions(SimpleInterface):
                 lesion_margin_mm=d["nawm_lesion_margin_mm"], trim_sd=s["nawm_adc_trim_sd"],
                 spacing_mm=spacing)
             return nawm, rd.segment_restricted(
-                array(read(self.inputs.trace[i])), adc_i, brains[i], nawm,
+                image(self.inputs.trace[i]), adc_i, brains[i], nawm,
                 restricted_below=d["restricted_below"],
                 dwi_hyperintense_ratio=s["dwi_hyperintense_ratio"],
                 min_lesion_volume_mm3=s["min_lesion_volume_mm3"],
@@ -168,7 +202,10 @@ class SegmentSessions(SimpleInterface):
 
             def put(key, arr, dtype):
                 name = f"{key}_{i:02d}.nii.gz"
-                files[key] = save(like(arr.astype(dtype), ref_img), runtime, name, dtype)
+                # outside the box: no mask voxel, and rADC NaN (it is NaN outside the brain)
+                full = np.full(full_shape, np.nan if key == "radc" else 0, dtype)
+                full[box] = arr
+                files[key] = save(like(full, ref_img), runtime, name, dtype)
 
             lesion = lesions[i]
             result = restricted_session(i, exclude)

@@ -1,0 +1,74 @@
+"""SegmentSessions works on the box around the brains: the same outputs as on the whole grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from pipeline.config import load_config
+from pipeline.interfaces import segmentation as iseg
+from pipeline.io import read_image
+
+
+def test_analysis_box_reach_and_clipping():
+    brain = np.zeros((20, 30, 40), bool)
+    brain[5:10, 0:12, 20:25] = True
+    box = iseg.analysis_box([brain, np.roll(brain, 3, axis=0)], (2.0, 1.0, 1.0), 1.0)
+    # reach: 4 sigma + 0.5, truncated, plus 2 voxels: 4 along z (2 mm), 6 in-plane (1 mm)
+    assert box == (slice(1, 17), slice(0, 18), slice(14, 31))
+    assert iseg.analysis_box([np.zeros((4, 5, 6), bool)], (1.0,) * 3, 1.0) == (
+        slice(0, 4), slice(0, 5), slice(0, 6))
+
+
+def _subject(tmp_path, rng):
+    shape = (40, 70, 64)
+    zz, yy, xx = np.indices(shape)
+    brain = (((zz - 18) / 12.0) ** 2 + ((yy - 30) / 20.0) ** 2 + ((xx - 40) / 18.0) ** 2) < 1.0
+    files = {key: [] for key in ("flair", "brain_mask", "trace", "adc")}
+    for t, radius in enumerate((3.0, 4.0, 4.0)):
+        lesion = (zz - 18) ** 2 + (yy - 30) ** 2 + (xx - 46) ** 2 < radius ** 2
+        arrays = {
+            "flair": np.where(brain, 100.0 + np.where(lesion, 70.0, 0.0), 5.0)
+            + rng.normal(0.0, 3.0, shape),
+            "brain_mask": brain.astype(float),
+            "adc": np.where(brain, np.where(lesion, 400.0, 780.0), 0.0)
+            + rng.normal(0.0, 20.0, shape) * brain,
+        }
+        arrays["trace"] = np.where(brain, 100.0 * np.exp(-1e-3 * arrays["adc"]), 0.0)
+        for key, arr in arrays.items():
+            img = sitk.GetImageFromArray(arr.astype(np.float32))
+            img.SetSpacing((1.0, 1.0, 2.0))
+            path = str(tmp_path / f"{key}{t}.nii.gz")
+            sitk.WriteImage(img, path)
+            files[key].append(path)
+    return files
+
+
+def test_segment_sessions_same_on_the_box_as_on_the_whole_grid(tmp_path, monkeypatch):
+    files = _subject(tmp_path, np.random.default_rng(5))
+    cfg = load_config().to_dict()
+
+    def run(cwd):
+        cwd.mkdir()
+        return iseg.SegmentSessions(**files, labels=["a", "b", "c"], n_workers=2,
+                                    segmentation=cfg["segmentation"],
+                                    dynamics=cfg["dynamics"]).run(cwd=str(cwd)).outputs
+
+    boxed = run(tmp_path / "box")
+    shape = sitk.GetArrayFromImage(read_image(files["flair"][0])).shape
+    box = iseg.analysis_box([sitk.GetArrayFromImage(read_image(f)) > 0
+                             for f in files["brain_mask"]], (2.0, 1.0, 1.0),
+                            cfg["segmentation"]["flair_change_smooth_mm"])
+    assert np.prod([s.stop - s.start for s in box]) < 0.6 * np.prod(shape)
+    monkeypatch.setattr(iseg, "analysis_box", lambda brains, *a: (slice(None),) * 3)
+    whole = run(tmp_path / "whole")
+    assert any(sitk.GetArrayFromImage(read_image(f)).any() for f in boxed.flair_lesion)
+    assert any(sitk.GetArrayFromImage(read_image(f)).any() for f in boxed.restricted)
+    for key in ("flair_lesion", "restricted", "shine_through", "radc", "nawm"):
+        for a, b in zip(getattr(boxed, key), getattr(whole, key)):
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(read_image(a)),
+                                          sitk.GetArrayFromImage(read_image(b)), err_msg=key)
+    for a, b in zip(boxed.references, whole.references):
+        assert Path(a).read_text() == Path(b).read_text()
