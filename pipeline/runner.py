@@ -407,7 +407,19 @@ def run_subject(subject: SubjectInputs, *, config: Config, output_dir: Path, wor
     finally:
         gc.unfreeze()
         shutil.rmtree(staging, ignore_errors=True)
-    write_subject_report(output_dir, subject.subject)
+    write_subject_report(output_dir, subject.subject, _derivative_sources(workflow))
+
+
+def _derivative_sources(workflow) -> dict[str, str] | None:
+    """The uncompressed work-dir image of each gzipped derivative (WriteDerivatives' JSON), for
+    the report to read instead of decompressing; None when the file is not there."""
+    from pipeline.interfaces.outputs import SOURCES_FILE
+
+    path = Path(workflow.get_node("write_derivatives").output_dir()) / SOURCES_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def config_crashdir() -> str:

@@ -330,3 +330,25 @@ def test_report_in_chromium(page, sample_output, screenshots):
     assert images, f"{html.name} has no figure"
     for i, image in enumerate(images):
         _assert_not_blank(image, f"{html.name} image {i}")
+
+
+def test_report_reads_uncompressed_sources_of_the_same_size(fake_output, tmp_path):
+    # the participant run hands the report the work-dir image of each gzipped derivative:
+    # used when its size is the derivative's uncompressed size, else the derivative is read
+    import gzip
+
+    rel = "sub-01/ses-a/anat/sub-01_ses-a_space-subject_desc-preproc_FLAIR.nii.gz"
+    work = tmp_path / "work_flair.nii"
+    work.write_bytes(gzip.decompress((fake_output / rel).read_bytes()))
+    bad = tmp_path / "short.nii"
+    bad.write_bytes(work.read_bytes()[:-4])
+    plain = load_subject(fake_output, "01")
+    subject = load_subject(fake_output, "01", {rel: str(work)})
+    session = next(s for s in subject.sessions if s.label == "a")
+    assert session.sources == {"flair": work}
+    np.testing.assert_array_equal(session.load("flair"),
+                                  next(s for s in plain.sessions if s.label == "a").load("flair"))
+    assert next(s for s in load_subject(fake_output, "01", {rel: str(bad)}).sessions
+                if s.label == "a").sources == {}
+    assert next(s for s in load_subject(fake_output, "01", {rel: str(tmp_path / "gone.nii")})
+                .sessions if s.label == "a").sources == {}

@@ -27,7 +27,7 @@ from pipeline import __version__, software_versions
 from pipeline.bids import derivative_name
 from pipeline.core import columns, dynamics
 from pipeline.core import registration as core_reg
-from pipeline.interfaces.base import array, like, read, save
+from pipeline.interfaces.base import array, like, out_path, read, save
 from pipeline.io import GZIP_LEVEL, atomic_path, write_image
 
 
@@ -110,8 +110,14 @@ class _WriteDerivativesInputSpec(BaseInterfaceInputSpec):
     summary_table = File(exists=True, mandatory=True)
 
 
+#: written by WriteDerivatives into its node folder (see its ``sources`` output)
+SOURCES_FILE = "derivative_sources.json"
+
+
 class _WriteDerivativesOutputSpec(TraitedSpec):
     out_dir = traits.Str(desc="the staging folder, complete")
+    sources = File(desc=f"JSON ({SOURCES_FILE}): derivative path relative to the staging "
+                   "folder -> the uncompressed work-dir image it was gzipped from")
 
 
 # file name after "sub-X_" and the column descriptions of each table
@@ -214,6 +220,12 @@ class WriteDerivatives(SimpleInterface):
         # gzip releases the GIL: the images are compressed in parallel
         with ThreadPoolExecutor(max(1, ins.n_threads)) as pool:
             list(pool.map(lambda job: copy_to_derivative(*job), copies))
+        # the uncompressed work-dir image of each gzipped derivative: the subject report,
+        # written right after the run, reads these instead of decompressing the derivatives
+        sources = {str(dst.relative_to(root)): str(Path(src).resolve()) for src, dst in copies
+                   if dst.name.endswith(".nii.gz") and not str(src).endswith(".gz")}
+        self._results["sources"] = out_path(runtime, SOURCES_FILE)
+        _write_text(Path(self._results["sources"]), json.dumps(sources, indent=1))
 
         for field, (name, cols) in _TABLES.items():
             dst = subj_dir / f"sub-{sub}_{name}"

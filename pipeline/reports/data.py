@@ -70,6 +70,9 @@ class SessionFiles:
     label: str
     day: float
     paths: dict[str, Path | None] = field(default_factory=dict)
+    #: key -> an uncompressed file holding the same bytes as ``paths[key]`` once gunzipped
+    #: (the work-dir image it was gzipped from, see :func:`uncompressed_source`): read instead
+    sources: dict[str, Path] = field(default_factory=dict)
 
     def load(self, key: str, dtype: type | None = np.float32) -> np.ndarray | None:
         """The image ``key`` (see IMAGES) in RAS orientation as ``dtype`` (``None``: the type
@@ -77,7 +80,7 @@ class SessionFiles:
         path = self.paths.get(key)
         if path is None:
             return None
-        img = nib.as_closest_canonical(nib.load(str(path)))
+        img = nib.as_closest_canonical(nib.load(str(self.sources.get(key, path))))
         return np.asarray(img.dataobj, dtype=dtype)
 
 
@@ -116,7 +119,29 @@ def _session_labels(subj_dir: Path, tables: dict[str, pd.DataFrame]) -> list[str
     return sorted(p.name[4:] for p in subj_dir.glob("ses-*") if p.is_dir())
 
 
-def load_subject(output_dir: Path, subject: str) -> SubjectDerivatives:
+def uncompressed_source(derivative: Path, source: Path | str | None) -> Path | None:
+    """``source`` when it can stand for the gzipped ``derivative``: a file whose size is the
+    derivative's uncompressed size (the gzip trailer's ISIZE, modulo 2**32), else None.
+
+    The participant run gzips each work-dir image into its derivative (WriteDerivatives); the
+    report, written right after, reads the work-dir copy instead of decompressing ~25
+    subject-space volumes (about half of the report's CPU on a 4-session clinical subject).
+    """
+    if source is None:
+        return None
+    source = Path(source)
+    try:
+        with open(derivative, "rb") as f:
+            f.seek(-4, 2)
+            isize = int.from_bytes(f.read(4), "little")
+        size = source.stat().st_size
+    except OSError:
+        return None
+    return source if size % 2**32 == isize else None
+
+
+def load_subject(output_dir: Path, subject: str,
+                 sources: dict[str, str] | None = None) -> SubjectDerivatives:
     """Collect the derivatives of ``sub-<subject>`` under ``output_dir``.
 
     Parameters
@@ -125,6 +150,9 @@ def load_subject(output_dir: Path, subject: str) -> SubjectDerivatives:
         The pipeline's OUTPUT_DIR.
     subject : str
         Subject label, with or without ``sub-``.
+    sources : dict, optional
+        Derivative path relative to ``output_dir`` -> the uncompressed file it was gzipped
+        from (written by the participant run, see :func:`uncompressed_source`).
 
     Returns
     -------
@@ -144,11 +172,16 @@ def load_subject(output_dir: Path, subject: str) -> SubjectDerivatives:
     sessions = []
     for label in labels:
         prefix = f"sub-{subject}_ses-{label}"
-        paths = {}
+        paths, uncompressed = {}, {}
         for key, (datatype, tail) in IMAGES.items():
             path = subj_dir / f"ses-{label}" / datatype / f"{prefix}_{tail}"
             paths[key] = path if path.exists() else None
-        sessions.append(SessionFiles(label=label, day=days[label], paths=paths))
+            rel = str(path.relative_to(output_dir))
+            if paths[key] is not None and sources and (
+                    src := uncompressed_source(path, sources.get(rel))) is not None:
+                uncompressed[key] = src
+        sessions.append(SessionFiles(label=label, day=days[label], paths=paths,
+                                     sources=uncompressed))
     sessions.sort(key=lambda s: s.day)
     return SubjectDerivatives(subject=subject, output_dir=output_dir, tables=tables, qc=qc,
                               sessions=sessions)

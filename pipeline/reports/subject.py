@@ -111,7 +111,8 @@ def render_subject_report(subject: SubjectDerivatives) -> str:
     )
 
 
-def write_subject_report(output_dir: Path, subject: str) -> Path:
+def write_subject_report(output_dir: Path, subject: str,
+                         sources: dict[str, str] | None = None) -> Path:
     """Write OUTPUT_DIR/sub-X.html from the subject's derivatives.
 
     Parameters
@@ -120,6 +121,9 @@ def write_subject_report(output_dir: Path, subject: str) -> Path:
         The pipeline's OUTPUT_DIR (holding ``sub-X/``).
     subject : str
         Subject label, with or without ``sub-``.
+    sources : dict, optional
+        Uncompressed copies of the images to read instead (see
+        :func:`pipeline.reports.data.load_subject`).
 
     Returns
     -------
@@ -127,7 +131,7 @@ def write_subject_report(output_dir: Path, subject: str) -> Path:
         The report written (atomically).
     """
     output_dir = Path(output_dir)
-    derivatives = load_subject(output_dir, subject)
+    derivatives = load_subject(output_dir, subject, sources)
     html = render_subject_report(derivatives)
     dst = output_dir / f"sub-{derivatives.subject}.html"
     with atomic_path(dst) as tmp:
