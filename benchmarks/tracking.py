@@ -303,20 +303,44 @@ def observable_rows(events: pd.DataFrame, native: dict[str, list], sessions: lis
     ``min_ml`` of native-grid truth voxels) at every end of the interval where the truth has it.
     A lesion of a few truth voxels (2 mm on the small grid) that fills no acquisition voxel
     (small grid: FLAIR 2.4 x 2.4 x 5 mm, DWI 3.4 x 3.4 x 5.5 mm) to half cannot be found
-    from the images."""
+    from the images. A ``merged`` or ``split`` row also needs every other lesion of its merge /
+    split group in that interval (``predecessor_ids`` / ``successor_ids``, followed through the
+    group) to be visible: a lesion merging with an invisible speck is, on the images, a lesion
+    that grows. ``events`` is one kind's truth events table."""
     volumes: dict[tuple[str, int], dict[int, float]] = {}
     for kind, per_session in native.items():
         for k, (labels, voxel_ml) in enumerate(per_session):
             ids, counts = np.unique(labels[labels > 0], return_counts=True)
             volumes[(kind, k)] = {int(i): float(c) * voxel_ml for i, c in zip(ids, counts)}
-    ok = []
-    for r in events.itertuples():
+
+    def seen(r) -> bool:
         k = sessions.index(r.from_session)
-        seen = True
+        ok = True
         for end, vol in ((k, r.volume_from_ml), (k + 1, r.volume_to_ml)):
             if vol > 0:
-                seen &= volumes[(r.kind, end)].get(int(r.lesion_id), 0.0) >= min_ml
-        ok.append(seen)
+                ok &= volumes[(r.kind, end)].get(int(r.lesion_id), 0.0) >= min_ml
+        return ok
+
+    def others(r) -> set[int]:
+        return {int(v) for col in ("predecessor_ids", "successor_ids")
+                for v in str(getattr(r, col, "") or "").split(";") if v.strip()}
+
+    rows = list(events.itertuples())
+    visible = {(r.from_session, int(r.lesion_id)): seen(r) for r in rows}
+    links = {(r.from_session, int(r.lesion_id)): others(r) for r in rows}
+    ok = []
+    for r in rows:
+        key = (r.from_session, int(r.lesion_id))
+        good = visible[key]
+        if good and r.event in ("merged", "split"):
+            group, todo = {key[1]}, [key[1]]
+            while todo:  # the whole merge/split group of this interval
+                for j in links.get((r.from_session, todo.pop()), ()):
+                    if j not in group:
+                        group.add(j)
+                        todo.append(j)
+            good = all(visible.get((r.from_session, j), True) for j in group)
+        ok.append(good)
     return np.asarray(ok, bool)
 
 

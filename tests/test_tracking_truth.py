@@ -206,3 +206,39 @@ def test_designed_expectations_are_consistent():
     got = common.designed_events(sim, CONFIG)
     assert got["expected"].tolist() == ["enlarging", "stable", "stable", "resolved"]
     assert isinstance(got, pd.DataFrame)
+
+
+def test_merge_with_an_invisible_lesion_is_not_observable():
+    """benchmarks/tracking.observable_rows: a merge or split is observable only if every lesion
+    of its group fills acquisition voxels; a lesion merging with a speck that no acquisition
+    voxel holds is, on the images, a lesion that grows."""
+    from benchmarks.tracking import observable_rows
+
+    def native(ids_per_session):  # one kind, acquisition voxels of 1 mL, ids -> voxel counts
+        out = []
+        for counts in ids_per_session:
+            labels = np.concatenate([np.full(n, i, np.int32) for i, n in counts.items()] or
+                                    [np.zeros(0, np.int32)])
+            out.append((np.concatenate([labels, np.zeros(3, np.int32)]).reshape(-1, 1, 1), 1.0))
+        return {"flair": out}
+
+    def events(rows):
+        return pd.DataFrame(rows, columns=["lesion_id", "kind", "from_session", "event",
+                                           "volume_from_ml", "volume_to_ml", "predecessor_ids",
+                                           "successor_ids"])
+
+    # session 1: lesions 1 (big), 2 (merging partner), 3 (stable elsewhere); session 2: 1 and 2
+    # merged into 4, 3 unchanged
+    table = events([
+        (1, "flair", "01", "merged", 5.0, 0.0, "", "4"),
+        (2, "flair", "01", "merged", 2.0, 0.0, "", "4"),
+        (3, "flair", "01", "stable", 3.0, 3.0, "", ""),
+        (4, "flair", "01", "merged", 0.0, 8.0, "1;2", ""),
+    ])
+    sessions = ["01", "02"]
+    visible = native([{1: 5, 2: 2, 3: 3}, {4: 8, 3: 3}])
+    assert observable_rows(table, visible, sessions, 1.0).tolist() == [True] * 4
+    # lesion 2 fills no acquisition voxel: no row of the merge is observable, the stable
+    # lesion elsewhere still is
+    hidden = native([{1: 5, 3: 3}, {4: 8, 3: 3}])
+    assert observable_rows(table, hidden, sessions, 1.0).tolist() == [False, False, True, False]
