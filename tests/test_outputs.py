@@ -164,3 +164,29 @@ def test_derivative_gzip_refuses_a_truncated_work_file(tmp_path):
     src.write_bytes(src.read_bytes()[:1000])
     with pytest.raises(ValueError, match="short.nii"):
         outputs.copy_to_derivative(str(src), tmp_path / "short.nii.gz")
+
+
+def test_compressed_ahead_gives_the_same_derivative_bytes(tmp_path):
+    # CompressImages (a worker, beside tracking) writes the bytes WriteDerivatives' own gzip
+    # would; it refuses anything but an uncompressed work-dir image
+    from pipeline.interfaces import outputs
+
+    rng = np.random.default_rng(1)
+    srcs = [_nifti(tmp_path, (rng.random((30, 20, 10)) > 0.8).astype(np.uint8), "mask.nii"),
+            _nifti(tmp_path, np.where(rng.random((30, 20, 10)) > 0.5, np.nan, 2.0)
+                   .astype(np.float32), "radc.nii")]
+    (tmp_path / "node").mkdir()
+    res = outputs.CompressImages(in_files=[str(s) for s in srcs]).run(cwd=str(tmp_path / "node"))
+    mapping = json.loads(open(res.outputs.compressed).read())
+    assert sorted(mapping) == sorted(str(s.resolve()) for s in srcs)
+    for src in srcs:
+        direct = tmp_path / "direct" / f"{src.stem}.nii.gz"
+        outputs.copy_to_derivative(str(src), direct)
+        assert open(mapping[str(src.resolve())], "rb").read() == direct.read_bytes()
+    halves = [json.loads(open(outputs.CompressImages(
+        in_files=[str(s) for s in srcs], part=k, parts=2).run(cwd=str(tmp_path / "node"))
+        .outputs.compressed).read()) for k in (0, 1)]
+    assert [list(h) for h in halves] == [[str(srcs[0].resolve())], [str(srcs[1].resolve())]]
+    gz = tmp_path / "direct" / "mask.nii.gz"
+    with pytest.raises(ValueError, match="mask.nii.gz"):
+        outputs.CompressImages(in_files=[str(gz)]).run(cwd=str(tmp_path / "node"))

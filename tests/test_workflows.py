@@ -21,7 +21,8 @@ def test_subject_workflow_expands(tmp_path, n_sessions):
         for node in ("load", "prep_flair", "prep_dwi", "dwi_to_flair"):
             assert f"ses_{ses}_wf.{node}" in names
         assert f"resample_{ses}" in names
-    for node in ("subject_space", "segment", "track", "native_masks", "write_derivatives"):
+    for node in ("subject_space", "segment", "track", "native_masks", "compress_derivatives_0",
+                 "write_derivatives"):
         assert node in names
     # every mandatory input of every node is connected or set
     for node in graph.nodes:

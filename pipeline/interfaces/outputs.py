@@ -20,6 +20,7 @@ from nipype.interfaces.base import (
     OutputMultiObject,
     SimpleInterface,
     TraitedSpec,
+    isdefined,
     traits,
 )
 
@@ -74,6 +75,48 @@ class NativeMasks(SimpleInterface):
         return runtime
 
 
+class _CompressImagesInputSpec(BaseInterfaceInputSpec):
+    in_files = InputMultiObject(File(exists=True), mandatory=True,
+                                desc="uncompressed work-dir images (.nii)")
+    part = traits.Int(0, usedefault=True, desc="compress the files i with i % parts == part")
+    parts = traits.Int(1, usedefault=True, desc="nodes sharing in_files (one core each)")
+
+
+class _CompressImagesOutputSpec(TraitedSpec):
+    compressed = File(desc="JSON: each input image (resolved path) -> its .nii.gz copy")
+
+
+class CompressImages(SimpleInterface):
+    """Gzip work-dir images ahead of :class:`WriteDerivatives`, the same bytes it would write.
+
+    The derivatives that do not depend on tracking (subject-space FLAIR, trace, ADC, rADC,
+    brain and lesion masks) are compressed in workers while the track node runs, instead of
+    in the main process after it: the tail of a run otherwise leaves one core idle during
+    tracking and then gzips ~30 volumes. ``parts`` nodes share the list (one core each).
+    """
+
+    input_spec = _CompressImagesInputSpec
+    output_spec = _CompressImagesOutputSpec
+
+    def _run_interface(self, runtime):
+        mapping = {}
+        part, parts = self.inputs.part, self.inputs.parts
+        if not 0 <= part < parts:
+            raise ValueError(f"part {part} of {parts}: expected 0 <= part < parts")
+        for i, src in enumerate(self.inputs.in_files):
+            if i % parts != part:
+                continue
+            src = Path(src).resolve()
+            if src.suffix != ".nii":
+                raise ValueError(f"{src}: not an uncompressed NIfTI (.nii) work-dir image")
+            dst = Path(out_path(runtime, f"{i:03d}_{src.name}.gz"))
+            _gzip_nifti(src, dst)
+            mapping[str(src)] = str(dst)
+        self._results["compressed"] = out_path(runtime, "compressed.json")
+        Path(self._results["compressed"]).write_text(json.dumps(mapping, indent=1))
+        return runtime
+
+
 _files = lambda desc: InputMultiObject(File(exists=True), mandatory=True, desc=desc)  # noqa: E731
 
 
@@ -108,6 +151,8 @@ class _WriteDerivativesInputSpec(BaseInterfaceInputSpec):
     events_table = File(exists=True, mandatory=True)
     lineage_table = File(exists=True, mandatory=True)
     summary_table = File(exists=True, mandatory=True)
+    compressed = InputMultiObject(File(exists=True),
+                                  desc="CompressImages' JSONs: images already gzipped (copied)")
 
 
 #: written by WriteDerivatives into its node folder (see its ``sources`` output)
@@ -217,9 +262,23 @@ class WriteDerivatives(SimpleInterface):
                 sub, ses, "xfm", extra={"from": "FLAIR", "to": "subject", "mode": "image"}, ext=".txt")))
             copies.append((ins.dwi_to_flair[i], subj_dir / f"ses-{ses}" / "dwi" / derivative_name(
                 sub, ses, "xfm", extra={"from": "DWI", "to": "FLAIR", "mode": "image"}, ext=".txt")))
-        # gzip releases the GIL: the images are compressed in parallel
+        # images CompressImages already gzipped are copied; gzip releases the GIL: the others
+        # are compressed in parallel
+        ready = {}
+        for mapping in (ins.compressed if isdefined(ins.compressed) else []):
+            ready.update(_load(mapping))
+
+        def copy(job):
+            src, dst = job
+            done = ready.get(str(Path(src).resolve()))
+            if done is not None and dst.name.endswith(".nii.gz"):
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(done, dst)
+            else:
+                copy_to_derivative(src, dst)
+
         with ThreadPoolExecutor(max(1, ins.n_threads)) as pool:
-            list(pool.map(lambda job: copy_to_derivative(*job), copies))
+            list(pool.map(copy, copies))
         # the uncompressed work-dir image of each gzipped derivative: the subject report,
         # written right after the run, reads these instead of decompressing the derivatives
         sources = {str(dst.relative_to(root)): str(Path(src).resolve()) for src, dst in copies

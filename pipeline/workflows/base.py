@@ -12,7 +12,7 @@ from nipype.pipeline import engine as pe
 
 from pipeline.bids import SessionInputs, SubjectInputs, tracking_days
 from pipeline.config import Config
-from pipeline.interfaces.outputs import NativeMasks, WriteDerivatives
+from pipeline.interfaces.outputs import CompressImages, NativeMasks, WriteDerivatives
 from pipeline.interfaces.preprocess import PrepareImage
 from pipeline.interfaces.registration import RegisterImages, ResampleSession, SubjectSpace
 from pipeline.interfaces.segmentation import SegmentSessions
@@ -229,6 +229,21 @@ def init_subject_wf(
         (merges["adc"], native, [("out", "native_dwi")]),
     ])
 
+    # the derivatives that do not wait for tracking are gzipped in a worker beside it
+    to_compress = pe.Node(niu.Merge(8, ravel_inputs=True), name="merge_compress",
+                          run_without_submitting=True)
+    for k, field in enumerate(("flair", "trace", "adc", "brain_mask"), start=1):
+        workflow.connect(resampled[field], "out", to_compress, f"in{k}")
+    for k, field in enumerate(("radc", "flair_lesion", "restricted", "shine_through"), start=5):
+        workflow.connect(segment, field, to_compress, f"in{k}")
+    parts = max(1, config.resources.nprocs)
+    compressed = _merge("merge_compressed", parts)
+    for part in range(parts):
+        compress = pe.Node(CompressImages(part=part, parts=parts),
+                           name=f"compress_derivatives_{part}", mem_gb=0.5)
+        workflow.connect(to_compress, "out", compress, "in_files")
+        workflow.connect(compress, "compressed", compressed, f"in{part + 1}")
+
     sink = pe.Node(
         WriteDerivatives(out_dir=str(staging_dir), subject=subject.subject, labels=labels,
                          days=days, config=cfg, day_source=subject.day_source,
@@ -253,5 +268,6 @@ def init_subject_wf(
         (merges["dwi_to_flair"], sink, [("out", "dwi_to_flair")]),
         (merges["reg_qc"], sink, [("out", "dwi_to_flair_qc")]),
         (merges["load_report"], sink, [("out", "load_reports")]),
+        (compressed, sink, [("out", "compressed")]),
     ])
     return workflow
