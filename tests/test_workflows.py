@@ -86,7 +86,8 @@ def test_b0_resampled_only_for_sessions_without_flair(tmp_path, without_flair):
 
     def inputs_of(name):
         node = next(n for n in graph.nodes if n.fullname.endswith(f".{name}"))
-        return {dest for _, _, data in graph.in_edges(node, data=True) for _, dest in data["connect"]}
+        return {dest for _, _, data in graph.in_edges(node, data=True)
+                for _, dest in data["connect"]}
 
     for ses in ("day0", "day3"):
         assert ("b0" in inputs_of(f"resample_{ses}")) == without_flair
