@@ -18,9 +18,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/python scripts/demo.py --out $(DEMO_OUT)
 
+# 2 pytest-xdist workers; the tests of an expensive shared fixture share one (tests/conftest.py)
 test: $(STAMP)
 	sh scripts/install_system_deps.sh
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache

@@ -12,6 +12,76 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 
+#: Session fixtures that run the pipeline. Under pytest-xdist (``make test`` runs
+#: ``-n 2 --dist loadgroup``) the tests using each one share an xdist group, so that it is
+#: built on one worker only (see pytest_collection_modifyitems below).
+XDIST_SHARED_FIXTURES = ("sample_run", "cohort_bids")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Give one ``xdist_group`` to all tests that share an expensive fixture.
+
+    A session fixture is built once per xdist worker that uses it, and a module-scoped one
+    once per worker that runs a test of that module using it: without groups, ``--dist
+    loadgroup`` would spread the tests of sample_run, of the phantom cohort or of kill -9 over
+    both workers and each would build the fixture again. The keys are the fixtures of
+    XDIST_SHARED_FIXTURES (and everything built on them: sample_output, cohort_run, ...) and
+    every module-scoped fixture (per module); tests linked by any shared key, directly or
+    through another test, get one group (union-find), named after its first key. Runs before
+    xdist's own hook (tryfirst), which turns the marks into the scheduling scope; without
+    ``--dist loadgroup`` the marks do nothing.
+    """
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    parent: dict[str, str] = {}
+
+    def find(key: str) -> str:
+        while parent.setdefault(key, key) != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    keyed = []
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        keys = []
+        for name in info.names_closure:
+            defs = info.name2fixturedefs.get(name)
+            if name in XDIST_SHARED_FIXTURES:
+                keys.append(name)
+            elif defs and defs[-1].scope == "module":
+                keys.append(f"{item.nodeid.split('::')[0]}::{name}")
+        if keys:
+            keyed.append((item, keys[0]))
+            for key in keys:
+                parent[find(key)] = find(keys[0])
+    names: dict[str, str] = {}
+    for key in sorted(parent):
+        names.setdefault(find(key), key)
+    for item, key in keyed:
+        item.add_marker(pytest.mark.xdist_group(names[find(key)]))
+
+
+def pytest_collection_finish(session):
+    """Stop an xdist run whose ``--dist loadgroup`` ignores the groups given above.
+
+    xdist passes a test's group to its scheduler as a ``@group`` suffix of the node id; where
+    that suffix does not take (pytest 9.2: pytest-dev/pytest-xdist#1386) the groups silently
+    do nothing and each worker builds the shared fixtures again.
+    """
+    if not session.config.getoption("loadgroup", False):
+        return
+    for item in session.items:
+        mark = item.get_closest_marker("xdist_group")
+        if mark and not item.nodeid.endswith(f"@{mark.args[0]}"):
+            raise pytest.UsageError(
+                f"pytest-xdist --dist loadgroup ignores the xdist_group of {item.nodeid} "
+                f"(pytest {pytest.__version__}; see pytest-dev/pytest-xdist#1386): install the "
+                "test extra's pytest (pyproject.toml) or run without -n")
+
 
 @pytest.fixture(scope="session")
 def repo() -> Path:
