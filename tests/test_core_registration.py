@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -384,16 +385,30 @@ def test_b0_like_contrast_on_thick_slices(pair):
     assert reg.tre(res.transform, reg.invert_transform(g), ma)[0] < 0.8
 
 
-def test_subject_space_same_with_parallel_registrations(sessions):
+def test_subject_space_same_with_parallel_registrations(sessions, monkeypatch):
     # registrations of one step run in threads (n_workers) on shared cached pyramids: with one
     # ITK thread each, the transforms are bit-identical to the serial run's
     imgs, masks, _ = sessions
     params = dict(REG, iterations=30, n_threads=1)
+    # Image.MakeUnique (called by sitk.GetArrayViewFromImage) swaps a shared buffer and is not
+    # thread-safe: it must never run on an input or on one object from two threads (that
+    # crashed the interpreter with SIGSEGV one run in ~20 before reg._voxels)
+    touched: dict[int, tuple[sitk.Image, set[int]]] = {}
+    make_unique = sitk.Image.MakeUnique
+
+    def recording(self):
+        touched.setdefault(id(self), (self, set()))[1].add(threading.get_ident())
+        return make_unique(self)
+
+    monkeypatch.setattr(sitk.Image, "MakeUnique", recording)
     before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
     runs = [reg.build_subject_space(imgs, masks, spacing_mm=2.0, template_iterations=1,
                                     template_spacing_mm=3.0, n_workers=w, **params)
             for w in (1, 3)]
     assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == before
+    assert touched  # the recorder saw the array reads
+    assert not any(obj is x for obj, _ in touched.values() for x in [*imgs, *masks])
+    assert all(len(threads) == 1 for _, threads in touched.values())
     (ts1, _, qc1), (ts3, _, qc3) = runs
     assert [t.GetParameters() for t in ts1] == [t.GetParameters() for t in ts3]
     assert [q.final_metric for q in qc1] == [q.final_metric for q in qc3]
