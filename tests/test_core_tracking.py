@@ -741,3 +741,18 @@ def test_lesion_table_core_radc_per_lesion():
     assert table.set_index("lesion_id").radc_mean_core.to_dict() == pytest.approx({1: 0.5, 2: 0.6})
     assert table.radc_mean.iloc[0] > 0.6
     assert dynamics.lesion_table([dseg], **kwargs).radc_mean_core.isna().all()
+
+
+def test_ids_on_a_crop_with_its_index_offset_are_those_of_the_whole_grid():
+    # two one-voxel lesions tie on volume and total coordinate sum (12); the smallest per-axis
+    # sum orders them on the whole grid (2 < 4), but on the crop starting at (0, 3, 3) their
+    # coordinates are (2, 2, 2) and (4, 1, 1): without the offset the order flips
+    full = np.zeros((8, 8, 8), bool)
+    full[2, 5, 5] = full[4, 4, 4] = True
+    crop = (slice(0, 8), slice(3, 8), slice(3, 8))
+    whole = track([full, full])
+    with_offset = track([full[crop], full[crop]], index_offset=(0, 3, 3))
+    without = track([full[crop], full[crop]])
+    for t in range(2):
+        assert np.array_equal(with_offset.dseg[t], whole.dseg[t][crop])
+    assert not np.array_equal(without.dseg[0], whole.dseg[0][crop])

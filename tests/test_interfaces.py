@@ -10,6 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from pipeline.config import load_config
+from pipeline.core import tracking
 from pipeline.interfaces.session import LoadSession
 from pipeline.interfaces.tracking import TrackLesions
 from pipeline.io import InputError
@@ -97,6 +98,50 @@ def test_load_session_dwi_without_bval(tmp_path, dwi_session):
     tmp_path, dwi, *_ = dwi_session
     with pytest.raises(InputError, match="bval"):
         _run(LoadSession(dwi=dwi, params=CFG["inputs"]), tmp_path)
+
+
+def test_track_lesions_on_the_lesion_box_gives_the_whole_grid_ids(tmp_path):
+    """TrackLesions works on the box around the lesions and pads its images back: the dseg
+    equals tracking on the whole grid (lesions off the grid's origin, one tying on volume and
+    coordinate sum, one touching the grid's edge)."""
+    shape = (24, 20, 18)
+    img = sitk.Image(list(reversed(shape)), sitk.sitkFloat32)
+
+    def put(name, arr):
+        out = sitk.GetImageFromArray(arr.astype(np.float32))
+        out.CopyInformation(img)
+        path = str(tmp_path / f"{name}.nii.gz")
+        sitk.WriteImage(out, path)
+        return path
+
+    masks = [np.zeros(shape, bool) for _ in range(3)]
+    for m in masks:
+        m[9, 12, 12] = m[9, 9, 15] = True  # tie on volume (1) and coordinate sum (33)
+    masks[0][14:17, 5:8, 10:13] = True
+    masks[1][14:18, 5:9, 10:14] = True
+    masks[2][20:24, 3:6, 15:18] = True  # at the grid's edge
+    ref = tmp_path / "ref.json"
+    ref.write_text('{"median_um2_s": 800.0, "iqr_um2_s": 50.0, "n_voxels": 100}')
+    zeros = np.zeros(shape)
+    out = _run(TrackLesions(
+        flair_lesion=[put(f"f{i}", m) for i, m in enumerate(masks)],
+        restricted=[put(f"r{i}", zeros) for i in range(3)],
+        shine_through=[put(f"s{i}", zeros) for i in range(3)],
+        adc=[put(f"a{i}", zeros + 800) for i in range(3)],
+        radc=[put(f"q{i}", zeros + 1) for i in range(3)], references=[str(ref)] * 3,
+        labels=["a", "b", "c"], days=[0.0, 3.0, 8.0], tracking=CFG["tracking"],
+        dynamics=CFG["dynamics"],
+    ), tmp_path)
+    t = CFG["tracking"]
+    whole = tracking.track_lesions(
+        masks, [0.0, 3.0, 8.0], connectivity=t["connectivity"],
+        min_overlap_voxels=t["min_overlap_voxels"],
+        shift_tolerance_voxels=t["shift_tolerance_voxels"],
+        enlarging_relative=t["enlarging_relative"],
+        enlarging_absolute_ml=t["enlarging_absolute_ml"], fragment_ratio=t["fragment_ratio"],
+        voxel_volume_ml=0.001)
+    for path, expected in zip(out.flair_dseg, whole.dseg):
+        assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(path)), expected)
 
 
 def test_track_lesions_tables(tmp_path):

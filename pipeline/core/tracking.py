@@ -106,11 +106,14 @@ def label_components(mask: np.ndarray, connectivity: int = 26) -> np.ndarray:
     return labels.astype(np.int32, copy=False)
 
 
-def _component_stats(labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _component_stats(labels: np.ndarray, n: int,
+                     index_offset: Sequence[int] = (0, 0, 0)) -> tuple[np.ndarray, np.ndarray]:
     """Volumes (voxels) of labels 1..n and their canonical order (0-based label indices).
 
     Order: decreasing volume, then increasing total coordinate sum, then the sorted per-axis
     coordinate sums (both invariant under axis permutation), then lowest C-order flat index.
+    Coordinates are those of the whole grid when ``labels`` is a crop of it starting at
+    ``index_offset`` (the C-order comparison is the same on the crop).
     """
     idx = np.nonzero(labels)
     lab = labels[idx]
@@ -120,6 +123,7 @@ def _component_stats(labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray
     axis_sums = np.stack(
         [np.bincount(lab, weights=c, minlength=n + 1)[1:] for c in idx], axis=1
     ).astype(np.int64)  # exact: integer sums far below 2**53
+    axis_sums += volume[:, None] * np.asarray(index_offset, np.int64)[None, :]
     axis_sorted = np.sort(axis_sums, axis=1)
     flat = np.ravel_multi_index(idx, labels.shape)  # C order, ascending (np.nonzero order)
     first_flat = np.full(n, np.iinfo(np.int64).max, np.int64)
@@ -376,6 +380,7 @@ def track_lesions(
     fragment_ratio: float = 0.0,
     sessions: Sequence[Any] | None = None,
     observed: Sequence[bool] | None = None,
+    index_offset: Sequence[int] = (0, 0, 0),
 ) -> TrackingResult:
     """Persistent lesion ids, lineage and per-interval events over a subject's sessions.
 
@@ -404,6 +409,9 @@ def track_lesions(
     observed : sequence of bool, optional
         Per session, whether the contrast of ``masks`` was acquired; default all True. The
         masks of unobserved sessions are ignored and those sessions bridged (module docstring).
+    index_offset : sequence of int
+        When ``masks`` are a crop of the subject grid: the grid index of their first voxel,
+        so that the lesion ids are those of the whole grid.
 
     Returns
     -------
@@ -438,7 +446,7 @@ def track_lesions(
         for t, m in enumerate(masks)
     ]
     counts = [int(lab.max(initial=0)) for lab in labels]
-    stats = [_component_stats(lab, n) for lab, n in zip(labels, counts)]
+    stats = [_component_stats(lab, n, index_offset) for lab, n in zip(labels, counts)]
     vols = [s[0] for s in stats]
 
     # per session: id of every label (index label-1)

@@ -64,9 +64,35 @@ class TrackLesions(SimpleInterface):
         ref_img = read(ins.flair_lesion[0])
         voxel_ml = float(np.prod(ref_img.GetSpacing())) / 1000.0
         spacing = spacing_zyx(ref_img)
-        load = lambda files, dtype: [array(read(f)).astype(dtype) for f in files]
-        flair, restricted = load(ins.flair_lesion, bool), load(ins.restricted, bool)
-        shine, adc, radc = load(ins.shine_through, bool), load(ins.adc, np.float32), load(ins.radc, np.float32)
+        # Everything below reads lesion voxels only: it works on the box around every mask of
+        # every session (see lesion_box), not on the subject grid (~4x the brain), and the
+        # images it writes are padded back onto the grid.
+        full_shape = tuple(reversed(ref_img.GetSize()))
+
+        def on_grid(path):
+            arr = array(read(path))
+            if arr.shape != full_shape:
+                raise ValueError(f"{path}: grid {arr.shape} is not the subject grid {full_shape} "
+                                 f"of {ins.flair_lesion[0]}; every input must be on it")
+            return arr
+
+        masks = {key: [on_grid(f).astype(bool) for f in files] for key, files in
+                 (("flair", ins.flair_lesion), ("restricted", ins.restricted),
+                  ("shine", ins.shine_through))}
+        box = lesion_box([m for ms in masks.values() for m in ms],
+                         margin=trk["shift_tolerance_voxels"] + 1)
+        # copies, so that the whole-grid arrays are freed
+        flair, restricted, shine = ([m[box].copy() for m in masks[key]]
+                                    for key in ("flair", "restricted", "shine"))
+        del masks
+        load = lambda files: [on_grid(f)[box].astype(np.float32) for f in files]
+        adc, radc = load(ins.adc), load(ins.radc)
+
+        def padded(arr, dtype):
+            full = np.zeros(full_shape, dtype)
+            full[box] = arr
+            return like(full, ref_img)
+
         refs = [ReferenceADC(**load_json(f)) for f in ins.references]
         n = len(ins.labels)
         has_flair = session_flags(ins.has_flair, n, "has_flair")
@@ -82,7 +108,7 @@ class TrackLesions(SimpleInterface):
                 radc[i], (flair[i] & has_flair[i]) | ever, shine[i] & has_dwi[i],
                 restricted_below=dyn["restricted_below"], elevated_above=dyn["elevated_above"],
                 restricted=restricted[i] & has_dwi[i])
-            class_files.append(save(like(classes, ref_img), runtime,
+            class_files.append(save(padded(classes, np.uint8), runtime,
                                     f"diffusion_dseg_{i:02d}.nii.gz", np.uint8))
             row = {"session": label, "day": ins.days[i]}
             row.update(dynamics.session_summary(
@@ -106,9 +132,10 @@ class TrackLesions(SimpleInterface):
                 enlarging_relative=trk["enlarging_relative"],
                 enlarging_absolute_ml=trk["enlarging_absolute_ml"],
                 fragment_ratio=trk["fragment_ratio"], observed=observed,
+                index_offset=[sl.start for sl in box],
             )
             self._results[f"{kind}_dseg"] = [
-                save(like(d.astype(np.int32), ref_img), runtime, f"{kind}_dseg_{i:02d}.nii.gz", np.int32)
+                save(padded(d, np.int32), runtime, f"{kind}_dseg_{i:02d}.nii.gz", np.int32)
                 for i, d in enumerate(result.dseg)
             ]
             lesion_tables.append(dynamics.lesion_table(
@@ -132,6 +159,27 @@ class TrackLesions(SimpleInterface):
             table.to_csv(path, sep="\t", index=False, na_rep="n/a", float_format="%.6g")
             self._results[name] = path
         return runtime
+
+
+def lesion_box(masks: list[np.ndarray], margin: int) -> tuple[slice, ...]:
+    """Bounding box of every voxel of ``masks`` grown by ``margin`` voxels (clipped to the
+    grid); one voxel at the grid's corner when no mask has a voxel.
+
+    Tracking and the ADC dynamics are exact on it: components and their overlaps lie inside,
+    the shift-tolerant matching dilates by ``shift_tolerance_voxels`` (margin = that + 1), and
+    lesion cores are measured on each lesion's own padded box.
+    """
+    shape = masks[0].shape
+    any_voxel = np.zeros(shape, bool)
+    for m in masks:
+        any_voxel |= m
+    if not any_voxel.any():
+        return tuple(slice(0, 1) for _ in shape)
+    box = []
+    for axis in range(len(shape)):
+        hit = np.flatnonzero(any_voxel.any(axis=tuple(a for a in range(len(shape)) if a != axis)))
+        box.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + margin + 1, shape[axis])))
+    return tuple(box)
 
 
 def _kind_first(table: pd.DataFrame) -> pd.DataFrame:
