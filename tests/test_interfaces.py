@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import nibabel as nib
@@ -100,19 +101,19 @@ def test_load_session_dwi_without_bval(tmp_path, dwi_session):
         _run(LoadSession(dwi=dwi, params=CFG["inputs"]), tmp_path)
 
 
+def _write_image(folder, name, arr):
+    """``arr`` (z, y, x) as a float32 NIfTI with 1 mm voxels at the origin; its path."""
+    path = str(folder / f"{name}.nii.gz")
+    sitk.WriteImage(sitk.GetImageFromArray(arr.astype(np.float32)), path)
+    return path
+
+
 def test_track_lesions_on_the_lesion_box_gives_the_whole_grid_ids(tmp_path):
     """TrackLesions works on the box around the lesions and pads its images back: the dseg
     equals tracking on the whole grid (lesions off the grid's origin, one tying on volume and
     coordinate sum, one touching the grid's edge)."""
     shape = (24, 20, 18)
-    img = sitk.Image(list(reversed(shape)), sitk.sitkFloat32)
-
-    def put(name, arr):
-        out = sitk.GetImageFromArray(arr.astype(np.float32))
-        out.CopyInformation(img)
-        path = str(tmp_path / f"{name}.nii.gz")
-        sitk.WriteImage(out, path)
-        return path
+    put = functools.partial(_write_image, tmp_path)
 
     masks = [np.zeros(shape, bool) for _ in range(3)]
     for m in masks:
@@ -147,15 +148,7 @@ def test_track_lesions_on_the_lesion_box_gives_the_whole_grid_ids(tmp_path):
 def test_track_lesions_tables(tmp_path):
     """Two sessions: a lesion that grows, a restricted spot that pseudonormalizes."""
     shape = (20, 20, 20)
-    img = sitk.Image([20, 20, 20], sitk.sitkFloat32)
-    img.SetSpacing((1.0, 1.0, 1.0))
-
-    def put(name, arr):
-        out = sitk.GetImageFromArray(arr.astype(np.float32))
-        out.CopyInformation(img)
-        path = str(tmp_path / f"{name}.nii.gz")
-        sitk.WriteImage(out, path)
-        return path
+    put = functools.partial(_write_image, tmp_path)
 
     flair0 = np.zeros(shape, bool)
     flair0[5:10, 5:10, 5:10] = True

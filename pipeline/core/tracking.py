@@ -67,6 +67,8 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from pipeline.core.boxes import bounding_box
+
 EVENTS = ("new", "enlarging", "stable", "shrinking", "resolved", "merged", "split")
 ORIGINS = ("baseline", "new", "merge", "split")
 FATES = ("present", "resolved", "merged", "split")
@@ -365,6 +367,20 @@ def _majors(labels: np.ndarray, volumes: np.ndarray, fragment_ratio: float) -> n
     ``fragment_ratio`` times the largest volume among ``labels`` (1-based)."""
     v = volumes[labels - 1]
     return labels[v >= fragment_ratio * v.max()]
+
+
+def lesion_box(masks: Sequence[np.ndarray], shift_tolerance_voxels: int) -> tuple[slice, ...]:
+    """The part of the subject grid that tracking and the ADC dynamics read: the bounding box of
+    every voxel of ``masks`` grown by ``shift_tolerance_voxels`` + 1 (clipped to the grid); one
+    voxel at the grid's corner when no mask has a voxel.
+
+    Both are exact on it (with ``index_offset`` = the box's start, see :func:`track_lesions`):
+    components and their overlaps lie inside, the shift-tolerant matching dilates by
+    ``shift_tolerance_voxels``, and lesion cores are measured on each lesion's own padded box.
+    """
+    union = np.logical_or.reduce([np.asarray(m, bool) for m in masks])
+    box = bounding_box(union, int(shift_tolerance_voxels) + 1)
+    return box if box is not None else tuple(slice(0, 1) for _ in union.shape)
 
 
 def track_lesions(

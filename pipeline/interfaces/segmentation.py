@@ -19,6 +19,8 @@ from nipype.interfaces.base import (
 
 from pipeline.core import restricted as rd
 from pipeline.core import segmentation as seg
+from pipeline.core.boxes import paste
+from pipeline.core.segmentation import analysis_box
 from pipeline.interfaces.base import (
     array,
     like,
@@ -28,32 +30,6 @@ from pipeline.interfaces.base import (
     session_flags,
     spacing_zyx,
 )
-
-
-def analysis_box(brains: list[np.ndarray], spacing_mm: tuple[float, ...],
-                 smooth_mm: float) -> tuple[slice, ...]:
-    """The part of the subject-space grid the segmentation needs: the bounding box of every
-    session's brain mask, grown by the reach of the joint step's change smoothing (a Gaussian
-    of ``smooth_mm``, truncated at 4 sigma as scipy does) plus 2 voxels, clipped to the grid.
-
-    Every segmentation output lies inside the brain masks and depends only on voxels within
-    that reach of them: the per-session maps and the restricted passes read brain voxels (the
-    distance maps are exact on any box holding the brain with one voxel to spare, see
-    :func:`pipeline.core.segmentation.parenchyma_distances`), the consistency step's smoothed
-    differences read voxels up to the Gaussian's radius away, and the edge growth and hole
-    filling one voxel. The outputs are therefore those of the whole grid, at ~half its cost.
-    """
-    union = np.logical_or.reduce([np.asarray(b, bool) for b in brains])
-    if not union.any():
-        return tuple(slice(0, n) for n in union.shape)
-    reach = [int(4.0 * smooth_mm / s + 0.5) + 2 if np.isfinite(smooth_mm) else 2
-             for s in spacing_mm]
-    box = []
-    for axis, n in enumerate(union.shape):
-        hit = np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != axis)))
-        box.append(slice(max(int(hit[0]) - reach[axis], 0),
-                         min(int(hit[-1]) + reach[axis] + 1, n)))
-    return tuple(box)
 
 
 class _SegmentSessionsInputSpec(BaseInterfaceInputSpec):
@@ -203,8 +179,8 @@ class SegmentSessions(SimpleInterface):
             def put(key, arr, dtype):
                 name = f"{key}_{i:02d}.nii.gz"
                 # outside the box: no mask voxel, and rADC NaN (it is NaN outside the brain)
-                full = np.full(full_shape, np.nan if key == "radc" else 0, dtype)
-                full[box] = arr
+                full = paste(arr, box, full_shape, fill=np.nan if key == "radc" else 0,
+                             dtype=dtype)
                 files[key] = save(like(full, ref_img), runtime, name, dtype)
 
             lesion = lesions[i]

@@ -15,6 +15,7 @@ from nipype.interfaces.base import (
 )
 
 from pipeline.core import dynamics, tracking
+from pipeline.core.boxes import paste
 from pipeline.core.dynamics import ReferenceADC
 from pipeline.interfaces.base import (
     array, like, load_json, out_path, read, save, session_flags, spacing_zyx,
@@ -65,8 +66,8 @@ class TrackLesions(SimpleInterface):
         voxel_ml = float(np.prod(ref_img.GetSpacing())) / 1000.0
         spacing = spacing_zyx(ref_img)
         # Everything below reads lesion voxels only: it works on the box around every mask of
-        # every session (see lesion_box), not on the subject grid (~4x the brain), and the
-        # images it writes are padded back onto the grid.
+        # every session (see tracking.lesion_box), not on the subject grid (~4x the brain),
+        # and the images it writes are padded back onto the grid.
         full_shape = tuple(reversed(ref_img.GetSize()))
 
         def on_grid(path):
@@ -79,8 +80,8 @@ class TrackLesions(SimpleInterface):
         masks = {key: [on_grid(f).astype(bool) for f in files] for key, files in
                  (("flair", ins.flair_lesion), ("restricted", ins.restricted),
                   ("shine", ins.shine_through))}
-        box = lesion_box([m for ms in masks.values() for m in ms],
-                         margin=trk["shift_tolerance_voxels"] + 1)
+        box = tracking.lesion_box([m for ms in masks.values() for m in ms],
+                                  trk["shift_tolerance_voxels"])
         # copies, so that the whole-grid arrays are freed
         flair, restricted, shine = ([m[box].copy() for m in masks[key]]
                                     for key in ("flair", "restricted", "shine"))
@@ -89,9 +90,7 @@ class TrackLesions(SimpleInterface):
         adc, radc = load(ins.adc), load(ins.radc)
 
         def padded(arr, dtype):
-            full = np.zeros(full_shape, dtype)
-            full[box] = arr
-            return like(full, ref_img)
+            return like(paste(arr, box, full_shape, dtype=dtype), ref_img)
 
         refs = [ReferenceADC(**load_json(f)) for f in ins.references]
         n = len(ins.labels)
@@ -159,27 +158,6 @@ class TrackLesions(SimpleInterface):
             table.to_csv(path, sep="\t", index=False, na_rep="n/a", float_format="%.6g")
             self._results[name] = path
         return runtime
-
-
-def lesion_box(masks: list[np.ndarray], margin: int) -> tuple[slice, ...]:
-    """Bounding box of every voxel of ``masks`` grown by ``margin`` voxels (clipped to the
-    grid); one voxel at the grid's corner when no mask has a voxel.
-
-    Tracking and the ADC dynamics are exact on it: components and their overlaps lie inside,
-    the shift-tolerant matching dilates by ``shift_tolerance_voxels`` (margin = that + 1), and
-    lesion cores are measured on each lesion's own padded box.
-    """
-    shape = masks[0].shape
-    any_voxel = np.zeros(shape, bool)
-    for m in masks:
-        any_voxel |= m
-    if not any_voxel.any():
-        return tuple(slice(0, 1) for _ in shape)
-    box = []
-    for axis in range(len(shape)):
-        hit = np.flatnonzero(any_voxel.any(axis=tuple(a for a in range(len(shape)) if a != axis)))
-        box.append(slice(max(int(hit[0]) - margin, 0), min(int(hit[-1]) + margin + 1, shape[axis])))
-    return tuple(box)
 
 
 def _kind_first(table: pd.DataFrame) -> pd.DataFrame:
