@@ -363,7 +363,6 @@ def _wait_for_jobs(token: str, poll_s: float) -> None:
 def run_subject(subject: SubjectInputs, *, config: Config, output_dir: Path, work_dir: Path,
                 plugin: str, plugin_args: dict) -> None:
     """Validate, build and run one subject's workflow, then publish its derivatives."""
-    from pipeline.reports.subject import write_subject_report
     from pipeline.workflows.base import init_subject_wf
 
     # before any work: config-dependent checks (ADC unit, b0 threshold...) use the run's config
@@ -407,7 +406,29 @@ def run_subject(subject: SubjectInputs, *, config: Config, output_dir: Path, wor
     finally:
         gc.unfreeze()
         shutil.rmtree(staging, ignore_errors=True)
-    write_subject_report(output_dir, subject.subject, _derivative_sources(workflow))
+    if not _publish_report(workflow, output_dir / f"sub-{subject.subject}.html"):
+        from pipeline.reports.subject import write_subject_report
+
+        write_subject_report(output_dir, subject.subject, _derivative_sources(workflow))
+
+
+def _publish_report(workflow, dst: Path) -> bool:
+    """Copy the report the workflow's subject_report node drew (beside the derivatives'
+    compression) to ``dst``; False when the node left none (the caller draws it then)."""
+    src = _node_dir(workflow, "subject_report") / "report" / dst.name
+    if not src.is_file():
+        return False
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+        tmp.chmod(0o644)  # a report is for reading (the temporary file is private)
+    return True
+
+
+def _node_dir(workflow, name: str) -> Path:
+    """Folder of the top-level node ``name`` of a workflow that ran. (Node.output_dir() of
+    the workflow's own node objects does not know it: Nipype runs copies of them, and
+    output_dir() of a node without base_dir answers a new temporary folder.)"""
+    return Path(workflow.base_dir) / workflow.name / name
 
 
 def _derivative_sources(workflow) -> dict[str, str] | None:
@@ -415,7 +436,7 @@ def _derivative_sources(workflow) -> dict[str, str] | None:
     the report to read instead of decompressing; None when the file is not there."""
     from pipeline.interfaces.outputs import SOURCES_FILE
 
-    path = Path(workflow.get_node("write_derivatives").output_dir()) / SOURCES_FILE
+    path = _node_dir(workflow, "write_derivatives") / SOURCES_FILE
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):

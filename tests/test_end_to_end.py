@@ -125,6 +125,25 @@ def test_group_level(run):
     assert group.subject.nunique() == len(list(run["out"].glob("sub-*/")))
 
 
+def test_report_node_draws_the_report_of_the_published_derivatives(run):
+    # the subject_report node draws the report from the work-dir images and tables while the
+    # derivatives are still being written; drawn again from the published derivatives, the
+    # page is the same but for its date (and the published report is the node's)
+    import re
+
+    from pipeline.reports.data import load_subject
+    from pipeline.reports.subject import render_subject_report
+
+    date = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC")
+    subjects = sorted(p.name[4:] for p in run["out"].glob("sub-*/"))
+    assert subjects
+    for label in subjects:
+        node = run["work"] / f"sub_{label}_wf" / "subject_report" / "report" / f"sub-{label}.html"
+        drawn = render_subject_report(load_subject(run["out"], label))
+        assert date.search(drawn)
+        assert date.sub("", node.read_text(encoding="utf-8")) == date.sub("", drawn), label
+
+
 def test_rerun_reuses_cache_and_gives_identical_tables(run):
     out, work = run["out"], run["work"]
     tables = {p: p.read_bytes() for p in out.glob("sub-*/*.tsv")}

@@ -190,3 +190,27 @@ def test_compressed_ahead_gives_the_same_derivative_bytes(tmp_path):
     gz = tmp_path / "direct" / "mask.nii.gz"
     with pytest.raises(ValueError, match="mask.nii.gz"):
         outputs.CompressImages(in_files=[str(gz)]).run(cwd=str(tmp_path / "node"))
+
+
+def test_runner_publishes_the_report_node_html(tmp_path):
+    # the subject_report node's page is copied beside the derivatives (readable by all); the
+    # node folders are found under the workflow's base_dir (Node.output_dir() of the
+    # workflow's own node objects answers a new temporary folder), and without the node's
+    # page the runner says so (it then draws the report itself)
+    from types import SimpleNamespace
+
+    from pipeline.runner import _derivative_sources, _publish_report
+
+    workflow = SimpleNamespace(base_dir=str(tmp_path / "work"), name="sub_01_wf")
+    dst = tmp_path / "out" / "sub-01.html"
+    assert not _publish_report(workflow, dst) and not dst.exists()
+    page = tmp_path / "work" / "sub_01_wf" / "subject_report" / "report" / "sub-01.html"
+    page.parent.mkdir(parents=True)
+    page.write_text("<html>report</html>")
+    assert _publish_report(workflow, dst)
+    assert dst.read_text() == "<html>report</html>"
+    assert dst.stat().st_mode & 0o444 == 0o444
+    sources = tmp_path / "work" / "sub_01_wf" / "write_derivatives" / "derivative_sources.json"
+    sources.parent.mkdir(parents=True)
+    sources.write_text(json.dumps({"a.nii.gz": "/w/a.nii"}))
+    assert _derivative_sources(workflow) == {"a.nii.gz": "/w/a.nii"}

@@ -22,7 +22,7 @@ def test_subject_workflow_expands(tmp_path, n_sessions):
             assert f"ses_{ses}_wf.{node}" in names
         assert f"resample_{ses}" in names
     for node in ("subject_space", "segment", "track", "native_masks", "compress_derivatives_0",
-                 "write_derivatives"):
+                 "write_derivatives", "subject_report"):
         assert node in names
     # every mandatory input of every node is connected or set
     for node in graph.nodes:

@@ -291,17 +291,94 @@ class WriteDerivatives(SimpleInterface):
             copy_to_derivative(getattr(ins, field), dst)
             _write_text(dst.with_suffix(".json"), json.dumps(_describe(getattr(ins, field), cols), indent=2))
 
-        qc = {
-            "subject_space": _load(ins.subject_space_qc),
-            "dwi_to_flair": [_load(f) for f in ins.dwi_to_flair_qc],
-            "inputs": {ses: _load(f) for ses, f in zip(ins.labels, ins.load_reports)},
-            "day_source": ins.day_source,
-            "config": ins.config,
-            "version": __version__,
-            "software": software_versions(),
-        }
-        _write_text(subj_dir / f"sub-{sub}_desc-qc_report.json", json.dumps(qc, indent=2))
+        _write_text(subj_dir / f"sub-{sub}_{QC_REPORT}", qc_report_text(ins))
         self._results["out_dir"] = str(root)
+        return runtime
+
+
+QC_REPORT = "desc-qc_report.json"
+
+
+def qc_report_text(ins) -> str:
+    """The subject's QC report (sub-X_desc-qc_report.json) from the inputs of
+    :class:`WriteDerivatives` or :class:`SubjectReport` (the same fields)."""
+    qc = {
+        "subject_space": _load(ins.subject_space_qc),
+        "dwi_to_flair": [_load(f) for f in ins.dwi_to_flair_qc],
+        "inputs": {ses: _load(f) for ses, f in zip(ins.labels, ins.load_reports)},
+        "day_source": ins.day_source,
+        "config": ins.config,
+        "version": __version__,
+        "software": software_versions(),
+    }
+    return json.dumps(qc, indent=2)
+
+
+# report image key (pipeline.reports.data.IMAGES) -> the input of SubjectReport it is read from
+_REPORT_IMAGES = {"flair": "flair", "dwi": "trace", "adc": "adc", "radc": "radc",
+                  "brain": "brain_mask", "flair_mask": "flair_lesion",
+                  "restricted_mask": "restricted", "flair_dseg": "flair_dseg",
+                  "restricted_dseg": "restricted_dseg", "diffusion_classes": "diffusion_dseg"}
+
+
+class _SubjectReportInputSpec(BaseInterfaceInputSpec):
+    subject = traits.Str(mandatory=True)
+    labels = traits.List(traits.Str, mandatory=True)
+    day_source = traits.Str("sessions.tsv", usedefault=True)
+    config = traits.Dict(mandatory=True)
+    flair = _files("FLAIR, subject space")
+    trace = _files("trace DWI, subject space")
+    adc = _files("ADC (um^2/s), subject space")
+    radc = _files("rADC, subject space")
+    brain_mask = _files("brain masks, subject space")
+    flair_lesion = _files("FLAIR lesion masks, subject space")
+    restricted = _files("restricted masks, subject space")
+    flair_dseg = _files("FLAIR lesion ids, subject space")
+    restricted_dseg = _files("restricted lesion ids, subject space")
+    diffusion_dseg = _files("diffusion voxel classes of the lesion tissue, subject space")
+    subject_space_qc = File(exists=True, mandatory=True)
+    dwi_to_flair_qc = _files("DWI -> FLAIR QC JSONs")
+    load_reports = _files("loading reports")
+    sessions_table = File(exists=True, mandatory=True)
+    lesions_table = File(exists=True, mandatory=True)
+    events_table = File(exists=True, mandatory=True)
+    lineage_table = File(exists=True, mandatory=True)
+    summary_table = File(exists=True, mandatory=True)
+
+
+class _SubjectReportOutputSpec(TraitedSpec):
+    report = File(desc="sub-X.html, for the runner to publish beside the derivatives")
+
+
+class SubjectReport(SimpleInterface):
+    """The subject's HTML report, drawn while the derivatives are compressed and written.
+
+    Reads what :class:`WriteDerivatives` copies into the derivatives (the work-dir images,
+    the tables, the QC report made by the same function) instead of the published files, so
+    that the run's last minutes keep both cores busy; the report is the one
+    :func:`pipeline.reports.subject.write_subject_report` draws from the published
+    derivatives (only its date differs). The tables and the QC report are written under the
+    node folder with their derivative names: the report's links and checks use them.
+    """
+
+    input_spec = _SubjectReportInputSpec
+    output_spec = _SubjectReportOutputSpec
+
+    def _run_interface(self, runtime):
+        from pipeline.reports.subject import write_subject_report
+
+        ins = self.inputs
+        root = Path(runtime.cwd) / "report"
+        if root.exists():
+            shutil.rmtree(root)
+        subj_dir = root / f"sub-{ins.subject}"
+        subj_dir.mkdir(parents=True)
+        for field, (name, _) in _TABLES.items():
+            shutil.copyfile(getattr(ins, field), subj_dir / f"sub-{ins.subject}_{name}")
+        (subj_dir / f"sub-{ins.subject}_{QC_REPORT}").write_text(qc_report_text(ins))
+        images = {ses: {key: getattr(ins, field)[i] for key, field in _REPORT_IMAGES.items()}
+                  for i, ses in enumerate(ins.labels)}
+        self._results["report"] = str(write_subject_report(root, ins.subject, images=images))
         return runtime
 
 

@@ -140,8 +140,8 @@ def uncompressed_source(derivative: Path, source: Path | str | None) -> Path | N
     return source if size % 2**32 == isize else None
 
 
-def load_subject(output_dir: Path, subject: str,
-                 sources: dict[str, str] | None = None) -> SubjectDerivatives:
+def load_subject(output_dir: Path, subject: str, sources: dict[str, str] | None = None,
+                 images: dict[str, dict[str, str]] | None = None) -> SubjectDerivatives:
     """Collect the derivatives of ``sub-<subject>`` under ``output_dir``.
 
     Parameters
@@ -153,6 +153,10 @@ def load_subject(output_dir: Path, subject: str,
     sources : dict, optional
         Derivative path relative to ``output_dir`` -> the uncompressed file it was gzipped
         from (written by the participant run, see :func:`uncompressed_source`).
+    images : dict, optional
+        Session label -> image key (see IMAGES) -> the uncompressed work-dir image a derivative
+        will be gzipped from, used for a derivative not written yet: the participant run's
+        report node draws the report beside the compression of the derivatives.
 
     Returns
     -------
@@ -176,6 +180,9 @@ def load_subject(output_dir: Path, subject: str,
         for key, (datatype, tail) in IMAGES.items():
             path = subj_dir / f"ses-{label}" / datatype / f"{prefix}_{tail}"
             paths[key] = path if path.exists() else None
+            if paths[key] is None and images and (src := images.get(label, {}).get(key)):
+                paths[key] = Path(src)
+                continue
             rel = str(path.relative_to(output_dir))
             if paths[key] is not None and sources and (
                     src := uncompressed_source(path, sources.get(rel))) is not None:

@@ -111,8 +111,8 @@ def render_subject_report(subject: SubjectDerivatives) -> str:
     )
 
 
-def write_subject_report(output_dir: Path, subject: str,
-                         sources: dict[str, str] | None = None) -> Path:
+def write_subject_report(output_dir: Path, subject: str, sources: dict[str, str] | None = None,
+                         images: dict[str, dict[str, str]] | None = None) -> Path:
     """Write OUTPUT_DIR/sub-X.html from the subject's derivatives.
 
     Parameters
@@ -124,6 +124,9 @@ def write_subject_report(output_dir: Path, subject: str,
     sources : dict, optional
         Uncompressed copies of the images to read instead (see
         :func:`pipeline.reports.data.load_subject`).
+    images : dict, optional
+        The uncompressed images of derivatives not written yet (see
+        :func:`pipeline.reports.data.load_subject`).
 
     Returns
     -------
@@ -131,7 +134,7 @@ def write_subject_report(output_dir: Path, subject: str,
         The report written (atomically).
     """
     output_dir = Path(output_dir)
-    derivatives = load_subject(output_dir, subject, sources)
+    derivatives = load_subject(output_dir, subject, sources, images)
     html = render_subject_report(derivatives)
     dst = output_dir / f"sub-{derivatives.subject}.html"
     with atomic_path(dst) as tmp:

@@ -12,7 +12,8 @@ from nipype.pipeline import engine as pe
 
 from pipeline.bids import SessionInputs, SubjectInputs, tracking_days
 from pipeline.config import Config
-from pipeline.interfaces.outputs import CompressImages, NativeMasks, WriteDerivatives
+from pipeline.interfaces.outputs import (CompressImages, NativeMasks, SubjectReport,
+                                         WriteDerivatives)
 from pipeline.interfaces.preprocess import PrepareImage
 from pipeline.interfaces.registration import RegisterImages, ResampleSession, SubjectSpace
 from pipeline.interfaces.segmentation import SegmentSessions
@@ -269,5 +270,29 @@ def init_subject_wf(
         (merges["reg_qc"], sink, [("out", "dwi_to_flair_qc")]),
         (merges["load_report"], sink, [("out", "load_reports")]),
         (compressed, sink, [("out", "compressed")]),
+    ])
+
+    # the HTML report is drawn from the same files beside the compression and the derivatives
+    # (the runner publishes it); rerun every time, as the report was when written after the run
+    report = pe.Node(
+        SubjectReport(subject=subject.subject, labels=labels, config=cfg,
+                      day_source=subject.day_source),
+        name="subject_report", mem_gb=1.0, overwrite=True,
+    )
+    workflow.connect([
+        (resampled["flair"], report, [("out", "flair")]),
+        (resampled["trace"], report, [("out", "trace")]),
+        (resampled["adc"], report, [("out", "adc")]),
+        (resampled["brain_mask"], report, [("out", "brain_mask")]),
+        (segment, report, [("radc", "radc"), ("flair_lesion", "flair_lesion"),
+                           ("restricted", "restricted")]),
+        (track, report, [("flair_dseg", "flair_dseg"), ("restricted_dseg", "restricted_dseg"),
+                         ("diffusion_dseg", "diffusion_dseg"),
+                         ("sessions_table", "sessions_table"), ("lesions_table", "lesions_table"),
+                         ("events_table", "events_table"), ("lineage_table", "lineage_table"),
+                         ("summary_table", "summary_table")]),
+        (space, report, [("qc", "subject_space_qc")]),
+        (merges["reg_qc"], report, [("out", "dwi_to_flair_qc")]),
+        (merges["load_report"], report, [("out", "load_reports")]),
     ])
     return workflow
