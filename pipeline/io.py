@@ -113,12 +113,22 @@ def write_image(img: sitk.Image, path: Path, dtype: np.dtype | type | None = Non
     return Path(path)
 
 
+#: gzip files this process found complete: (resolved path, size, mtime_ns). Validation and
+#: loading open each input several times; a file unchanged since its check is not decompressed
+#: again to check it (MultiProc workers are forked after validation and inherit the set).
+_VERIFIED_GZIP: set[tuple[str, int, int]] = set()
+
+
 def _check_readable(path: Path) -> None:
     if not path.exists():
         raise InputError(f"{path}: file not found. Check the path or the BIDS layout.")
-    if path.stat().st_size == 0:
+    stat = path.stat()
+    if stat.st_size == 0:
         raise InputError(f"{path}: file is empty (0 bytes). Copy or export it again.")
     if path.name.endswith(".gz"):
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key in _VERIFIED_GZIP:
+            return
         try:
             with gzip.open(path, "rb") as fh:
                 while fh.read(1 << 24):
@@ -128,6 +138,7 @@ def _check_readable(path: Path) -> None:
                 f"{path}: the gzip stream is truncated or corrupt ({exc}). The download or copy "
                 "was probably interrupted: copy the file again."
             ) from None
+        _VERIFIED_GZIP.add(key)
 
 
 def load_nifti(path: Path, *, kind: str, ndim: int | tuple[int, ...] = 3) -> tuple[nib.Nifti1Image, str, list[str]]:

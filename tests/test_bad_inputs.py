@@ -99,6 +99,23 @@ def test_truncated_gzip(tmp_path):
     assert str(path) in _check(_session(flair=path), "truncated or corrupt")
 
 
+def test_gzip_checked_once_while_unchanged(tmp_path, monkeypatch):
+    # validation and loading open an input several times: its gzip stream is decompressed to
+    # check it only once while the file is unchanged, and again once it was replaced
+    import pipeline.io as io
+
+    path = _flair(tmp_path / "x_FLAIR.nii.gz")
+    opened = []
+    real_open = io.gzip.open
+    monkeypatch.setattr(io.gzip, "open",
+                        lambda p, *a, **k: opened.append(p) or real_open(p, *a, **k))
+    validate_session(_session(flair=path), PARAMS)
+    validate_session(_session(flair=path), PARAMS)
+    assert opened == [path]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert str(path) in _check(_session(flair=path), "truncated or corrupt")
+
+
 def test_truncated_uncompressed_nifti(tmp_path):
     path = _flair(tmp_path / "x_FLAIR.nii")
     path.write_bytes(path.read_bytes()[:2000])
