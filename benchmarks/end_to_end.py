@@ -76,9 +76,27 @@ def node_records(work: Path) -> list[dict]:
         runtime = getattr(loadpkl(result), "runtime", None)
         if runtime is None or getattr(runtime, "duration", None) is None:
             continue
-        records.append({"stage": _stage(result.parent, work), "duration_s": float(runtime.duration),
+        records.append({"stage": _stage(result.parent, work), "name": "/".join(
+                            result.parent.relative_to(work).parts[1:]),
+                        "duration_s": float(runtime.duration),
                         "start": _utc(runtime.startTime), "end": _utc(runtime.endTime)})
     return records
+
+
+def gantt(records: list[dict], start: float, end: float, width: int = 60) -> list[str]:
+    """A text Gantt chart of a run: one line per node (merge/select bookkeeping left out),
+    its start and end in seconds from the process start, and a bar on ``width`` columns."""
+    scale = width / max(end - start, 1e-9)
+    lines = [f"{'node':28s} {'start':>6s} {'end':>6s}  "
+             f"(s from the process start; it ended at {end - start:.1f} s)"]
+    for rec in sorted(records, key=lambda r: (r["start"], r["name"])):
+        if rec["stage"].startswith("bookkeeping"):
+            continue
+        a = int((rec["start"] - start) * scale)
+        b = max(int((rec["end"] - start) * scale), a + 1)
+        lines.append(f"{rec['name'][:28]:28s} {rec['start'] - start:6.1f} {rec['end'] - start:6.1f}"
+                     f"  |{' ' * a}{'#' * (b - a)}")
+    return lines
 
 
 def stage_table(records: list[dict], samples: list[tuple[float, float]]) -> pd.DataFrame:
@@ -178,6 +196,13 @@ def bench(n_sessions: int, grid: str, nprocs: int, data: Path, root: Path,
             "linear_peak_rss_gb": linear["peak_rss_gb"], "linear_load_1min": linear["load_1min"]})
     multi, _ = run_once(bids, root / f"out{n_sessions}M", root / f"work{n_sessions}M",
                         ["--nprocs", str(nprocs)])
+    records = node_records(root / f"work{n_sessions}M")
+    row["gantt"] = gantt(records, multi["start"], multi["end"])
+    # the cores the MultiProc run left idle: wall x nprocs - CPU time, as seconds of wall time
+    # (each second of it is one core idle for nprocs seconds or all cores for one)
+    row.update({"multiproc_idle_s": multi["wall_s"] - multi["cpu_s"] / nprocs,
+                "multiproc_before_first_node_s": min(r["start"] for r in records) - multi["start"],
+                "multiproc_after_last_node_s": multi["end"] - max(r["end"] for r in records)})
     row.update({"multiproc_wall_s": multi["wall_s"], "multiproc_cpu_s": multi["cpu_s"],
                 "multiproc_peak_rss_gb": multi["peak_rss_gb"],
                 "multiproc_tree_rss_gb": multi["peak_tree_rss_gb"],
@@ -265,13 +290,16 @@ def main() -> int:
                 row, stage = bench(n, args.grid, args.nprocs, data, Path(tmp),
                                    linear_run=not args.no_linear)
                 raw["runs"][str(n)] = row
-                print(pd.DataFrame([row]).to_string(index=False), flush=True)
+                print(pd.DataFrame([{k: v for k, v in row.items() if k != "gantt"}])
+                      .to_string(index=False), flush=True)
+                print("\n".join(row["gantt"]), flush=True)
                 if stage is not None:
                     raw["stages"][str(n)] = stage.to_dict()
                     print(stage.to_string(), flush=True)
         if args.json:
             args.json.write_text(json.dumps(raw, indent=2))
     info = raw["machine"]
+    charts = {n: run.pop("gantt") for n, run in raw["runs"].items() if "gantt" in run}
     table = pd.DataFrame(list(raw["runs"].values())).set_index("sessions").sort_index().T
     table.columns = [f"{n} sessions" for n in table.columns]
     table.index.name = "measure"
@@ -308,7 +336,10 @@ def main() -> int:
         ("`nipype_overhead_pct` = Linear wall time outside all node run times; of it, "
         "`before_first_node_s` is start-up, input validation and graph building, "
         "`after_last_node_s` publishing and the HTML report, and `between_nodes_pct` Nipype's "
-        "own work between nodes (hashing, pickling results, scheduling)."),
+        "own work between nodes (hashing, pickling results, scheduling). "
+        "`multiproc_idle_s` = MultiProc wall - CPU / nprocs: the wall time lost to idle cores; "
+        "`multiproc_before_first_node_s` / `multiproc_after_last_node_s`: the same run's "
+        "start-up and tail outside the nodes."),
         ("`peak_rss_gb`: largest single process; `multiproc_tree_rss_gb`: largest sum over the "
         "MultiProc process tree (upper bound, shared pages counted per worker)."),
         "",
@@ -321,6 +352,9 @@ def main() -> int:
         markdown(rss, floatfmt=".2f"),
         "",
     ]
+    for n in sorted(charts, key=int):
+        lines += [f"## MultiProc schedule, {n} sessions (node start/end from Nipype's result "
+                  "files)", "", "```", *charts[n], "```", ""]
     if args.before:
         before = json.loads(args.before.read_text())
         for n in sorted(raw["stages"], key=int):
