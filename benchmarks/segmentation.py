@@ -101,7 +101,8 @@ def flair_project(flairs: list[np.ndarray], brains: list[np.ndarray],
         spacing_mm=spacing, edge_fraction=s.flair_edge_fraction,
         edge_percentile=s.flair_edge_percentile, rim_z_grow=s.flair_rim_z_grow,
         change_sd=s.flair_change_sd, change_smooth_mm=s.flair_change_smooth_mm,
-        edge_level_all_sessions=s.flair_edge_level_all_sessions)
+        edge_level_all_sessions=s.flair_edge_level_all_sessions,
+        edge_level_floor=s.flair_edge_level_floor)
 
 
 def flair_baseline(flair: np.ndarray, brain: np.ndarray, z: float, min_mm3: float,

@@ -108,6 +108,7 @@ class Segmentation:
     flair_change_sd: float = _rng(0, None, lo_open=True)
     flair_change_smooth_mm: float = _rng(0, 20)
     flair_edge_level_all_sessions: bool = field()
+    flair_edge_level_floor: float = _rng(0, 1)
     dwi_hyperintense_ratio: float = _rng(0, 100, lo_open=True)
     min_lesion_volume_mm3: float = _rng(0, 1e6)
     cortex_rim_mm: float = _rng(0, 20)

@@ -296,6 +296,56 @@ def test_relative_edge_reaches_the_same_fraction_of_faint_and_bright_lesions():
     assert (both & ~core).sum() < shell.sum()
 
 
+def test_edge_level_floor_takes_a_brightening_lesions_edge_but_not_a_faint_ring():
+    """A lesion still brightening (own level 3, plateau 6 at a later session): with the plateau
+    level (floor 1) its edge at 0.3 of the plateau is cut (the clinical seed case, 22.5 %
+    under-segmented); with its own level (floor 0) a fainter ring at 0.22 of the plateau is
+    taken too (the small-grid day-0 over-growth). Floor 0.8 takes the edge, not the ring."""
+    core = np.zeros((12, 12, 12), bool)
+    core[4:8, 4:8, 4:8] = True
+    z = np.where(core, 3.0, 0.0).astype(np.float32)
+    z[4:8, 4:8, 8] = 1.8  # edge side: 0.30 x plateau, above 0.35 x 0.8 x 6 = 1.68
+    z[4:8, 4:8, 3] = 1.3  # faint side: 0.22 x plateau, above 0.35 x 3 = 1.05 only
+    later = 2.0 * z  # the same voxels at the plateau
+
+    def added(floor):
+        out = seg.grow_relative_edge(core, z, fraction=0.35, percentile=90.0, level_z=[later],
+                                     level_floor=floor)
+        return out[4:8, 4:8, 8].all(), out[4:8, 4:8, 3].any()
+
+    assert added(1.0) == (False, False)
+    assert added(0.8) == (True, False)
+    assert added(0.0) == (True, True)
+    # a lesion at its plateau keeps its own level whatever the floor
+    same = [seg.grow_relative_edge(core, later, fraction=0.35, percentile=90.0, level_z=[z],
+                                   level_floor=f) for f in (0.0, 0.8, 1.0)]
+    assert np.array_equal(same[0], same[1]) and np.array_equal(same[1], same[2])
+    with pytest.raises(ValueError, match="level_floor"):
+        seg.grow_relative_edge(core, z, fraction=0.35, percentile=90.0, level_floor=1.5)
+
+
+def test_hysteresis_series_passes_the_edge_level_floor():
+    """Two sessions of a soft-edged lesion brightening 40 -> 90: at the first session the floor
+    0.8 mask lies between the plateau-level (1.0) and own-level (0.0) masks, larger than 1.0's
+    (51 < 70 < 90 voxels)."""
+    les = _sphere((28, 30, 30), 6)
+    flairs, brains = [], []
+    for t, c in enumerate((40.0, 90.0)):
+        f, _, brain, _ = _brain(noise=0.0)
+        noise = ndimage.gaussian_filter(np.random.default_rng(40 + t).normal(0, 1, SHAPE), 1.0)
+        contrast = ndimage.gaussian_filter(les.astype(np.float32), 3.0)
+        flairs.append(f + (np.float32(c) * contrast + 6.0 * noise / noise.std()) * brain)
+        brains.append(brain)
+    maps = _flair_maps(flairs, brains)
+    hp = _hysteresis_params()
+    first = [seg.hysteresis_series(maps, brains, spacing_mm=SP, edge_fraction=0.35,
+                                   edge_level_all_sessions=True, edge_level_floor=f, **hp)[0]
+             for f in (1.0, 0.8, 0.0)]
+    assert first[0].any()
+    assert (first[0] <= first[1]).all() and (first[1] <= first[2]).all()
+    assert first[1].sum() > first[0].sum()
+
+
 def test_periventricular_rule_grows_into_the_rim_but_never_seeds_there():
     # a lesion touching the ventricle keeps its rim part with rim_z_grow; a bright strip that
     # lies wholly inside the rim (ependymal signal) is never a lesion

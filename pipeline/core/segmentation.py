@@ -420,6 +420,7 @@ def hysteresis_series(
     change_sd: float = np.inf,
     change_smooth_mm: float = 1.0,
     edge_level_all_sessions: bool = False,
+    edge_level_floor: float = 1.0,
 ) -> list[np.ndarray]:
     """Spatio-temporal hysteresis on the stacked z-maps of :func:`flair_session_maps`.
 
@@ -427,7 +428,9 @@ def hysteresis_series(
     session; growth runs through domain voxels above ``z_grow`` (and ``gm_z_grow``) connected in space (26-neighbourhood within a session) or in time (the
     same voxel in the previous or next session). With ``edge_fraction`` > 0 each lesion then
     takes its face-neighbours above that fraction of its own level (:func:`grow_relative_edge`;
-    only lesions whose core already reaches ``min_lesion_volume_mm3``). Holes enclosed by a lesion are filled and components below ``min_lesion_volume_mm3``
+    only lesions whose core already reaches ``min_lesion_volume_mm3``; with
+    ``edge_level_all_sessions`` its level is its own session's, but at least ``edge_level_floor``
+    times the highest over the sessions). Holes enclosed by a lesion are filled and components below ``min_lesion_volume_mm3``
     dropped, per session.
 
     Longitudinal consistency (``change_sd`` finite): after the seeds are found, the maps go
@@ -482,7 +485,7 @@ def hysteresis_series(
             m = remove_small_components(m, min_lesion_volume_mm3, sp)
             others = [zdom[u] for u in range(n) if u != t] if edge_level_all_sessions else []
             m = grow_relative_edge(m, zdom[t], fraction=edge_fraction, percentile=edge_percentile,
-                                   level_z=others)
+                                   level_z=others, level_floor=edge_level_floor)
         m = fill_holes_per_component(m) & np.asarray(brain_masks[t], bool)
         out.append(remove_small_components(m, min_lesion_volume_mm3, sp))
     return out
@@ -582,6 +585,7 @@ def _component_percentile(lab: np.ndarray, n: int, z: np.ndarray, percentile: fl
 def grow_relative_edge(
     mask: np.ndarray, z: np.ndarray, *, fraction: float, percentile: float,
     level_z: list[np.ndarray] | tuple[np.ndarray, ...] = (),
+    level_floor: float = 1.0,
 ) -> np.ndarray:
     """Add to each lesion its face-neighbours whose ``z`` is above ``fraction`` times the
     lesion's own level (the ``percentile`` of ``z`` over the lesion, 26-connected components).
@@ -592,10 +596,14 @@ def grow_relative_edge(
     only, so a faint region never spreads through normal tissue. ``z`` is NaN where no lesion
     may be; voxels with ``z <= 0`` are never added.
 
-    ``level_z``: the same z-maps at the subject's other sessions; the level is then the highest
-    percentile of the lesion's voxels over all sessions, so a lesion still brightening (or
-    fading) has its edge at the height its tissue reaches, not at a fraction of a low peak.
+    ``level_z``: the same z-maps at the subject's other sessions; the level is then the lesion's
+    own percentile, but at least ``level_floor`` times the highest percentile of its voxels over
+    all sessions (1: that highest), so a lesion still brightening (or fading) has its edge near
+    the height its tissue reaches, not at a fraction of a low early peak, while a lesion whose
+    own level is already most of that height keeps its own.
     """
+    if not 0.0 <= level_floor <= 1.0:
+        raise ValueError(f"level_floor must be in [0, 1], got {level_floor}")
     mask = np.asarray(mask, bool)
     out = mask.copy()
     # every lesion and its face-neighbours lie in the mask's bounding box grown by one voxel;
@@ -607,8 +615,12 @@ def grow_relative_edge(
     lab, n = ndimage.label(sub, ndimage.generate_binary_structure(mask.ndim, mask.ndim))
     zb = np.asarray(z)[box]
     level = _component_percentile(lab, n, zb, percentile)
-    for other in level_z:
-        level = np.fmax(level, _component_percentile(lab, n, np.asarray(other)[box], percentile))
+    if len(level_z):
+        highest = level
+        for other in level_z:
+            highest = np.fmax(highest, _component_percentile(lab, n, np.asarray(other)[box],
+                                                             percentile))
+        level = np.fmax(level, level_floor * highest)
     near = ndimage.grey_dilation(lab, footprint=ndimage.generate_binary_structure(mask.ndim, 1))
     with np.errstate(invalid="ignore"):
         add = (near > 0) & ~sub & (zb > 0) & (zb > fraction * level[near])

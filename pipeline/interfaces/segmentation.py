@@ -141,7 +141,8 @@ class SegmentSessions(SimpleInterface):
             edge_fraction=s["flair_edge_fraction"], edge_percentile=s["flair_edge_percentile"],
             rim_z_grow=s["flair_rim_z_grow"], change_sd=s["flair_change_sd"],
             change_smooth_mm=s["flair_change_smooth_mm"],
-            edge_level_all_sessions=s["flair_edge_level_all_sessions"])
+            edge_level_all_sessions=s["flair_edge_level_all_sessions"],
+            edge_level_floor=s["flair_edge_level_floor"])
         del maps
         for i, mask in zip(with_flair, joint):
             lesions[i] = mask
