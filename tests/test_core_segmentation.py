@@ -367,6 +367,24 @@ def test_periventricular_rule_grows_into_the_rim_but_never_seeds_there():
 
 
 
+def test_run_mean_where_averages_only_those_voxels():
+    # hysteresis_series averages only where some session's z is above 0: there the values
+    # equal the whole-volume mean, elsewhere each session keeps its own
+    rng = np.random.default_rng(3)
+    v = [rng.normal(size=(4, 5, 6)).astype(np.float32) for _ in range(3)]
+    v[2][0, 0, 0] = np.nan
+    runs = np.stack([np.zeros((4, 5, 6)), rng.integers(0, 2, (4, 5, 6)),
+                     np.ones((4, 5, 6))]).astype(np.int16)
+    where = rng.random((4, 5, 6)) < 0.4
+    where[0, 0, 0] = True
+    for t in range(3):
+        full, part = seg.run_mean(v, runs, t), seg.run_mean(v, runs, t, where=where)
+        assert part.dtype == np.float32
+        np.testing.assert_array_equal(part[where], full[where])
+        np.testing.assert_array_equal(part[~where], v[t][~where])
+    assert not np.array_equal(full[~where], v[2][~where])  # the mean does change them
+
+
 def test_run_average_shares_values_within_runs_only():
     v = [np.full((2, 2), x, np.float32) for x in (1.0, 3.0, 8.0)]
     v[1][0, 0] = np.nan

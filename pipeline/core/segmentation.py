@@ -458,12 +458,20 @@ def hysteresis_series(
         seeds[t] = (_grow_z(m, gm_z_grow, rim_z_grow) > z_seed) & m.domain & (m.z_gm > gm_z_seed)
     runs = (unchanged_runs(maps, change_sd=change_sd, smooth_mm=change_smooth_mm, spacing_mm=sp)
             if np.isfinite(change_sd) and n >= 2 else None)
+    if runs is not None:
+        # a mean over sessions is above 0 only where some session's z is: elsewhere the voxel is
+        # never grown, never an edge voxel (z > 0) nor part of a lesion's level, so the means
+        # are taken only here (the work of run_mean grows with the square of the sessions)
+        live = np.zeros(maps[0].z.shape, bool)
+        with np.errstate(invalid="ignore"):
+            for m in maps:
+                live |= m.z > 0
     above = np.empty(shape, bool)  # where lesions may grow: z above z_grow (4D)
     zdom = []
     for t, m in enumerate(maps):
         if runs is not None:  # temporally_consistent, one session at a time
-            m = dataclasses.replace(m, z=run_mean([u.z for u in maps], runs, t),
-                                    z_gm=run_mean([u.z_gm for u in maps], runs, t))
+            m = dataclasses.replace(m, z=run_mean([u.z for u in maps], runs, t, where=live),
+                                    z_gm=run_mean([u.z_gm for u in maps], runs, t, where=live))
         above[t] = _grow_z(m, gm_z_grow, rim_z_grow) > z_grow
         if edge_fraction > 0:
             zdom.append(np.where(m.domain, m.z, np.nan))
@@ -526,19 +534,29 @@ def run_average(values: list[np.ndarray], runs: np.ndarray) -> list[np.ndarray]:
     return [run_mean(values, runs, t) for t in range(len(values))]
 
 
-def run_mean(values: list[np.ndarray], runs: np.ndarray, t: int) -> np.ndarray:
+def run_mean(values: list[np.ndarray], runs: np.ndarray, t: int,
+             where: np.ndarray | None = None) -> np.ndarray:
     """Session ``t``'s ``values``, voxel by voxel, averaged over the sessions of its run of
     :func:`unchanged_runs` (finite values only; a voxel not finite in session ``t`` stays as it
-    is; float32)."""
-    total = np.zeros(values[t].shape, np.float64)
-    count = np.zeros(values[t].shape, np.int16)
+    is; float32). With ``where`` (bool), only those voxels are averaged; the others keep session
+    ``t``'s value."""
+    if where is None:
+        where = np.ones(values[t].shape, bool)
+    idx = np.flatnonzero(where)
+    own_run = runs[t].reshape(-1)[idx]
+    total = np.zeros(idx.size, np.float64)
+    count = np.zeros(idx.size, np.int16)
     for u in range(len(values)):
-        same = (runs[u] == runs[t]) & np.isfinite(values[u])
-        total += np.where(same, values[u], 0.0)  # 2x faster than boolean-indexed +=, same sums
+        v = values[u].reshape(-1)[idx]
+        same = (runs[u].reshape(-1)[idx] == own_run) & np.isfinite(v)
+        total += np.where(same, v, 0.0)  # 2x faster than boolean-indexed +=, same sums
         count += same
+    own = values[t].reshape(-1)[idx]
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(np.isfinite(values[t]), total / count, values[t])
-    return mean.astype(np.float32)
+        mean = np.where(np.isfinite(own), total / count, own)
+    out = np.array(values[t], np.float32)
+    out.reshape(-1)[idx] = mean
+    return out
 
 
 def temporally_consistent(
