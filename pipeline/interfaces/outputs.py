@@ -120,14 +120,13 @@ class CompressImages(SimpleInterface):
 _files = lambda desc: InputMultiObject(File(exists=True), mandatory=True, desc=desc)  # noqa: E731
 
 
-class _WriteDerivativesInputSpec(BaseInterfaceInputSpec):
-    out_dir = traits.Str(mandatory=True, desc="staging folder of this subject's derivatives")
+class _SubjectFilesInputSpec(BaseInterfaceInputSpec):
+    """What both the derivatives and the report are made from."""
+
     subject = traits.Str(mandatory=True)
     labels = traits.List(traits.Str, mandatory=True)
-    days = traits.List(traits.Float, mandatory=True)
     day_source = traits.Str("sessions.tsv", usedefault=True)
     config = traits.Dict(mandatory=True)
-    n_threads = traits.Int(1, usedefault=True, desc="threads compressing the images")
     flair = _files("FLAIR, subject space")
     trace = _files("trace DWI, subject space")
     adc = _files("ADC (um^2/s), subject space")
@@ -135,14 +134,9 @@ class _WriteDerivativesInputSpec(BaseInterfaceInputSpec):
     brain_mask = _files("brain masks, subject space")
     flair_lesion = _files("FLAIR lesion masks, subject space")
     restricted = _files("restricted masks, subject space")
-    shine_through = _files("T2 shine-through masks, subject space")
     flair_dseg = _files("FLAIR lesion ids, subject space")
     restricted_dseg = _files("restricted lesion ids, subject space")
     diffusion_dseg = _files("diffusion voxel classes of the lesion tissue, subject space")
-    native_flair_lesion = _files("FLAIR lesion masks, native FLAIR grid")
-    native_restricted = _files("restricted masks, native DWI grid")
-    subject_xfms = _files("session FLAIR -> subject transforms")
-    dwi_to_flair = _files("DWI -> FLAIR transforms")
     subject_space_qc = File(exists=True, mandatory=True)
     dwi_to_flair_qc = _files("DWI -> FLAIR QC JSONs")
     load_reports = _files("loading reports")
@@ -151,6 +145,17 @@ class _WriteDerivativesInputSpec(BaseInterfaceInputSpec):
     events_table = File(exists=True, mandatory=True)
     lineage_table = File(exists=True, mandatory=True)
     summary_table = File(exists=True, mandatory=True)
+
+
+class _WriteDerivativesInputSpec(_SubjectFilesInputSpec):
+    out_dir = traits.Str(mandatory=True, desc="staging folder of this subject's derivatives")
+    days = traits.List(traits.Float, mandatory=True)
+    n_threads = traits.Int(1, usedefault=True, desc="threads compressing the images")
+    shine_through = _files("T2 shine-through masks, subject space")
+    native_flair_lesion = _files("FLAIR lesion masks, native FLAIR grid")
+    native_restricted = _files("restricted masks, native DWI grid")
+    subject_xfms = _files("session FLAIR -> subject transforms")
+    dwi_to_flair = _files("DWI -> FLAIR transforms")
     compressed = InputMultiObject(File(exists=True),
                                   desc="CompressImages' JSONs: images already gzipped (copied)")
 
@@ -321,31 +326,6 @@ _REPORT_IMAGES = {"flair": "flair", "dwi": "trace", "adc": "adc", "radc": "radc"
                   "restricted_dseg": "restricted_dseg", "diffusion_classes": "diffusion_dseg"}
 
 
-class _SubjectReportInputSpec(BaseInterfaceInputSpec):
-    subject = traits.Str(mandatory=True)
-    labels = traits.List(traits.Str, mandatory=True)
-    day_source = traits.Str("sessions.tsv", usedefault=True)
-    config = traits.Dict(mandatory=True)
-    flair = _files("FLAIR, subject space")
-    trace = _files("trace DWI, subject space")
-    adc = _files("ADC (um^2/s), subject space")
-    radc = _files("rADC, subject space")
-    brain_mask = _files("brain masks, subject space")
-    flair_lesion = _files("FLAIR lesion masks, subject space")
-    restricted = _files("restricted masks, subject space")
-    flair_dseg = _files("FLAIR lesion ids, subject space")
-    restricted_dseg = _files("restricted lesion ids, subject space")
-    diffusion_dseg = _files("diffusion voxel classes of the lesion tissue, subject space")
-    subject_space_qc = File(exists=True, mandatory=True)
-    dwi_to_flair_qc = _files("DWI -> FLAIR QC JSONs")
-    load_reports = _files("loading reports")
-    sessions_table = File(exists=True, mandatory=True)
-    lesions_table = File(exists=True, mandatory=True)
-    events_table = File(exists=True, mandatory=True)
-    lineage_table = File(exists=True, mandatory=True)
-    summary_table = File(exists=True, mandatory=True)
-
-
 class _SubjectReportOutputSpec(TraitedSpec):
     report = File(desc="sub-X.html, for the runner to publish beside the derivatives")
 
@@ -361,7 +341,7 @@ class SubjectReport(SimpleInterface):
     node folder with their derivative names: the report's links and checks use them.
     """
 
-    input_spec = _SubjectReportInputSpec
+    input_spec = _SubjectFilesInputSpec
     output_spec = _SubjectReportOutputSpec
 
     def _run_interface(self, runtime):

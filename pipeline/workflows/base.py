@@ -251,24 +251,30 @@ def init_subject_wf(
                          n_threads=config.resources.nprocs),
         name="write_derivatives", run_without_submitting=True, overwrite=True,
     )
-    workflow.connect([
-        (resampled["flair"], sink, [("out", "flair")]),
-        (resampled["trace"], sink, [("out", "trace")]),
-        (resampled["adc"], sink, [("out", "adc")]),
-        (resampled["brain_mask"], sink, [("out", "brain_mask")]),
-        (segment, sink, [("radc", "radc"), ("flair_lesion", "flair_lesion"),
-                         ("restricted", "restricted"), ("shine_through", "shine_through")]),
-        (track, sink, [("flair_dseg", "flair_dseg"), ("restricted_dseg", "restricted_dseg"),
-                       ("diffusion_dseg", "diffusion_dseg"),
-                       ("sessions_table", "sessions_table"), ("lesions_table", "lesions_table"),
-                       ("events_table", "events_table"), ("lineage_table", "lineage_table"),
-                       ("summary_table", "summary_table")]),
+    # what both the derivatives and the report are made from (SubjectReport's inputs)
+    subject_files = [
+        (resampled["flair"], [("out", "flair")]),
+        (resampled["trace"], [("out", "trace")]),
+        (resampled["adc"], [("out", "adc")]),
+        (resampled["brain_mask"], [("out", "brain_mask")]),
+        (segment, [("radc", "radc"), ("flair_lesion", "flair_lesion"),
+                   ("restricted", "restricted")]),
+        (track, [("flair_dseg", "flair_dseg"), ("restricted_dseg", "restricted_dseg"),
+                 ("diffusion_dseg", "diffusion_dseg"),
+                 ("sessions_table", "sessions_table"), ("lesions_table", "lesions_table"),
+                 ("events_table", "events_table"), ("lineage_table", "lineage_table"),
+                 ("summary_table", "summary_table")]),
+        (space, [("qc", "subject_space_qc")]),
+        (merges["reg_qc"], [("out", "dwi_to_flair_qc")]),
+        (merges["load_report"], [("out", "load_reports")]),
+    ]
+    # Nipype keeps and extends the list it is given: each edge gets its own copy
+    workflow.connect([(src, sink, list(pairs)) for src, pairs in subject_files] + [
+        (segment, sink, [("shine_through", "shine_through")]),
         (native, sink, [("flair_lesion", "native_flair_lesion"),
                         ("restricted", "native_restricted")]),
-        (space, sink, [("transforms", "subject_xfms"), ("qc", "subject_space_qc")]),
+        (space, sink, [("transforms", "subject_xfms")]),
         (merges["dwi_to_flair"], sink, [("out", "dwi_to_flair")]),
-        (merges["reg_qc"], sink, [("out", "dwi_to_flair_qc")]),
-        (merges["load_report"], sink, [("out", "load_reports")]),
         (compressed, sink, [("out", "compressed")]),
     ])
 
@@ -279,20 +285,5 @@ def init_subject_wf(
                       day_source=subject.day_source),
         name="subject_report", mem_gb=1.0, overwrite=True,
     )
-    workflow.connect([
-        (resampled["flair"], report, [("out", "flair")]),
-        (resampled["trace"], report, [("out", "trace")]),
-        (resampled["adc"], report, [("out", "adc")]),
-        (resampled["brain_mask"], report, [("out", "brain_mask")]),
-        (segment, report, [("radc", "radc"), ("flair_lesion", "flair_lesion"),
-                           ("restricted", "restricted")]),
-        (track, report, [("flair_dseg", "flair_dseg"), ("restricted_dseg", "restricted_dseg"),
-                         ("diffusion_dseg", "diffusion_dseg"),
-                         ("sessions_table", "sessions_table"), ("lesions_table", "lesions_table"),
-                         ("events_table", "events_table"), ("lineage_table", "lineage_table"),
-                         ("summary_table", "summary_table")]),
-        (space, report, [("qc", "subject_space_qc")]),
-        (merges["reg_qc"], report, [("out", "dwi_to_flair_qc")]),
-        (merges["load_report"], report, [("out", "load_reports")]),
-    ])
+    workflow.connect([(src, report, list(pairs)) for src, pairs in subject_files])
     return workflow
