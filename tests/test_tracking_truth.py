@@ -242,3 +242,58 @@ def test_merge_with_an_invisible_lesion_is_not_observable():
     # lesion elsewhere still is
     hidden = native([{1: 5, 3: 3}, {4: 8, 3: 3}])
     assert observable_rows(table, hidden, sessions, 1.0).tolist() == [False, False, True, False]
+
+
+def test_native_events_show_what_the_acquisition_grid_resolves():
+    """benchmarks/tracking.native_events: the event of each truth row as the phantom's
+    native-grid truth shows it (per session components and volumes, tracking thresholds), the
+    rule behind the benchmark's *resolvable* rows."""
+    from benchmarks.tracking import native_events, observable_rows
+
+    voxel_ml, shape = 0.01, (4, 30, 12)
+    first, second = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    # 1: stable in the truth, but the grid holds 18 -> 12 voxels of it (-33 %, -0.06 mL)
+    first[0:2, 0:3, 0:3] = 1
+    second[0:2, 0:3, 0:2] = 1
+    # 2 + 3 merge into 4, but the grid already joins them at the first session
+    first[0:2, 5:7, 0:3], first[0:2, 7:9, 0:3] = 2, 3
+    second[0:2, 5:9, 0:3] = 4
+    # 5 + 6 merge into 7, one empty voxel row apart at the first session
+    first[0:2, 11:13, 0:3], first[0:2, 14:16, 0:3] = 5, 6
+    second[0:2, 11:16, 0:3] = 7
+    # 8 is new at the second session
+    second[0:2, 18:21, 0:3] = 8
+    # 9 is stable; at the second session a one-voxel piece of it lies apart (a fragment)
+    first[0:2, 23:26, 0:3] = 9
+    second[0:2, 23:26, 0:3] = 9
+    second[3, 28, 10] = 9
+    second[0, 23, 0] = 0  # 18 -> 18 voxels
+    native = {"flair": [(first, voxel_ml), (second, voxel_ml)]}
+    table = pd.DataFrame([
+        (1, "flair", "01", "stable", 0.18, 0.18, "", ""),
+        (2, "flair", "01", "merged", 0.12, 0.0, "", "4"),
+        (3, "flair", "01", "merged", 0.12, 0.0, "", "4"),
+        (4, "flair", "01", "merged", 0.0, 0.24, "2;3", ""),
+        (5, "flair", "01", "merged", 0.12, 0.0, "", "7"),
+        (6, "flair", "01", "merged", 0.12, 0.0, "", "7"),
+        (7, "flair", "01", "merged", 0.0, 0.30, "5;6", ""),
+        (8, "flair", "01", "new", 0.0, 0.18, "", ""),
+        (9, "flair", "01", "stable", 0.18, 0.18, "", ""),
+    ], columns=["lesion_id", "kind", "from_session", "event", "volume_from_ml", "volume_to_ml",
+                "predecessor_ids", "successor_ids"])
+    sessions = ["01", "02"]
+    grid = native_events(table, native, sessions, voxel_ml, CONFIG.tracking)
+    assert grid == ["shrinking", "stable", "stable", "stable", "merged", "merged", "merged",
+                    "new", "stable"]
+    # every row is observable (all its lesions fill grid voxels), but the truth's stable
+    # lesion 1 and the merge of 2 + 3 are not resolved by the grid
+    observable = observable_rows(table, native, sessions, voxel_ml)
+    assert observable.all()
+    resolvable = observable & (np.asarray(grid) == table["event"].to_numpy())
+    assert resolvable.tolist() == [False, False, False, False, True, True, True, True, True]
+    # the fragment counts once it is a fifth of the lesion: then the grid shows a split
+    second[3, 27:29, 9:11] = 9
+    assert native_events(table, native, sessions, voxel_ml, CONFIG.tracking)[-1] == "split"
+    # a lesion no grid voxel holds at either end is absent
+    gone = {"flair": [(np.zeros(shape, np.int32), voxel_ml)] * 2}
+    assert set(native_events(table, gone, sessions, voxel_ml, CONFIG.tracking)) == {"absent"}
