@@ -368,9 +368,12 @@ def native_events(events: pd.DataFrame, native: dict[str, list], sessions: list[
     acquisition grid); components below ``tracking_config.fragment_ratio`` of the largest are
     fragments, as in the tracker. None at either end: ``absent``; none at the from-session:
     ``new``; none at the to-session: ``resolved``; more components before than after:
-    ``merged``; fewer: ``split``; else the lesions' total acquisition-grid volume classified
-    with the tracking thresholds (``pipeline.core.tracking.classify_change``: enlarging /
-    stable / shrinking). ``events`` is one kind's truth events table."""
+    ``merged``; fewer: ``split``; one each, and the row's lesion a fragment apart from the
+    others (components of its own, all fragments) that the truth ends at the from-session /
+    starts at the to-session: ``merged`` / ``split`` (absorbed / shed, as the tracker calls
+    it); else the lesions' total acquisition-grid volume classified with the tracking
+    thresholds (``pipeline.core.tracking.classify_change``: enlarging / stable / shrinking).
+    ``events`` is one kind's truth events table."""
     from pipeline.core.tracking import classify_change, label_components
 
     trk = tracking_config
@@ -384,24 +387,31 @@ def native_events(events: pd.DataFrame, native: dict[str, list], sessions: list[
                                          for i, c in zip(ids, counts)}, voxel_ml)
         return cache[(kind, k)]
 
-    def side(kind: str, k: int, group: set[int]) -> tuple[int, float]:
-        """Components (not fragments) and total volume (mL) of the group's visible lesions."""
+    def side(kind: str, k: int, group: set[int], own: int) -> tuple[int, float, bool]:
+        """Components (not fragments) and total volume (mL) of the group's visible lesions;
+        whether ``own`` is a fragment apart: only in components of its own, all fragments,
+        beside another visible lesion of the group."""
         labels, volumes, voxel_ml = grid(kind, k)
         seen = [j for j in group if volumes.get(j, 0.0) >= min_ml]
         if not seen:
-            return 0, 0.0
+            return 0, 0.0, False
         mask = np.isin(labels, seen)
         box = ndimage.find_objects(mask.astype(np.int8))[0]
         comps = label_components(mask[box], trk.connectivity)
         sizes = np.bincount(comps.ravel())[1:].astype(float)
-        majors = int(np.count_nonzero(sizes >= trk.fragment_ratio * sizes.max()))
-        return majors, sum(volumes[j] for j in seen)
+        major = sizes >= trk.fragment_ratio * sizes.max()
+        fragment = False
+        if own in seen and len(seen) > 1:
+            mine = set(np.unique(comps[labels[box] == own]).tolist())
+            theirs = set(np.unique(comps[mask[box] & (labels[box] != own)]).tolist())
+            fragment = not (mine & theirs) and not any(major[c - 1] for c in mine)
+        return int(np.count_nonzero(major)), sum(volumes[j] for j in seen), fragment
 
     out = []
     for r in events.itertuples():
-        k = sessions.index(r.from_session)
+        k, own = sessions.index(r.from_session), int(r.lesion_id)
         group = _event_group(events, r)
-        (n0, v0), (n1, v1) = side(r.kind, k, group), side(r.kind, k + 1, group)
+        (n0, v0, apart0), (n1, v1, apart1) = (side(r.kind, j, group, own) for j in (k, k + 1))
         if n0 == 0 and n1 == 0:
             out.append(GRID_ABSENT)
         elif n0 == 0:
@@ -411,6 +421,10 @@ def native_events(events: pd.DataFrame, native: dict[str, list], sessions: list[
         elif n0 > n1:
             out.append("merged")
         elif n0 < n1:
+            out.append("split")
+        elif n0 == 1 and apart0 and not r.volume_to_ml > 0:  # a fragment absorbed
+            out.append("merged")
+        elif n0 == 1 and apart1 and not r.volume_from_ml > 0:  # a fragment shed
             out.append("split")
         else:
             out.append(classify_change(v0, v1, enlarging_relative=trk.enlarging_relative,

@@ -268,6 +268,9 @@ def test_native_events_show_what_the_acquisition_grid_resolves():
     second[0:2, 23:26, 0:3] = 9
     second[3, 28, 10] = 9
     second[0, 23, 0] = 0  # 18 -> 18 voxels
+    # 11, a one-voxel speck apart from 10, is absorbed by it (a fragment: the tracker says merged)
+    first[0:2, 0:4, 6:9], first[3, 0, 11] = 10, 11
+    second[0:2, 0:4, 6:9], second[0, 0, 9] = 10, 10
     native = {"flair": [(first, voxel_ml), (second, voxel_ml)]}
     table = pd.DataFrame([
         (1, "flair", "01", "stable", 0.18, 0.18, "", ""),
@@ -279,21 +282,27 @@ def test_native_events_show_what_the_acquisition_grid_resolves():
         (7, "flair", "01", "merged", 0.0, 0.30, "5;6", ""),
         (8, "flair", "01", "new", 0.0, 0.18, "", ""),
         (9, "flair", "01", "stable", 0.18, 0.18, "", ""),
+        (10, "flair", "01", "stable", 0.24, 0.25, "11", ""),
+        (11, "flair", "01", "merged", 0.01, 0.0, "", "10"),
     ], columns=["lesion_id", "kind", "from_session", "event", "volume_from_ml", "volume_to_ml",
                 "predecessor_ids", "successor_ids"])
     sessions = ["01", "02"]
     grid = native_events(table, native, sessions, voxel_ml, CONFIG.tracking)
     assert grid == ["shrinking", "stable", "stable", "stable", "merged", "merged", "merged",
-                    "new", "stable"]
+                    "new", "stable", "stable", "merged"]
     # every row is observable (all its lesions fill grid voxels), but the truth's stable
     # lesion 1 and the merge of 2 + 3 are not resolved by the grid
     observable = observable_rows(table, native, sessions, voxel_ml)
     assert observable.all()
     resolvable = observable & (np.asarray(grid) == table["event"].to_numpy())
-    assert resolvable.tolist() == [False, False, False, False, True, True, True, True, True]
+    assert resolvable.tolist() == [False, False, False, False] + [True] * 7
     # the fragment counts once it is a fifth of the lesion: then the grid shows a split
     second[3, 27:29, 9:11] = 9
-    assert native_events(table, native, sessions, voxel_ml, CONFIG.tracking)[-1] == "split"
+    assert native_events(table, native, sessions, voxel_ml, CONFIG.tracking)[8] == "split"
+    # a speck touching the lesion it joins is no fragment apart: the grid shows no merge
+    first[2, 0, 9] = 11
+    first[3, 0, 11] = 0
+    assert native_events(table, native, sessions, voxel_ml, CONFIG.tracking)[10] == "stable"
     # a lesion no grid voxel holds at either end is absent
     gone = {"flair": [(np.zeros(shape, np.int32), voxel_ml)] * 2}
     assert set(native_events(table, gone, sessions, voxel_ml, CONFIG.tracking)) == {"absent"}
