@@ -9,6 +9,7 @@ repaired on the fly (background NaN set to 0, negative ADC clipped) is returned 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +48,16 @@ def fov_overlap(affine_a, shape_a, affine_b, shape_b) -> float:
     return float(inter / smaller) if smaller > 0 else 0.0
 
 
-def _inputs_params(config) -> dict:
+def _run_config(config):
     if config is None:
         from pipeline.config import load_config
 
         config = load_config()
-    return config.to_dict()["inputs"]
+    return config
+
+
+def _inputs_params(config) -> dict:
+    return _run_config(config).to_dict()["inputs"]
 
 
 def check_session_files(ses: SessionInputs) -> None:
@@ -192,12 +197,25 @@ def validate_subject(subject: SubjectInputs, config=None) -> list[str]:
     Raises
     ------
     InputError
-        Naming the file, what is wrong and what to do.
+        Naming the file, what is wrong and what to do (the first session, in session order,
+        with a bad input: the same error as checking the sessions one by one).
+
+    The sessions are checked side by side on ``resources.nprocs`` threads: most of the time is
+    spent decompressing and converting the images (zlib and numpy release the GIL), on one
+    core before any node of the run can start.
     """
     params = _inputs_params(config)
+    workers = max(1, min(len(subject.sessions), _run_config(config).resources.nprocs))
     warnings: list[str] = []
-    for ses in subject.sessions:
-        warnings += validate_session(ses, params, detect_unit=config is not None)
+    with ThreadPoolExecutor(workers) as pool:
+        checks = [pool.submit(validate_session, ses, params, detect_unit=config is not None)
+                  for ses in subject.sessions]
+        try:
+            for check in checks:  # in session order: the first bad session raises
+                warnings += check.result()
+        finally:
+            for check in checks:  # a bad session: the sessions not yet started are not opened
+                check.cancel()
     for a, b in zip(subject.sessions, subject.sessions[1:]):
         if b.day <= a.day:
             warnings.append(
