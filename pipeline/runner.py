@@ -363,6 +363,7 @@ def _wait_for_jobs(token: str, poll_s: float) -> None:
 def run_subject(subject: SubjectInputs, *, config: Config, output_dir: Path, work_dir: Path,
                 plugin: str, plugin_args: dict) -> None:
     """Validate, build and run one subject's workflow, then publish its derivatives."""
+    from pipeline.reports.node import subject_report_node
     from pipeline.workflows.base import init_subject_wf
 
     # before any work: config-dependent checks (ADC unit, b0 threshold...) use the run's config
@@ -370,7 +371,10 @@ def run_subject(subject: SubjectInputs, *, config: Config, output_dir: Path, wor
         log.warning(f"sub-{subject.subject}: warning: {warning}")
     recover(output_dir, subject.subject)
     staging = output_dir / STAGING / f"sub-{subject.subject}"
-    workflow = init_subject_wf(subject=subject, config=config, staging_dir=staging)
+    # the report is drawn by a node of the workflow beside the derivatives' compression; the
+    # workflow gets the function from here (the composition root): it never imports the reports
+    workflow = init_subject_wf(subject=subject, config=config, staging_dir=staging,
+                               report=subject_report_node)
     workflow.base_dir = str(work_dir)
     _apply_resource_hints(workflow, plugin)
     args = dict(plugin_args)

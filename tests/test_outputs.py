@@ -193,7 +193,7 @@ def test_compressed_ahead_gives_the_same_derivative_bytes(tmp_path):
 
 
 def test_runner_publishes_the_report_node_html(tmp_path):
-    # the subject_report node's page is copied beside the derivatives (readable by all); the
+    # the subject_report node's page (pipeline.reports.node) is copied beside the derivatives (readable by all); the
     # node folders are found under the workflow's base_dir (Node.output_dir() of the
     # workflow's own node objects answers a new temporary folder), and without the node's
     # page the runner says so (it then draws the report itself)

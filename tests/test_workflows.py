@@ -7,6 +7,7 @@ import pytest
 from conftest import make_skeleton
 from pipeline.bids import discover
 from pipeline.config import load_config
+from pipeline.reports.node import subject_report_node
 from pipeline.workflows.base import init_session_wf, init_subject_wf
 
 
@@ -14,7 +15,8 @@ from pipeline.workflows.base import init_session_wf, init_subject_wf
 def test_subject_workflow_expands(tmp_path, n_sessions):
     sessions = [f"day{d}" for d in (0, 3, 8, 45)[:n_sessions]]
     (subject,) = discover(make_skeleton(tmp_path / "bids", sessions=sessions))
-    wf = init_subject_wf(subject=subject, config=load_config(), staging_dir=tmp_path / "stage")
+    wf = init_subject_wf(subject=subject, config=load_config(), staging_dir=tmp_path / "stage",
+                         report=subject_report_node)
     graph = wf._create_flat_graph()
     names = {node.fullname.split(".", 1)[1] for node in graph.nodes}
     for ses in sessions:
@@ -32,6 +34,19 @@ def test_subject_workflow_expands(tmp_path, n_sessions):
             value = getattr(node.inputs, name)
             assert name in connected or value is not None and str(value) != "<undefined>", (
                 f"{node.fullname}.{name} is mandatory but neither set nor connected")
+    # the report node (a Function: no mandatory inputs) gets every file the derivatives are
+    # made from, and its function's own inputs
+    from pipeline.interfaces.outputs import _SubjectFilesInputSpec
+
+    (report,) = [node for node in graph.nodes if node.name == "subject_report"]
+    connected = {dest for _, _, data in graph.in_edges(report, data=True)
+                 for _, dest in data["connect"]}
+    spec = set(_SubjectFilesInputSpec().copyable_trait_names())
+    assert connected == spec - {"subject", "labels", "day_source", "config"}
+    for name in ("subject", "labels", "day_source", "config"):
+        assert str(getattr(report.inputs, name)) != "<undefined>", name
+    assert init_subject_wf(subject=subject, config=load_config(),
+                           staging_dir=tmp_path / "stage").get_node("subject_report") is None
 
 
 def test_affine_dwi_to_flair_from_config(tmp_path):
@@ -81,7 +96,8 @@ def test_b0_resampled_only_for_sessions_without_flair(tmp_path, without_flair):
     if without_flair:
         (root / "sub-01" / "ses-day3" / "anat" / "sub-01_ses-day3_FLAIR.nii.gz").unlink()
     (subject,) = discover(root)
-    wf = init_subject_wf(subject=subject, config=load_config(), staging_dir=tmp_path / "stage")
+    wf = init_subject_wf(subject=subject, config=load_config(), staging_dir=tmp_path / "stage",
+                         report=subject_report_node)
     graph = wf._create_flat_graph()
 
     def inputs_of(name):

@@ -121,7 +121,8 @@ _files = lambda desc: InputMultiObject(File(exists=True), mandatory=True, desc=d
 
 
 class _SubjectFilesInputSpec(BaseInterfaceInputSpec):
-    """What both the derivatives and the report are made from."""
+    """What both the derivatives and the report are made from (the workflow hands the same
+    files to the report, :func:`pipeline.reports.subject.write_work_report`)."""
 
     subject = traits.Str(mandatory=True)
     labels = traits.List(traits.Str, mandatory=True)
@@ -306,7 +307,8 @@ QC_REPORT = "desc-qc_report.json"
 
 def qc_report_text(ins) -> str:
     """The subject's QC report (sub-X_desc-qc_report.json) from the inputs of
-    :class:`WriteDerivatives` or :class:`SubjectReport` (the same fields)."""
+    :class:`WriteDerivatives` (or anything with the same fields: the report drawn beside it,
+    :func:`pipeline.reports.subject.write_work_report`, writes the same QC report)."""
     qc = {
         "subject_space": _load(ins.subject_space_qc),
         "dwi_to_flair": [_load(f) for f in ins.dwi_to_flair_qc],
@@ -317,49 +319,6 @@ def qc_report_text(ins) -> str:
         "software": software_versions(),
     }
     return json.dumps(qc, indent=2)
-
-
-# report image key (pipeline.reports.data.IMAGES) -> the input of SubjectReport it is read from
-_REPORT_IMAGES = {"flair": "flair", "dwi": "trace", "adc": "adc", "radc": "radc",
-                  "brain": "brain_mask", "flair_mask": "flair_lesion",
-                  "restricted_mask": "restricted", "flair_dseg": "flair_dseg",
-                  "restricted_dseg": "restricted_dseg", "diffusion_classes": "diffusion_dseg"}
-
-
-class _SubjectReportOutputSpec(TraitedSpec):
-    report = File(desc="sub-X.html, for the runner to publish beside the derivatives")
-
-
-class SubjectReport(SimpleInterface):
-    """The subject's HTML report, drawn while the derivatives are compressed and written.
-
-    Reads what :class:`WriteDerivatives` copies into the derivatives (the work-dir images,
-    the tables, the QC report made by the same function) instead of the published files, so
-    that the run's last minutes keep both cores busy; the report is the one
-    :func:`pipeline.reports.subject.write_subject_report` draws from the published
-    derivatives (only its date differs). The tables and the QC report are written under the
-    node folder with their derivative names: the report's links and checks use them.
-    """
-
-    input_spec = _SubjectFilesInputSpec
-    output_spec = _SubjectReportOutputSpec
-
-    def _run_interface(self, runtime):
-        from pipeline.reports.subject import write_subject_report
-
-        ins = self.inputs
-        root = Path(runtime.cwd) / "report"
-        if root.exists():
-            shutil.rmtree(root)
-        subj_dir = root / f"sub-{ins.subject}"
-        subj_dir.mkdir(parents=True)
-        for field, (name, _) in _TABLES.items():
-            shutil.copyfile(getattr(ins, field), subj_dir / f"sub-{ins.subject}_{name}")
-        (subj_dir / f"sub-{ins.subject}_{QC_REPORT}").write_text(qc_report_text(ins))
-        images = {ses: {key: getattr(ins, field)[i] for key, field in _REPORT_IMAGES.items()}
-                  for i, ses in enumerate(ins.labels)}
-        self._results["report"] = str(write_subject_report(root, ins.subject, images=images))
-        return runtime
 
 
 def _load(path: str):

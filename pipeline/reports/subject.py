@@ -8,12 +8,14 @@ configuration that was actually used.
 
 from __future__ import annotations
 
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 from pipeline import __version__
 from pipeline.io import atomic_path
-from pipeline.reports.data import SubjectDerivatives, load_subject
+from pipeline.reports.data import TABLES, SubjectDerivatives, load_subject
 from pipeline.reports.embed import environment, figure_data_uri, table_html
 from pipeline.reports.mosaic import extract_views, plot_mosaic, plot_registration_qc
 from pipeline.reports.qc import (collect_warnings, input_notes, methods_paragraphs,
@@ -141,3 +143,55 @@ def write_subject_report(output_dir: Path, subject: str, sources: dict[str, str]
         tmp.write_text(html, encoding="utf-8")
         tmp.chmod(0o644)  # a report is for reading (the temporary file is private)
     return dst
+
+
+# report image key (pipeline.reports.data.IMAGES) -> the subject file it is read from
+WORK_IMAGES = {"flair": "flair", "dwi": "trace", "adc": "adc", "radc": "radc",
+               "brain": "brain_mask", "flair_mask": "flair_lesion",
+               "restricted_mask": "restricted", "flair_dseg": "flair_dseg",
+               "restricted_dseg": "restricted_dseg", "diffusion_classes": "diffusion_dseg"}
+
+
+def write_work_report(root: Path, *, subject: str, labels: list[str], day_source: str,
+                      config: dict, **files) -> Path:
+    """Draw a subject's report from the work-dir files its derivatives are written from.
+
+    The participant workflow runs this (:func:`pipeline.reports.node.subject_report_node`)
+    while the derivatives are compressed and written, so that the run's last seconds keep
+    both cores busy; the page is the one :func:`write_subject_report` draws from the published
+    derivatives (only its date differs).
+
+    Parameters
+    ----------
+    root : Path
+        Folder to draw in (emptied first): the tables and the QC report are written under
+        ``root/sub-X/`` with their derivative names (the report's links and checks use them),
+        the report is ``root/sub-X.html``.
+    subject, labels, day_source, config
+        Subject label (without ``sub-``), session labels, where the days came from and the
+        configuration as a dict.
+    **files
+        The subject files of :class:`pipeline.interfaces.outputs.WriteDerivatives` (same
+        names): one image per session for each field of :data:`WORK_IMAGES`, the tables
+        ``<key>_table`` for each key of :data:`pipeline.reports.data.TABLES`, and the QC
+        inputs ``subject_space_qc``, ``dwi_to_flair_qc``, ``load_reports``.
+
+    Returns
+    -------
+    Path
+        ``root/sub-X.html``.
+    """
+    from pipeline.interfaces.outputs import QC_REPORT, qc_report_text
+
+    root = Path(root)
+    if root.exists():
+        shutil.rmtree(root)
+    subj_dir = root / f"sub-{subject}"
+    subj_dir.mkdir(parents=True)
+    for key, name in TABLES.items():
+        shutil.copyfile(files[f"{key}_table"], subj_dir / f"sub-{subject}_{name}.tsv")
+    qc = SimpleNamespace(labels=labels, day_source=day_source, config=config, **files)
+    (subj_dir / f"sub-{subject}_{QC_REPORT}").write_text(qc_report_text(qc))
+    images = {ses: {key: files[field][i] for key, field in WORK_IMAGES.items()}
+              for i, ses in enumerate(labels)}
+    return write_subject_report(root, subject, images=images)

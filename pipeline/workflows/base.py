@@ -5,6 +5,7 @@ Builders only wire interfaces; every computation lives in pipeline/core behind t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from nipype.interfaces import utility as niu
@@ -12,8 +13,7 @@ from nipype.pipeline import engine as pe
 
 from pipeline.bids import SessionInputs, SubjectInputs, tracking_days
 from pipeline.config import Config
-from pipeline.interfaces.outputs import (CompressImages, NativeMasks, SubjectReport,
-                                         WriteDerivatives)
+from pipeline.interfaces.outputs import CompressImages, NativeMasks, WriteDerivatives
 from pipeline.interfaces.preprocess import PrepareImage
 from pipeline.interfaces.registration import RegisterImages, ResampleSession, SubjectSpace
 from pipeline.interfaces.segmentation import SegmentSessions
@@ -120,7 +120,8 @@ def _merge(name: str, n: int) -> pe.Node:
 
 
 def init_subject_wf(
-    *, subject: SubjectInputs, config: Config, staging_dir: Path, name: str | None = None
+    *, subject: SubjectInputs, config: Config, staging_dir: Path, name: str | None = None,
+    report: Callable[..., str] | None = None,
 ):
     """The whole longitudinal workflow of one subject.
 
@@ -135,6 +136,14 @@ def init_subject_wf(
         workflow has succeeded, so that no half-written subject ever appears there.
     name
         Workflow name (default ``sub_<label>_wf``).
+    report
+        A function drawing the subject's report into its working directory, given as keyword
+        arguments ``subject``, ``labels``, ``day_source``, ``config`` and the files the
+        derivatives are made from (the inputs of WriteDerivatives of the same names); it
+        returns the report's path. It runs as the node ``subject_report`` (a Nipype
+        ``Function``: from its source, in an empty namespace) beside the compression of the
+        derivatives. The runner passes :func:`pipeline.reports.node.subject_report_node`;
+        None: no report node. (Injected, so that workflows never import the reports.)
 
     Sessions may lack FLAIR or diffusion (see :func:`init_session_wf`); segmentation and tracking
     are told which (``has_flair``, ``has_dwi``). Sessions on the same day are
@@ -251,7 +260,7 @@ def init_subject_wf(
                          n_threads=config.resources.nprocs),
         name="write_derivatives", run_without_submitting=True, overwrite=True,
     )
-    # what both the derivatives and the report are made from (SubjectReport's inputs)
+    # what both the derivatives and the report are made from
     subject_files = [
         (resampled["flair"], [("out", "flair")]),
         (resampled["trace"], [("out", "trace")]),
@@ -278,12 +287,17 @@ def init_subject_wf(
         (compressed, sink, [("out", "compressed")]),
     ])
 
-    # the HTML report is drawn from the same files beside the compression and the derivatives
-    # (the runner publishes it); rerun every time, as the report was when written after the run
-    report = pe.Node(
-        SubjectReport(subject=subject.subject, labels=labels, config=cfg,
-                      day_source=subject.day_source),
-        name="subject_report", mem_gb=1.0, overwrite=True,
-    )
-    workflow.connect([(src, report, list(pairs)) for src, pairs in subject_files])
+    if report is not None:
+        # the HTML report is drawn from the same files beside the compression and the
+        # derivatives (the runner publishes it); rerun every time, as the report was when
+        # written after the run
+        fields = [dest for _, pairs in subject_files for _, dest in pairs]
+        node = pe.Node(
+            niu.Function(function=report, output_names=["report"],
+                         input_names=["subject", "labels", "day_source", "config", *fields]),
+            name="subject_report", mem_gb=1.0, overwrite=True,
+        )
+        node.inputs.trait_set(subject=subject.subject, labels=labels, config=cfg,
+                              day_source=subject.day_source)
+        workflow.connect([(src, node, list(pairs)) for src, pairs in subject_files])
     return workflow
