@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -424,3 +425,38 @@ def test_pyramid_cache_gives_the_same_registration(pair):
                                     **params)
         assert cached.transform.GetParameters() == plain.transform.GetParameters()
     assert sum(1 for k in cache if k[0] != "lock") == 2  # one pyramid per image
+
+
+def test_subject_space_from_registrations_done_beforehand(sessions, tmp_path, monkeypatch):
+    # step 1 (each later session to the first) can run elsewhere, e.g. in its own Nipype node
+    # beside the other sessions' preprocessing: with one ITK thread the subject space built
+    # from those results, also after they went through the RegisterToFirst node's files, is
+    # bit-identical to the one that registers the pairs itself
+    from pipeline.interfaces.registration import _read_result
+
+    imgs, masks, _ = sessions
+    params = dict(REG, iterations=30, n_threads=1)
+    for iterations in (1, 0):  # with 0, the QC records are the step-1 results themselves
+        kw = dict(spacing_mm=2.0, template_iterations=iterations, template_spacing_mm=3.0,
+                  **params)
+        ts, ref, qc = reg.build_subject_space(imgs, masks, **kw)
+        first = [reg.register_to_first(imgs[0], imgs[i], masks[0], masks[i], **params)
+                 for i in (1, 2)]
+        files = []
+        for i, res in enumerate(first):
+            xfm = reg.write_transform(res.transform, tmp_path / f"xfm{i}.txt")
+            record = tmp_path / f"res{i}.json"
+            record.write_text(json.dumps({k: v for k, v in vars(res).items() if k != "transform"}))
+            files.append(_read_result(str(xfm), str(record)))
+        for given in (first, files):
+            with monkeypatch.context() as m:  # step 1 is not run again
+                m.setattr(reg, "register_to_first", None)
+                ts2, ref2, qc2 = reg.build_subject_space(imgs, masks, to_first=given, **kw)
+            assert [t.GetParameters() for t in ts2] == [t.GetParameters() for t in ts]
+            assert [t.GetFixedParameters() for t in ts2] == [t.GetFixedParameters() for t in ts]
+            assert (ref2.GetSize(), ref2.GetOrigin()) == (ref.GetSize(), ref.GetOrigin())
+            np.testing.assert_array_equal(  # NaN = NaN (session 0 without a registration)
+                [(q.final_metric, q.similarity_after, q.rotation_deg) for q in qc2],
+                [(q.final_metric, q.similarity_after, q.rotation_deg) for q in qc])
+    with pytest.raises(ValueError, match="one result per session after the first"):
+        reg.build_subject_space(imgs, masks, to_first=first[:1], **kw)

@@ -110,3 +110,43 @@ def test_b0_resampled_only_for_sessions_without_flair(tmp_path, without_flair):
         assert {"flair", "trace", "adc"} <= inputs_of(f"resample_{ses}")
     assert ("b0" in inputs_of("segment")) == without_flair
     assert {"flair", "brain_mask", "trace", "adc"} <= inputs_of("segment")
+
+
+@pytest.mark.parametrize("without_flair", [False, True])
+def test_registrations_to_the_first_session_run_in_the_sessions(tmp_path, without_flair):
+    # step 1 of the subject space (each later session to the first) is a node of each later
+    # session, fed by the first session's anatomical reference and its own (the b0 without a
+    # FLAIR), so that MultiProc runs it beside the other sessions' preprocessing; the
+    # subject_space node takes the results in session order
+    sessions = ["day0", "day3", "day8"]
+    root = make_skeleton(tmp_path / "bids", sessions=sessions)
+    if without_flair:
+        (root / "sub-01" / "ses-day8" / "anat" / "sub-01_ses-day8_FLAIR.nii.gz").unlink()
+    (subject,) = discover(root)
+    from nipype.pipeline.engine.utils import generate_expanded_graph
+
+    # the graph that runs: without the identity (inputnode/outputnode) nodes
+    graph = generate_expanded_graph(init_subject_wf(
+        subject=subject, config=load_config(), staging_dir=tmp_path / "stage")._create_flat_graph())
+    nodes = {node.fullname.split(".", 1)[1]: node for node in graph.nodes}
+    assert "ses_day0_wf.to_first" not in nodes
+
+    def sources(name):
+        return {(src.fullname.split(".", 1)[1], out, dest)
+                for src, _, data in graph.in_edges(nodes[name], data=True)
+                for out, dest in data["connect"]}
+
+    for ses in sessions[1:]:
+        own = "prep_dwi" if without_flair and ses == "day8" else "prep_flair"
+        assert sources(f"ses_{ses}_wf.to_first") == {
+            ("ses_day0_wf.prep_flair", "out_file", "first"),
+            ("ses_day0_wf.prep_flair", "mask", "first_mask"),
+            (f"ses_{ses}_wf.{own}", "out_file", "in_file"),
+            (f"ses_{ses}_wf.{own}", "mask", "mask")}
+    into_space = {dest: src for src, _, dest in sources("subject_space")}
+    assert into_space["to_first_xfms"] == "merge_to_first_xfm"
+    assert into_space["to_first_results"] == "merge_to_first_result"
+    for field in ("xfm", "result"):
+        assert sources(f"merge_to_first_{field}") == {
+            (f"ses_{ses}_wf.to_first", "transform" if field == "xfm" else "result", f"in{i}")
+            for i, ses in enumerate(sessions[1:], start=1)}

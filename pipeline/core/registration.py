@@ -1044,6 +1044,34 @@ def _normalised(image: sitk.Image, mask: sitk.Image | None) -> sitk.Image:
     return sitk.Cast(image, sitk.sitkFloat32) / (scale if scale > 0 else 1.0)
 
 
+def _subject_space_params(reg_params: dict) -> dict:
+    """:func:`register_rigid` keywords of the subject space's registrations: rigid, and no
+    caller-given start (each step sets its own)."""
+    params = dict(reg_params)
+    params["transform_type"] = "rigid"
+    params.pop("initial_transform", None)
+    return params
+
+
+def register_to_first(
+    first: sitk.Image,
+    image: sitk.Image,
+    first_mask: sitk.Image | None = None,
+    mask: sitk.Image | None = None,
+    **reg_params,
+) -> RegistrationResult:
+    """Step 1 of :func:`build_subject_space` for one session: ``image`` (moving) registered
+    rigidly to the first session's ``first`` (fixed). The result's transform maps session-0
+    points to this session's points.
+
+    Each session's registration is independent of the others', so it can run as soon as both
+    images are ready (e.g. in its own process) and be handed to ``build_subject_space`` as
+    ``to_first``. ``reg_params`` as for ``build_subject_space``.
+    """
+    return register_rigid(first, image, fixed_mask=first_mask, moving_mask=mask,
+                          **_subject_space_params(reg_params))
+
+
 def build_subject_space(
     images: Sequence[sitk.Image],
     masks: Sequence[sitk.Image] | None = None,
@@ -1053,12 +1081,14 @@ def build_subject_space(
     template_spacing_mm: float = 2.0,
     margin_mm: float = 10.0,
     n_workers: int = 1,
+    to_first: Sequence[RegistrationResult] | None = None,
     **reg_params,
 ) -> tuple[list[sitk.Transform], sitk.Image, list[RegistrationResult]]:
     """Unbiased rigid within-subject space of N sessions.
 
-    1. Every session ``i > 0`` is registered (moving) to session 0 (fixed): ``T_i`` maps
-       session-0 points to session-``i`` points; ``T_0`` is the identity.
+    1. Every session ``i > 0`` is registered (moving) to session 0 (fixed) by
+       :func:`register_to_first`: ``T_i`` maps session-0 points to session-``i`` points;
+       ``T_0`` is the identity. Skipped when ``to_first`` gives these results.
     2. Mean-pose normalisation: ``M = mean_rigid(T_i)`` over brain points of session 0, and
        each transform becomes ``T_i o M^-1``, so that the subject space sits at the average
        pose of the sessions (for N = 2 exactly halfway).
@@ -1088,6 +1118,11 @@ def build_subject_space(
         ``reg_params["n_threads"]`` ITK threads. The registrations of one step are independent
         and seeded, so the result is the same for any ``n_workers`` (bit-identical with one ITK
         thread each).
+    to_first
+        The ``N - 1`` results of step 1 computed beforehand (sessions ``1..N-1``, in order),
+        e.g. each in its own process beside other work: ``register_to_first(images[0],
+        images[i], masks[0], masks[i], **reg_params)``. With the same ``reg_params`` (and one
+        ITK thread) the outcome is bit-identical to running step 1 here.
     **reg_params
         Passed to :func:`register_rigid` (metric, shrink_factors, ..., n_threads, seed);
         ``transform_type`` is forced to ``"rigid"``.
@@ -1110,11 +1145,11 @@ def build_subject_space(
         raise ValueError("build_subject_space needs at least one image")
     if masks is not None and len(masks) != n:
         raise ValueError("images and masks must have the same length")
+    if to_first is not None and len(to_first) != n - 1:
+        raise ValueError(f"to_first needs one result per session after the first ({n - 1}), "
+                         f"got {len(to_first)}")
     mask_list = list(masks) if masks is not None else [None] * n
-    reg_params = dict(reg_params)
-    reg_params["transform_type"] = "rigid"
-    for key in ("initial_transform",):
-        reg_params.pop(key, None)
+    reg_params = _subject_space_params(reg_params)
 
     # every session image is registered 1 + template_iterations times: its pyramid is built once
     reg_params["pyramid_cache"] = {}
@@ -1128,7 +1163,7 @@ def build_subject_space(
         return _build_subject_space(images, mask_list, pool, masks is not None,
                                     spacing_mm=spacing_mm, template_iterations=template_iterations,
                                     template_spacing_mm=template_spacing_mm, margin_mm=margin_mm,
-                                    reg_params=reg_params)
+                                    reg_params=reg_params, to_first=to_first)
     finally:
         pool.shutdown()
         if n_threads:
@@ -1136,18 +1171,18 @@ def build_subject_space(
 
 
 def _build_subject_space(images, mask_list, pool, have_masks, *, spacing_mm, template_iterations,
-                         template_spacing_mm, margin_mm, reg_params):
+                         template_spacing_mm, margin_mm, reg_params, to_first=None):
     """:func:`build_subject_space` with the registrations of each step mapped over ``pool``."""
     n = len(images)
     ident = sitk.Euler3DTransform()
     results: list[RegistrationResult | None] = [None] * n
 
     def pairwise(i: int) -> RegistrationResult:
-        return register_rigid(images[0], images[i], fixed_mask=mask_list[0],
-                              moving_mask=mask_list[i], **reg_params)
+        return register_to_first(images[0], images[i], mask_list[0], mask_list[i], **reg_params)
 
     transforms: list[sitk.Transform] = [ident]
-    for i, res in enumerate(pool.map(pairwise, range(1, n)), start=1):
+    done = to_first if to_first is not None else pool.map(pairwise, range(1, n))
+    for i, res in enumerate(done, start=1):
         transforms.append(res.transform)
         results[i] = res
 

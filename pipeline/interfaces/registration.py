@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import numpy as np
 import SimpleITK as sitk
 from nipype.interfaces.base import (
@@ -16,7 +18,7 @@ from nipype.interfaces.base import (
 )
 
 from pipeline.core import registration as core_reg
-from pipeline.interfaces.base import out_path, read, save, save_json
+from pipeline.interfaces.base import load_json, out_path, read, save, save_json
 
 # [registration] keys that are not parameters of core.registration.register_rigid
 _NOT_REGISTER_RIGID = {
@@ -92,6 +94,52 @@ class RegisterImages(SimpleInterface):
         return runtime
 
 
+class _RegisterToFirstInputSpec(BaseInterfaceInputSpec):
+    first = File(exists=True, mandatory=True, desc="the first session's anatomical image")
+    first_mask = File(exists=True, desc="its brain mask")
+    in_file = File(exists=True, mandatory=True, desc="this session's anatomical image")
+    mask = File(exists=True, desc="its brain mask")
+    params = traits.Dict(mandatory=True, desc="the [registration] section of the configuration")
+    n_threads = traits.Int(1, usedefault=True, desc="ITK threads of the registration")
+
+
+class _RegisterToFirstOutputSpec(TraitedSpec):
+    transform = File(desc="ITK transform mapping first-session points to this session's points")
+    result = File(desc="JSON with the rest of the registration result (metric, similarity, ...)")
+
+
+class RegisterToFirst(SimpleInterface):
+    """Step 1 of the subject space for one later session: its anatomical image registered to
+    the first session's (:func:`pipeline.core.registration.register_to_first`), so that the
+    step runs beside the other sessions' preprocessing; :class:`SubjectSpace` takes it up."""
+
+    input_spec = _RegisterToFirstInputSpec
+    output_spec = _RegisterToFirstOutputSpec
+
+    def _run_interface(self, runtime):
+        mask = lambda f: read(f) if isdefined(f) and f else None  # noqa: E731
+        result = core_reg.register_to_first(
+            read(self.inputs.first), read(self.inputs.in_file),
+            mask(self.inputs.first_mask), mask(self.inputs.mask),
+            n_threads=self.inputs.n_threads, **registration_kwargs(self.inputs.params),
+        )
+        # an ITK text transform file reads back bit-identical (17 significant digits), JSON
+        # floats too: SubjectSpace continues exactly as if it had registered the pair itself
+        path = out_path(runtime, "xfm.txt")
+        core_reg.write_transform(result.transform, path)
+        self._results["transform"] = path
+        self._results["result"] = save_json(
+            {f.name: getattr(result, f.name) for f in fields(result) if f.name != "transform"},
+            runtime, "result.json")
+        return runtime
+
+
+def _read_result(transform: str, record: str) -> core_reg.RegistrationResult:
+    """A :class:`RegisterToFirst` result read back from its two files."""
+    return core_reg.RegistrationResult(transform=core_reg.read_transform(transform),
+                                       **load_json(record))
+
+
 class _SubjectSpaceInputSpec(BaseInterfaceInputSpec):
     in_files = InputMultiObject(File(exists=True), mandatory=True, desc="one anatomical image per session")
     masks = InputMultiObject(File(exists=True), desc="brain masks, one per session")
@@ -100,6 +148,11 @@ class _SubjectSpaceInputSpec(BaseInterfaceInputSpec):
     n_threads = traits.Int(1, usedefault=True, desc="ITK threads of each registration")
     n_workers = traits.Int(1, usedefault=True, nohash=True,
                            desc="registrations run at once (same result: not hashed)")
+    to_first_xfms = InputMultiObject(
+        File(exists=True), desc="RegisterToFirst transforms of the sessions after the first "
+        "(in order); without them the node registers them to the first session itself")
+    to_first_results = InputMultiObject(File(exists=True),
+                                        desc="the matching RegisterToFirst result files")
 
 
 class _SubjectSpaceOutputSpec(TraitedSpec):
@@ -118,6 +171,12 @@ class SubjectSpace(SimpleInterface):
         p = self.inputs.params
         images = [read(f) for f in self.inputs.in_files]
         masks = [read(f) for f in self.inputs.masks] if self.inputs.masks else None
+        to_first = None
+        if isdefined(self.inputs.to_first_xfms):
+            results = self.inputs.to_first_results
+            if not isdefined(results) or len(results) != len(self.inputs.to_first_xfms):
+                raise ValueError("to_first_xfms and to_first_results must pair up")
+            to_first = [_read_result(x, r) for x, r in zip(self.inputs.to_first_xfms, results)]
         transforms, reference, qc = core_reg.build_subject_space(
             images,
             masks,
@@ -127,6 +186,7 @@ class SubjectSpace(SimpleInterface):
             margin_mm=p["subject_space_margin_mm"],
             n_threads=self.inputs.n_threads,
             n_workers=self.inputs.n_workers,
+            to_first=to_first,
             **registration_kwargs(p),
         )
         records = []

@@ -15,7 +15,8 @@ from pipeline.bids import SessionInputs, SubjectInputs, tracking_days
 from pipeline.config import Config
 from pipeline.interfaces.outputs import CompressImages, NativeMasks, WriteDerivatives
 from pipeline.interfaces.preprocess import PrepareImage
-from pipeline.interfaces.registration import RegisterImages, ResampleSession, SubjectSpace
+from pipeline.interfaces.registration import (RegisterImages, RegisterToFirst, ResampleSession,
+                                              SubjectSpace)
 from pipeline.interfaces.segmentation import SegmentSessions
 from pipeline.interfaces.session import LoadSession
 from pipeline.interfaces.tracking import TrackLesions
@@ -25,7 +26,8 @@ SESSION_OUTPUTS = ("flair", "flair_mask", "b0", "trace", "adc", "dwi_mask", "dwi
 RESAMPLED = ("flair", "brain_mask", "b0", "trace", "adc")
 
 
-def init_session_wf(*, session: SessionInputs, config: Config, name: str = "session_wf"):
+def init_session_wf(*, session: SessionInputs, config: Config, name: str = "session_wf",
+                    to_first: bool = False):
     """Load and preprocess one session in its native spaces.
 
     Parameters
@@ -36,6 +38,11 @@ def init_session_wf(*, session: SessionInputs, config: Config, name: str = "sess
         Pipeline configuration.
     name
         Workflow name.
+    to_first
+        Also register the session's anatomical reference to the first session's (step 1 of
+        the subject space, node ``to_first``), as soon as both are ready, beside the other
+        sessions' preprocessing. Needs the inputs ``inputnode.first_anat`` and
+        ``inputnode.first_anat_mask`` (the first session's ``anat`` and ``anat_mask``).
 
     Outputs
     -------
@@ -49,6 +56,9 @@ def init_session_wf(*, session: SessionInputs, config: Config, name: str = "sess
         The session's anatomical reference for the subject space (FLAIR, else b0).
     load_report, reg_qc
         JSON reports of loading (units, warnings) and of the DWI->FLAIR registration.
+    to_first_xfm, to_first_result
+        With ``to_first`` only: the registration to the first session (transform mapping
+        first-session points to this session's, and the rest of the result as JSON).
 
     A session without FLAIR or without diffusion gives every output all the same: the missing
     images are LoadSession's all-NaN placeholders on the present contrast's grid, its masks
@@ -58,7 +68,8 @@ def init_session_wf(*, session: SessionInputs, config: Config, name: str = "sess
         raise ValueError(f"ses-{session.session} of sub-{session.subject} has neither FLAIR nor DWI/ADC")
     threads = config.resources.omp_nthreads
     workflow = pe.Workflow(name=name)
-    outputnode = pe.Node(niu.IdentityInterface(fields=list(SESSION_OUTPUTS)), name="outputnode")
+    fields = list(SESSION_OUTPUTS) + (["to_first_xfm", "to_first_result"] if to_first else [])
+    outputnode = pe.Node(niu.IdentityInterface(fields=fields), name="outputnode")
 
     files = {k: str(v) for k in ("flair", "dwi", "bval", "bvec", "adc", "trace", "trace_sidecar")
              if (v := getattr(session, k)) is not None}
@@ -112,6 +123,19 @@ def init_session_wf(*, session: SessionInputs, config: Config, name: str = "sess
         workflow.connect([
             (load, outputnode, [("identity_xfm", "dwi_to_flair"), ("skipped_qc", "reg_qc")]),
         ])
+    if to_first:
+        inputnode = pe.Node(niu.IdentityInterface(fields=["first_anat", "first_anat_mask"]),
+                            name="inputnode")
+        anat = prep_flair if has_flair else prep_dwi
+        register = pe.Node(
+            RegisterToFirst(params=config.to_dict()["registration"], n_threads=threads),
+            name="to_first", n_procs=threads, mem_gb=1.0,
+        )
+        workflow.connect([
+            (inputnode, register, [("first_anat", "first"), ("first_anat_mask", "first_mask")]),
+            (anat, register, [("out_file", "in_file"), ("mask", "mask")]),
+            (register, outputnode, [("transform", "to_first_xfm"), ("result", "to_first_result")]),
+        ])
     return workflow
 
 
@@ -164,16 +188,27 @@ def init_subject_wf(
     workflow = pe.Workflow(name=name or f"sub_{subject.subject}_wf")
 
     session_wfs = [
-        init_session_wf(session=ses, config=config, name=f"ses_{ses.session}_wf") for ses in sessions
+        init_session_wf(session=ses, config=config, name=f"ses_{ses.session}_wf", to_first=i > 0)
+        for i, ses in enumerate(sessions)
     ]
     merges = {field: _merge(f"merge_{field}", n) for field in SESSION_OUTPUTS}
     for i, swf in enumerate(session_wfs, start=1):
         for field in SESSION_OUTPUTS:
             workflow.connect(swf, f"outputnode.{field}", merges[field], f"in{i}")
+    # step 1 of the subject space (each later session registered to the first) runs in the
+    # sessions' nodes, as soon as the two images are ready
+    to_first = {field: _merge(f"merge_{field}", n - 1)
+                for field in ("to_first_xfm", "to_first_result")} if n > 1 else {}
+    for i, swf in enumerate(session_wfs[1:], start=1):
+        workflow.connect(session_wfs[0], "outputnode.anat", swf, "inputnode.first_anat")
+        workflow.connect(session_wfs[0], "outputnode.anat_mask", swf, "inputnode.first_anat_mask")
+        for field, merge in to_first.items():
+            workflow.connect(swf, f"outputnode.{field}", merge, f"in{i}")
 
     labels = [s.session for s in sessions]
     # the subject space waits for every session and every later node waits for it: its
-    # registrations run side by side on the processes MultiProc would otherwise leave idle
+    # template registrations run side by side on the processes MultiProc would otherwise
+    # leave idle
     workers = max(1, min(n, config.resources.nprocs // threads))
     space = pe.Node(
         SubjectSpace(params=cfg["registration"], labels=labels, n_threads=threads,
@@ -184,6 +219,11 @@ def init_subject_wf(
         (merges["anat"], space, [("out", "in_files")]),
         (merges["anat_mask"], space, [("out", "masks")]),
     ])
+    if to_first:
+        workflow.connect([
+            (to_first["to_first_xfm"], space, [("out", "to_first_xfms")]),
+            (to_first["to_first_result"], space, [("out", "to_first_results")]),
+        ])
 
     select_xfm = [pe.Node(niu.Select(index=i), name=f"select_xfm_{i:02d}",
                           run_without_submitting=True) for i in range(n)]
