@@ -385,6 +385,30 @@ def test_run_mean_where_averages_only_those_voxels():
     assert not np.array_equal(full[~where], v[2][~where])  # the mean does change them
 
 
+def test_run_means_of_several_value_lists_equal_run_mean_of_each():
+    # RunMeans reads every session once for all the sessions it is asked, and shares runs and
+    # where between its value lists (the joint step's z and z_gm); each list's means must be
+    # run_mean's, including NaN in one list only
+    rng = np.random.default_rng(5)
+    a = [rng.normal(size=(4, 5, 6)).astype(np.float32) for _ in range(4)]
+    b = [rng.normal(size=(4, 5, 6)).astype(np.float32) for _ in range(4)]
+    a[1][0, 0, 0] = b[3][1, 1, 1] = np.nan
+    runs = np.cumsum(rng.integers(0, 2, (4, 4, 5, 6)), axis=0).astype(np.int16)
+    where = rng.random((4, 5, 6)) < 0.6
+    means = seg.RunMeans([a, b], runs, where)
+    for t in (2, 0, 3, 1):  # any order
+        got_a, got_b = means(t)
+        np.testing.assert_array_equal(got_a, seg.run_mean(a, runs, t, where=where))
+        np.testing.assert_array_equal(got_b, seg.run_mean(b, runs, t, where=where))
+        assert got_a.dtype == got_b.dtype == np.float32
+        for values, got in ((a, got_a), (b, got_b)):  # the definition, written out
+            stack = np.stack(values).astype(np.float64)
+            same = (runs == runs[t]) & np.isfinite(stack)
+            mean = np.where(same, stack, 0.0).sum(axis=0) / same.sum(axis=0)
+            want = np.where(where & np.isfinite(stack[t]), mean, stack[t])
+            np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 def test_run_average_shares_values_within_runs_only():
     v = [np.full((2, 2), x, np.float32) for x in (1.0, 3.0, 8.0)]
     v[1][0, 0] = np.nan
@@ -495,11 +519,17 @@ def test_hysteresis_series_equals_direct_joint_step_on_slim_maps():
     want = _hysteresis_by_labels(maps, brains, **hp, **extra)
     slim = [seg.joint_step_maps(m) for m in maps]
     assert slim[0].z_wm is None and slim[0].csf is None and slim[0].deep is None
-    got = seg.hysteresis_series(slim, brains, spacing_mm=SP, edge_level_all_sessions=True,
-                                **hp, **extra)
     assert all(m.any() for m in want)
-    for g, w in zip(got, want):
-        assert np.array_equal(g, w)
+    for workers in (1, 3):  # threads over the sessions: the same masks
+        got = seg.hysteresis_series(slim, brains, spacing_mm=SP, edge_level_all_sessions=True,
+                                    workers=workers, **hp, **extra)
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert np.array_equal(g, w)
+    runs = seg.unchanged_runs(maps, change_sd=2.0, smooth_mm=2.0, spacing_mm=SP)
+    assert runs[-1].max() > runs[-1].min()  # some voxels changed, others not
+    assert np.array_equal(seg.unchanged_runs(maps, change_sd=2.0, smooth_mm=2.0, spacing_mm=SP,
+                                             workers=2), runs)
 
 
 def _textured_brain(seed, lesion_z=None, texture=6.0):

@@ -36,6 +36,8 @@ use it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -421,6 +423,7 @@ def hysteresis_series(
     change_smooth_mm: float = 1.0,
     edge_level_all_sessions: bool = False,
     edge_level_floor: float = 1.0,
+    workers: int = 1,
 ) -> list[np.ndarray]:
     """Spatio-temporal hysteresis on the stacked z-maps of :func:`flair_session_maps`.
 
@@ -441,41 +444,55 @@ def hysteresis_series(
     (:attr:`FlairMaps.rim`) where ``z > rim_z_grow``, so a lesion whose core lies outside the
     rim keeps its part against the ventricle, while the thin bright ependymal rim alone never
     starts a lesion (``inf``: the rim is excluded).
+
+    ``workers``: threads for the per-session steps (:func:`per_session`); the result does not
+    depend on it.
     """
     _check_thresholds(z_seed, z_grow, gm_z_seed, gm_z_grow)
     n = len(maps)
     if n == 0:
         return []
     sp = _check_spacing(spacing_mm, maps[0].z.ndim)
-    # Memory: besides the input maps, only bool volumes (seeds, growth mask) and, for the edge
-    # step, one float z-map per session are kept; the consistent maps are made one session at
-    # a time (:func:`run_mean`).
+    # Memory: besides the input maps, only bool volumes (seeds, growth mask), the maps' values
+    # where a run mean is taken (:class:`RunMeans`) and, for the edge step, one float z-map per
+    # session are kept; the consistent maps are made one session at a time.
     shape = (n,) + maps[0].z.shape
     # seeds from each session's own evidence: the mean over sessions judged unchanged must not
     # pull a lesion's peak under z_seed (a slow rise passes the change test)
     seeds = np.empty(shape, bool)
-    for t, m in enumerate(maps):
+
+    def seed(t):
+        m = maps[t]
         seeds[t] = (_grow_z(m, gm_z_grow, rim_z_grow) > z_seed) & m.domain & (m.z_gm > gm_z_seed)
-    runs = (unchanged_runs(maps, change_sd=change_sd, smooth_mm=change_smooth_mm, spacing_mm=sp)
+
+    per_session(seed, n, workers)
+    runs = (unchanged_runs(maps, change_sd=change_sd, smooth_mm=change_smooth_mm, spacing_mm=sp,
+                           workers=workers)
             if np.isfinite(change_sd) and n >= 2 else None)
+    means = None
     if runs is not None:
         # a mean over sessions is above 0 only where some session's z is: elsewhere the voxel is
         # never grown, never an edge voxel (z > 0) nor part of a lesion's level, so the means
-        # are taken only here (the work of run_mean grows with the square of the sessions)
+        # are taken only here (the work of a run mean grows with the square of the sessions)
         live = np.zeros(maps[0].z.shape, bool)
         with np.errstate(invalid="ignore"):
             for m in maps:
                 live |= m.z > 0
+        means = RunMeans([[m.z for m in maps], [m.z_gm for m in maps]], runs, where=live)
+        del live
     above = np.empty(shape, bool)  # where lesions may grow: z above z_grow (4D)
-    zdom = []
-    for t, m in enumerate(maps):
+
+    def consistent(t):
+        """Fills ``above[t]``; returns session ``t``'s z on its domain for the edge step."""
+        m = maps[t]
         if runs is not None:  # temporally_consistent, one session at a time
-            m = dataclasses.replace(m, z=run_mean([u.z for u in maps], runs, t, where=live),
-                                    z_gm=run_mean([u.z_gm for u in maps], runs, t, where=live))
+            z, z_gm = means(t)
+            m = dataclasses.replace(m, z=z, z_gm=z_gm)
         above[t] = _grow_z(m, gm_z_grow, rim_z_grow) > z_grow
-        if edge_fraction > 0:
-            zdom.append(np.where(m.domain, m.z, np.nan))
-    del runs
+        return np.where(m.domain, m.z, np.nan) if edge_fraction > 0 else None
+
+    zdom = per_session(consistent, n, workers)
+    del runs, means
     st = np.zeros((3,) * 4, bool)
     st[1] = ndimage.generate_binary_structure(3, 3)
     st[0, 1, 1, 1] = st[2, 1, 1, 1] = True
@@ -485,8 +502,8 @@ def hysteresis_series(
     seeds &= above
     grown = ndimage.binary_propagation(seeds, structure=st, mask=above)
     del seeds, above
-    out = []
-    for t in range(n):
+
+    def finish(t):
         m = grown[t]
         if edge_fraction > 0:
             # the size rule judges the hysteresis core: a shell must not lift a speck over it
@@ -495,12 +512,26 @@ def hysteresis_series(
             m = grow_relative_edge(m, zdom[t], fraction=edge_fraction, percentile=edge_percentile,
                                    level_z=others, level_floor=edge_level_floor)
         m = fill_holes_per_component(m) & np.asarray(brain_masks[t], bool)
-        out.append(remove_small_components(m, min_lesion_volume_mm3, sp))
-    return out
+        return remove_small_components(m, min_lesion_volume_mm3, sp)
+
+    return per_session(finish, n, workers)
+
+
+def per_session(step: Callable[[int], object], n: int, workers: int = 1) -> list:
+    """``[step(0), ..., step(n - 1)]``, run in up to ``workers`` threads (scipy.ndimage and
+    numpy release the GIL in their loops). ``step(t)`` must depend only on its own session's
+    data and write only its own session's slot of a shared array, so the results do not depend
+    on ``workers``."""
+    workers = max(1, min(int(workers), n))
+    if workers == 1:
+        return [step(t) for t in range(n)]
+    with ThreadPoolExecutor(workers) as ex:
+        return list(ex.map(step, range(n)))
 
 
 def unchanged_runs(
-    maps: list[FlairMaps], *, change_sd: float, smooth_mm: float, spacing_mm: tuple[float, ...]
+    maps: list[FlairMaps], *, change_sd: float, smooth_mm: float, spacing_mm: tuple[float, ...],
+    workers: int = 1,
 ) -> np.ndarray:
     """Per voxel and session, the index of its run of unchanged sessions (int16, sessions
     first): consecutive sessions share a run where their FLAIR did not change.
@@ -510,28 +541,34 @@ def unchanged_runs(
     robust SDs (MAD) of that smoothed difference over the voxels where both sessions may hold
     a lesion (mostly unchanged tissue), or where either z is not finite. The test is a
     subtraction image between consecutive sessions, as LST-long and MSSEG-2 methods use.
+    ``workers``: threads over the session pairs (:func:`per_session`).
     """
     n = len(maps)
     runs = np.zeros((n,) + maps[0].z.shape, np.int16)
     sigma = [smooth_mm / s for s in spacing_mm]
-    for t in range(1, n):
+
+    def changed(t):
+        """bool: where the FLAIR changed between sessions t-1 and t (True: everywhere)."""
         a, b = maps[t - 1].z, maps[t].z
         ok = np.isfinite(a) & np.isfinite(b)
         diff = ndimage.gaussian_filter(np.where(ok, b - a, 0.0).astype(np.float32), sigma)
         both = maps[t - 1].domain & maps[t].domain & ok
         if np.count_nonzero(both) < 100:
-            runs[t] = runs[t - 1] + 1
-            continue
+            return True
         med, sd = _median_sd(diff[both].astype(np.float64))
-        changed = ~ok | ~(np.abs(diff - med) <= change_sd * sd)
-        runs[t] = runs[t - 1] + changed
+        return ~ok | ~(np.abs(diff - med) <= change_sd * sd)
+
+    steps = per_session(lambda k: changed(k + 1), n - 1, workers)
+    for t in range(1, n):
+        runs[t] = runs[t - 1] + steps[t - 1]
     return runs
 
 
 def run_average(values: list[np.ndarray], runs: np.ndarray) -> list[np.ndarray]:
     """Each session's ``values`` replaced, voxel by voxel, by their mean over the sessions of
     the same run of :func:`unchanged_runs` (:func:`run_mean` of every session)."""
-    return [run_mean(values, runs, t) for t in range(len(values))]
+    means = RunMeans([values], runs)
+    return [means(t)[0] for t in range(len(values))]
 
 
 def run_mean(values: list[np.ndarray], runs: np.ndarray, t: int,
@@ -539,24 +576,49 @@ def run_mean(values: list[np.ndarray], runs: np.ndarray, t: int,
     """Session ``t``'s ``values``, voxel by voxel, averaged over the sessions of its run of
     :func:`unchanged_runs` (finite values only; a voxel not finite in session ``t`` stays as it
     is; float32). With ``where`` (bool), only those voxels are averaged; the others keep session
-    ``t``'s value."""
-    if where is None:
-        where = np.ones(values[t].shape, bool)
-    idx = np.flatnonzero(where)
-    own_run = runs[t].reshape(-1)[idx]
-    total = np.zeros(idx.size, np.float64)
-    count = np.zeros(idx.size, np.int16)
-    for u in range(len(values)):
-        v = values[u].reshape(-1)[idx]
-        same = (runs[u].reshape(-1)[idx] == own_run) & np.isfinite(v)
-        total += np.where(same, v, 0.0)  # 2x faster than boolean-indexed +=, same sums
-        count += same
-    own = values[t].reshape(-1)[idx]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(np.isfinite(own), total / count, own)
-    out = np.array(values[t], np.float32)
-    out.reshape(-1)[idx] = mean
-    return out
+    ``t``'s value. For several sessions of the same values use :class:`RunMeans`."""
+    return RunMeans([values], runs, where)(t)[0]
+
+
+class RunMeans:
+    """:func:`run_mean` of several lists of per-session values (e.g. every session's ``z`` and
+    ``z_gm``) sharing one ``runs`` and ``where``, for any session ``t``:
+    ``RunMeans(value_lists, runs, where)(t)`` is the list of session ``t``'s means, one per value
+    list. Every session's values, finite flags and run indices at ``where`` are read once, not
+    once per session asked (that reading grew with the square of the sessions); they are held:
+    per session, 2 bytes plus 5 per value list (float32 values) per ``where`` voxel. Calls for
+    different ``t`` may run in threads."""
+
+    def __init__(self, value_lists: list[list[np.ndarray]], runs: np.ndarray,
+                 where: np.ndarray | None = None):
+        if where is None:
+            where = np.ones(value_lists[0][0].shape, bool)
+        self._lists = value_lists
+        self._idx = np.flatnonzero(where)
+        self._runs = [np.asarray(r).reshape(-1)[self._idx] for r in runs]
+        self._at = [[np.asarray(v).reshape(-1)[self._idx] for v in values]
+                    for values in value_lists]
+        self._finite = [[np.isfinite(v) for v in at] for at in self._at]
+
+    def __call__(self, t: int) -> list[np.ndarray]:
+        own_run = self._runs[t]
+        totals = [np.zeros(self._idx.size, np.float64) for _ in self._at]
+        counts = [np.zeros(self._idx.size, np.int16) for _ in self._at]
+        for u, run in enumerate(self._runs):
+            in_run = run == own_run
+            for at, finite, total, count in zip(self._at, self._finite, totals, counts):
+                same = in_run & finite[u]
+                total += np.where(same, at[u], 0.0)  # 2x faster than boolean-indexed +=
+                count += same
+        out = []
+        for values, at, finite, total, count in zip(self._lists, self._at, self._finite,
+                                                    totals, counts):
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = np.where(finite[t], total / count, at[t])
+            o = np.array(values[t], np.float32)
+            o.reshape(-1)[self._idx] = mean
+            out.append(o)
+        return out
 
 
 def temporally_consistent(

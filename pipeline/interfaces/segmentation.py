@@ -142,7 +142,7 @@ class SegmentSessions(SimpleInterface):
             rim_z_grow=s["flair_rim_z_grow"], change_sd=s["flair_change_sd"],
             change_smooth_mm=s["flair_change_smooth_mm"],
             edge_level_all_sessions=s["flair_edge_level_all_sessions"],
-            edge_level_floor=s["flair_edge_level_floor"])
+            edge_level_floor=s["flair_edge_level_floor"], workers=workers)
         del maps
         for i, mask in zip(with_flair, joint):
             lesions[i] = mask
