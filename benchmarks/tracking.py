@@ -22,6 +22,8 @@ Usage::
     python benchmarks/tracking.py --skip-pipeline     # truth-mask part only
     python benchmarks/tracking.py --pipeline-subjects 2 --pipeline-out OUT  # existing outputs
     python benchmarks/tracking.py --time-budget-min 30  # whole chain on as many as fit
+    python benchmarks/tracking.py --pipeline-out OUT --only 01,02 --dump D1  # a chunk ...
+    python benchmarks/tracking.py --pool D1 D2 D3  # ... and the chunks' report, pooled
 
 The CLI runs once per subject (in subject order), so a subject that fails or a time budget
 that runs out leaves the subjects already finished to be evaluated. To measure a committed
@@ -857,7 +859,8 @@ def report(args, info, runs: dict[str, dict], timings: dict[str, float], subs, c
                 else ""), "",
              *chain_notes,
              "Machine: " + "; ".join(f"{k} {v}" for k, v in info.items()), "",
-             "Timings: " + "; ".join(f"{k} {v:.0f} s" for k, v in timings.items()), ""]
+             *(["Timings: " + "; ".join(f"{k} {v:.0f} s" for k, v in timings.items()), ""]
+               if timings else [])]
     names = list(runs)
     summary = pd.DataFrame(
         {"target": TARGETS, **{n: metrics(runs[n]) for n in names}}).fillna("n/a")
@@ -980,6 +983,38 @@ def report(args, info, runs: dict[str, dict], timings: dict[str, float], subs, c
     return "\n".join(lines) + "\n"
 
 
+RUN_NAMES = ("truth masks", "whole chain", REGISTRATION_RUN)
+
+
+def _dump_name(run: str) -> str:
+    """File-name prefix of a run's ``--dump`` tables."""
+    return run.replace(" ", "_").replace(",", "")
+
+
+def load_dumps(dirs: list[Path]) -> tuple[dict[str, dict[str, pd.DataFrame]], list[str]]:
+    """The runs of several ``--dump`` folders (e.g. ``--only`` chunks of one phantom) pooled:
+    every run's tables concatenated in folder order, and the command that wrote each folder
+    (its ``command.txt``)."""
+    runs: dict[str, dict[str, pd.DataFrame]] = {}
+    commands = []
+    for d in dirs:
+        if not d.is_dir():
+            raise SystemExit(f"--pool: no folder {d}")
+        if (d / "command.txt").exists():
+            commands.append((d / "command.txt").read_text().strip())
+        for run in RUN_NAMES:
+            for f in sorted(d.glob(f"{_dump_name(run)}-*.csv")):
+                key = f.name[len(_dump_name(run)) + 1:-len(".csv")]
+                table = pd.read_csv(f, dtype={"subject": str, "session": str,
+                                              "from_session": str})
+                runs.setdefault(run, {}).setdefault(key, []).append(table)
+    if not runs:
+        raise SystemExit(f"--pool: no dumped tables in {', '.join(map(str, dirs))}")
+    pooled = {run: {key: pd.concat(parts, ignore_index=True) for key, parts in tables.items()}
+              for run, tables in runs.items()}
+    return {run: pooled[run] for run in RUN_NAMES if run in pooled}, commands
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1021,8 +1056,28 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "tracking.md")
     p.add_argument("--dump", type=Path, default=None, metavar="DIR",
                    help="also write every run's per-row tables (events, sessions, ...) as CSV "
-                        "into DIR, for analyses beyond the report")
+                        "into DIR, for analyses beyond the report or --pool")
+    p.add_argument("--pool", type=Path, nargs="+", default=None, metavar="DIR",
+                   help="evaluate nothing: write the report of the --dump folders of earlier "
+                        "runs pooled (e.g. --only chunks of one phantom; give the same --grid, "
+                        "--preset, --seed)")
     args = p.parse_args(argv)
+    if args.pool:
+        runs, commands = load_dumps(args.pool)
+        sessions = next(iter(runs.values()))["sessions"]
+        presets = sessions.drop_duplicates("subject").set_index("subject")["preset"]
+        counts = presets.value_counts().to_dict()
+        chain = None
+        if "whole chain" in runs:
+            chain_subs = runs["whole chain"]["sessions"]["subject"].unique()
+            chain = presets[chain_subs].value_counts().to_dict()
+        notes = ["Pooled (`--pool`) from the `--dump` folders of the runs:", "", "```",
+                 *(commands or ["(no command.txt in the folders)"]), "```", ""]
+        text = report(args, C.machine_info(args.source_commit), runs, {}, counts, chain, notes)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        print(f"wrote {args.out}")
+        return 0
     if args.skip_pipeline and args.no_truth_run:
         p.error("--skip-pipeline with --no-truth-run leaves nothing to evaluate")
 
@@ -1121,8 +1176,11 @@ def main(argv=None) -> int:
         args.dump.mkdir(parents=True, exist_ok=True)
         for n, r in runs.items():
             for key, table in r.items():
-                table.to_csv(args.dump / f"{n.replace(' ', '_').replace(',', '')}-{key}.csv",
-                             index=False)
+                table.to_csv(args.dump / f"{_dump_name(n)}-{key}.csv", index=False)
+        info = C.machine_info(args.source_commit)
+        (args.dump / "command.txt").write_text(
+            "python " + " ".join(sys.argv) + f"  # {info.get('lesionlapse', '')}, load average "
+            f"{info.get('load average', '')}\n")
     print(f"wrote {args.out}")
     return 0
 

@@ -306,3 +306,28 @@ def test_native_events_show_what_the_acquisition_grid_resolves():
     # a lesion no grid voxel holds at either end is absent
     gone = {"flair": [(np.zeros(shape, np.int32), voxel_ml)] * 2}
     assert set(native_events(table, gone, sessions, voxel_ml, CONFIG.tracking)) == {"absent"}
+
+
+def test_pool_concatenates_dumped_chunks(tmp_path):
+    """benchmarks/tracking.load_dumps (``--pool``): the --dump tables of several chunks pooled
+    in folder order, labels kept as strings, each chunk's command collected."""
+    from benchmarks.tracking import load_dumps
+
+    for i, (sub, event) in enumerate((("01", "stable"), ("02", "new"))):
+        d = tmp_path / f"chunk{i}"
+        d.mkdir()
+        pd.DataFrame({"subject": [sub], "from_session": ["01"], "truth": [event],
+                      "observable": [True]}).to_csv(d / "whole_chain-events.csv", index=False)
+        pd.DataFrame({"subject": [sub], "session": ["02"]}).to_csv(
+            d / "whole_chain-sessions.csv", index=False)
+        (d / "command.txt").write_text(f"python benchmarks/tracking.py --only {sub}\n")
+    runs, commands = load_dumps([tmp_path / "chunk0", tmp_path / "chunk1"])
+    assert list(runs) == ["whole chain"]
+    events = runs["whole chain"]["events"]
+    assert events["subject"].tolist() == ["01", "02"]
+    assert events["from_session"].tolist() == ["01", "01"]
+    assert events["truth"].tolist() == ["stable", "new"]
+    assert runs["whole chain"]["sessions"]["session"].tolist() == ["02", "02"]
+    assert commands == [f"python benchmarks/tracking.py --only {s}" for s in ("01", "02")]
+    with pytest.raises(SystemExit, match="no dumped tables"):
+        load_dumps([tmp_path])
