@@ -352,3 +352,34 @@ def test_report_reads_uncompressed_sources_of_the_same_size(fake_output, tmp_pat
                 if s.label == "a").sources == {}
     assert next(s for s in load_subject(fake_output, "01", {rel: str(tmp_path / "gone.nii")})
                 .sessions if s.label == "a").sources == {}
+
+
+def test_report_images_are_derivatives_written_from_the_work_files():
+    # the report node finds each work-dir image under the derivative name WriteDerivatives
+    # gives it: every image the report shows must be one of those names
+    from pipeline.interfaces.outputs import SUBJECT_SPACE_IMAGES, subject_space_derivative
+    from pipeline.reports.data import IMAGES
+
+    written = {subject_space_derivative("01", "a", field) for field in SUBJECT_SPACE_IMAGES}
+    assert len(written) == len(SUBJECT_SPACE_IMAGES)
+    for key, (datatype, tail) in IMAGES.items():
+        assert f"sub-01/ses-a/{datatype}/sub-01_ses-a_{tail}" in written, key
+
+
+def test_report_reads_work_images_of_derivatives_not_written_yet(fake_output, tmp_path):
+    # while the derivatives are written, the report node reads the work-dir image of a
+    # derivative (by its name) that is not there yet; a written derivative is read as usual
+    import gzip
+
+    rel = "sub-01/ses-a/anat/sub-01_ses-a_space-subject_desc-preproc_FLAIR.nii.gz"
+    work = tmp_path / "work_flair.nii"
+    work.write_bytes(gzip.decompress((fake_output / rel).read_bytes()))
+    expected = next(s for s in load_subject(fake_output, "01").sessions
+                    if s.label == "a").load("flair")
+    other = "sub-01/ses-b/anat/sub-01_ses-b_space-subject_desc-preproc_FLAIR.nii.gz"
+    (fake_output / rel).unlink()
+    subject = load_subject(fake_output, "01", images={rel: str(work), other: "/nowhere.nii"})
+    a, b = (next(s for s in subject.sessions if s.label == x) for x in ("a", "b"))
+    assert a.paths["flair"] == work and b.paths["flair"] == fake_output / other
+    np.testing.assert_array_equal(a.load("flair"), expected)
+    assert load_subject(fake_output, "01").sessions[0].paths["flair"] is None

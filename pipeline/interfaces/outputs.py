@@ -161,6 +161,30 @@ class _WriteDerivativesInputSpec(_SubjectFilesInputSpec):
                                   desc="CompressImages' JSONs: images already gzipped (copied)")
 
 
+# input field -> (datatype, suffix, desc, label) of its subject-space derivative, one per session
+SUBJECT_SPACE_IMAGES = {
+    "flair": ("anat", "FLAIR", "preproc", None),
+    "trace": ("dwi", "dwi", "trace", None),
+    "adc": ("dwi", "ADC", None, None),
+    "radc": ("dwi", "ADC", "relative", None),
+    "brain_mask": ("anat", "mask", "brain", None),
+    "flair_lesion": ("anat", "mask", "flair", "lesion"),
+    "restricted": ("dwi", "mask", "restricted", "lesion"),
+    "shine_through": ("dwi", "mask", "dwi", "shinethrough"),
+    "flair_dseg": ("anat", "dseg", "flair", None),
+    "restricted_dseg": ("dwi", "dseg", "restricted", None),
+    "diffusion_dseg": ("dwi", "dseg", "diffusionclass", None),
+}
+
+
+def subject_space_derivative(subject: str, session: str, field: str) -> str:
+    """Path, relative to OUTPUT_DIR, of the derivative :class:`WriteDerivatives` writes from
+    the input ``field`` (see :data:`SUBJECT_SPACE_IMAGES`) of one session."""
+    datatype, suffix, desc, label = SUBJECT_SPACE_IMAGES[field]
+    name = derivative_name(subject, session, suffix, space="subject", label=label, desc=desc)
+    return f"sub-{subject}/ses-{session}/{datatype}/{name}"
+
+
 #: written by WriteDerivatives into its node folder (see its ``sources`` output)
 SOURCES_FILE = "derivative_sources.json"
 
@@ -212,57 +236,53 @@ class WriteDerivatives(SimpleInterface):
         for i, ses in enumerate(ins.labels):
             day = {"Day": ins.days[i]}
 
-            def put(src, datatype, suffix, meta, *, space="subject", label=None, desc=None, ext=".nii.gz"):
-                name = derivative_name(sub, ses, suffix, space=space, label=label, desc=desc, ext=ext)
-                dst = subj_dir / f"ses-{ses}" / datatype / name
-                copies.append((src, dst))
-                if ext.startswith(".nii"):
-                    _sidecar(dst, {**(common if space else {}), **day, **meta})
+            def put(field, meta):
+                """The subject-space image ``field`` of this session, with its sidecar."""
+                dst = root / subject_space_derivative(sub, ses, field)
+                copies.append((getattr(ins, field)[i], dst))
+                _sidecar(dst, {**common, **day, **meta})
                 return dst
 
-            put(ins.flair[i], "anat", "FLAIR", {"Description": "Bias-corrected FLAIR",
-                                                "SkullStripped": False}, desc="preproc")
-            trace = put(ins.trace[i], "dwi", "dwi", {"Description": "Trace-weighted DWI",
-                                                     "SkullStripped": False}, desc="trace")
+            def put_native(src, datatype, meta, *, desc):
+                dst = subj_dir / f"ses-{ses}" / datatype / derivative_name(
+                    sub, ses, "mask", space=None, label="lesion", desc=desc)
+                copies.append((src, dst))
+                _sidecar(dst, {**day, **meta})
+
+            put("flair", {"Description": "Bias-corrected FLAIR", "SkullStripped": False})
+            trace = put("trace", {"Description": "Trace-weighted DWI", "SkullStripped": False})
             # one trace volume (no direction); BIDS inheritance: sub-X_ses-Y_dwi.bval applies
             b_value = _b_value(ins.load_reports[i])
             stem = trace.parent / derivative_name(sub, ses, "dwi", ext="")
             _write_text(stem.with_suffix(".bval"), f"{b_value:g}\n")
             _write_text(stem.with_suffix(".bvec"), "0\n0\n0\n")
-            put(ins.adc[i], "dwi", "ADC", {"Description": "Apparent diffusion coefficient",
-                                           "Units": "um^2/s", "SkullStripped": False})
-            put(ins.radc[i], "dwi", "ADC", {"Description": "ADC relative to normal-appearing white "
-                                            "matter (rADC)", "Units": "ratio", "SkullStripped": False},
-                desc="relative")
-            put(ins.brain_mask[i], "anat", "mask", {"Type": "Brain"}, desc="brain")
-            put(ins.flair_lesion[i], "anat", "mask", {"Type": "Lesion", "Description": "FLAIR lesion"},
-                label="lesion", desc="flair")
-            put(ins.restricted[i], "dwi", "mask", {"Type": "Lesion",
-                                                   "Description": "Restricted diffusion"},
-                label="lesion", desc="restricted")
-            put(ins.shine_through[i], "dwi", "mask", {"Type": "ROI", "Description": "T2 shine-through "
-                                                      "(DWI bright, ADC not low)"},
-                label="shinethrough", desc="dwi")
-            for kind, files in (("flair", ins.flair_dseg), ("restricted", ins.restricted_dseg)):
-                datatype = "anat" if kind == "flair" else "dwi"
-                dst = put(files[i], datatype, "dseg", {"Description": f"Persistent {kind} lesion ids"},
-                          desc=kind)
-                _dseg_lut(files[i], dst)
+            put("adc", {"Description": "Apparent diffusion coefficient", "Units": "um^2/s",
+                        "SkullStripped": False})
+            put("radc", {"Description": "ADC relative to normal-appearing white matter (rADC)",
+                         "Units": "ratio", "SkullStripped": False})
+            put("brain_mask", {"Type": "Brain"})
+            put("flair_lesion", {"Type": "Lesion", "Description": "FLAIR lesion"})
+            put("restricted", {"Type": "Lesion", "Description": "Restricted diffusion"})
+            put("shine_through", {"Type": "ROI",
+                                  "Description": "T2 shine-through (DWI bright, ADC not low)"})
+            for kind in ("flair", "restricted"):
+                dst = put(f"{kind}_dseg", {"Description": f"Persistent {kind} lesion ids"})
+                _dseg_lut(getattr(ins, f"{kind}_dseg")[i], dst)
             dyn = ins.config["dynamics"]
-            dst = put(ins.diffusion_dseg[i], "dwi", "dseg", {
+            dst = put("diffusion_dseg", {
                 "Description": "Diffusion class of every voxel of the lesion tissue (FLAIR lesion "
                 "and every voxel restricted at this or an earlier session); 0 elsewhere",
                 "Labels": {str(k): f"{name}: {text}" for k, (name, text)
                            in dynamics.VOXEL_CLASS_LABELS.items()},
                 "RestrictedBelow": dyn["restricted_below"], "ElevatedAbove": dyn["elevated_above"],
-            }, desc="diffusionclass")
+            })
             _write_lut(dst, [(k, name) for k, (name, _) in dynamics.VOXEL_CLASS_LABELS.items()])
-            put(ins.native_flair_lesion[i], "anat", "mask",
-                {"Type": "Lesion", "Description": "FLAIR lesion on the native FLAIR grid"},
-                space=None, label="lesion", desc="flair")
-            put(ins.native_restricted[i], "dwi", "mask",
-                {"Type": "Lesion", "Description": "Restricted diffusion on the native DWI grid"},
-                space=None, label="lesion", desc="restricted")
+            put_native(ins.native_flair_lesion[i], "anat",
+                       {"Type": "Lesion", "Description": "FLAIR lesion on the native FLAIR grid"},
+                       desc="flair")
+            put_native(ins.native_restricted[i], "dwi",
+                       {"Type": "Lesion", "Description": "Restricted diffusion on the native DWI grid"},
+                       desc="restricted")
             xfm_dir = subj_dir / f"ses-{ses}" / "anat"
             copies.append((ins.subject_xfms[i], xfm_dir / derivative_name(
                 sub, ses, "xfm", extra={"from": "FLAIR", "to": "subject", "mode": "image"}, ext=".txt")))

@@ -141,7 +141,7 @@ def uncompressed_source(derivative: Path, source: Path | str | None) -> Path | N
 
 
 def load_subject(output_dir: Path, subject: str, sources: dict[str, str] | None = None,
-                 images: dict[str, dict[str, str]] | None = None) -> SubjectDerivatives:
+                 images: dict[str, str] | None = None) -> SubjectDerivatives:
     """Collect the derivatives of ``sub-<subject>`` under ``output_dir``.
 
     Parameters
@@ -154,8 +154,8 @@ def load_subject(output_dir: Path, subject: str, sources: dict[str, str] | None 
         Derivative path relative to ``output_dir`` -> the uncompressed file it was gzipped
         from (written by the participant run, see :func:`uncompressed_source`).
     images : dict, optional
-        Session label -> image key (see IMAGES) -> the uncompressed work-dir image a derivative
-        will be gzipped from, used for a derivative not written yet: the participant run's
+        Derivative path relative to ``output_dir`` -> the uncompressed work-dir image it will
+        be gzipped from, read when the derivative is not written yet: the participant run's
         report node draws the report beside the compression of the derivatives.
 
     Returns
@@ -180,10 +180,10 @@ def load_subject(output_dir: Path, subject: str, sources: dict[str, str] | None 
         for key, (datatype, tail) in IMAGES.items():
             path = subj_dir / f"ses-{label}" / datatype / f"{prefix}_{tail}"
             paths[key] = path if path.exists() else None
-            if paths[key] is None and images and (src := images.get(label, {}).get(key)):
+            rel = str(path.relative_to(output_dir))
+            if paths[key] is None and images and (src := images.get(rel)):
                 paths[key] = Path(src)
                 continue
-            rel = str(path.relative_to(output_dir))
             if paths[key] is not None and sources and (
                     src := uncompressed_source(path, sources.get(rel))) is not None:
                 uncompressed[key] = src

@@ -114,7 +114,7 @@ def render_subject_report(subject: SubjectDerivatives) -> str:
 
 
 def write_subject_report(output_dir: Path, subject: str, sources: dict[str, str] | None = None,
-                         images: dict[str, dict[str, str]] | None = None) -> Path:
+                         images: dict[str, str] | None = None) -> Path:
     """Write OUTPUT_DIR/sub-X.html from the subject's derivatives.
 
     Parameters
@@ -127,7 +127,7 @@ def write_subject_report(output_dir: Path, subject: str, sources: dict[str, str]
         Uncompressed copies of the images to read instead (see
         :func:`pipeline.reports.data.load_subject`).
     images : dict, optional
-        The uncompressed images of derivatives not written yet (see
+        The work-dir images of derivatives not written yet (see
         :func:`pipeline.reports.data.load_subject`).
 
     Returns
@@ -143,13 +143,6 @@ def write_subject_report(output_dir: Path, subject: str, sources: dict[str, str]
         tmp.write_text(html, encoding="utf-8")
         tmp.chmod(0o644)  # a report is for reading (the temporary file is private)
     return dst
-
-
-# report image key (pipeline.reports.data.IMAGES) -> the subject file it is read from
-WORK_IMAGES = {"flair": "flair", "dwi": "trace", "adc": "adc", "radc": "radc",
-               "brain": "brain_mask", "flair_mask": "flair_lesion",
-               "restricted_mask": "restricted", "flair_dseg": "flair_dseg",
-               "restricted_dseg": "restricted_dseg", "diffusion_classes": "diffusion_dseg"}
 
 
 def write_work_report(root: Path, *, subject: str, labels: list[str], day_source: str,
@@ -172,7 +165,8 @@ def write_work_report(root: Path, *, subject: str, labels: list[str], day_source
         configuration as a dict.
     **files
         The subject files of :class:`pipeline.interfaces.outputs.WriteDerivatives` (same
-        names): one image per session for each field of :data:`WORK_IMAGES`, the tables
+        names): one image per session for the fields of
+        :data:`pipeline.interfaces.outputs.SUBJECT_SPACE_IMAGES` the report shows, the tables
         ``<key>_table`` for each key of :data:`pipeline.reports.data.TABLES`, and the QC
         inputs ``subject_space_qc``, ``dwi_to_flair_qc``, ``load_reports``.
 
@@ -181,7 +175,8 @@ def write_work_report(root: Path, *, subject: str, labels: list[str], day_source
     Path
         ``root/sub-X.html``.
     """
-    from pipeline.interfaces.outputs import QC_REPORT, qc_report_text
+    from pipeline.interfaces.outputs import (QC_REPORT, SUBJECT_SPACE_IMAGES, qc_report_text,
+                                             subject_space_derivative)
 
     root = Path(root)
     if root.exists():
@@ -192,6 +187,9 @@ def write_work_report(root: Path, *, subject: str, labels: list[str], day_source
         shutil.copyfile(files[f"{key}_table"], subj_dir / f"sub-{subject}_{name}.tsv")
     qc = SimpleNamespace(labels=labels, day_source=day_source, config=config, **files)
     (subj_dir / f"sub-{subject}_{QC_REPORT}").write_text(qc_report_text(qc))
-    images = {ses: {key: files[field][i] for key, field in WORK_IMAGES.items()}
+    # each image under the derivative name it is being written to (the report finds its
+    # images by those names, pipeline.reports.data.IMAGES)
+    images = {subject_space_derivative(subject, ses, field): files[field][i]
+              for field in SUBJECT_SPACE_IMAGES if field in files
               for i, ses in enumerate(labels)}
     return write_subject_report(root, subject, images=images)
