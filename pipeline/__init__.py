@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 #: Libraries whose versions go into the QC report and the methods paragraph.
 SOFTWARE = ("lesionlapse", "numpy", "scipy", "SimpleITK", "nibabel", "nipype", "scikit-image",
-            "pandas", "matplotlib")
+            "edt", "pandas", "matplotlib")
 
 
 def software_versions() -> dict[str, str]:

@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from pipeline.core.distance import edt_mm
+
 RESTRICTED, PSEUDONORMAL, ELEVATED = 1, 2, 3
 SHINE_THROUGH = 4
 #: Labels of the voxel-class image (:func:`voxel_class_image`): index -> (name, description).
@@ -143,7 +145,7 @@ def lesion_core(mask: np.ndarray, *, depth_mm: float, spacing_mm: tuple[float, .
     m = mask[box]
     labels, n = ndimage.label(m, ndimage.generate_binary_structure(m.ndim, 3))
     padded = np.pad(m, 1)  # the box's (and array's) border counts as outside
-    depth = ndimage.distance_transform_edt(padded, sampling=sp)[(slice(1, -1),) * m.ndim]
+    depth = edt_mm(padded, sp)[(slice(1, -1),) * m.ndim]
     depth = depth - 0.5 * min(sp)
     deepest = np.asarray(ndimage.maximum(depth, labels, np.arange(1, n + 1)), float)
     need = np.concatenate([[np.inf], np.minimum(float(depth_mm), deepest)])

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from pipeline.core.distance import edt_mm
+
 _CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}
 
 
@@ -61,7 +63,7 @@ def surface_distances(
 ) -> np.ndarray:
     """Distances (mm) from every surface voxel of ``a`` to the nearest surface voxel of ``b``."""
     sa, sb = _surface(np.asarray(a, bool)), _surface(np.asarray(b, bool))
-    dist_to_b = ndimage.distance_transform_edt(~sb, sampling=spacing_mm)
+    dist_to_b = edt_mm(~sb, spacing_mm)
     return dist_to_b[sa]
 
 

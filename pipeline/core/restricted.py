@@ -14,6 +14,7 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline.core import dynamics
+from pipeline.core.distance import edt_mm
 from pipeline.core.segmentation import (
     _check_spacing,
     mode_reference,
@@ -172,7 +173,7 @@ def grow_to_half_contrast(
                     for b, p, dim in zip(box, pad, mask.shape))
         comp = lab[box] == i
         r = radc[box]
-        dist = ndimage.distance_transform_edt(~comp, sampling=sp)
+        dist = edt_mm(~comp, sp)
         ring = (dist > ring_mm[0]) & (dist <= ring_mm[1]) & (lab[box] == 0) & np.isfinite(r)
         inside = comp & np.isfinite(r)
         if not ring.any() or not inside.any():

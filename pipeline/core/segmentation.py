@@ -44,6 +44,7 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline.core.boxes import bounding_box
+from pipeline.core.distance import edt_mm
 
 CSF, GM, WM = 1, 2, 3  #: labels of :attr:`TissueModel.labels` (0 outside the brain)
 MAD_TO_SD = 1.4826  #: MAD of a normal distribution times this is its standard deviation
@@ -272,7 +273,7 @@ def farther_than(mask: np.ndarray, distance_mm: float, spacing_mm: tuple[float, 
         slice(max(int(idx.min()) - p, 0), min(int(idx.max()) + p + 1, n))
         for idx, p, n in zip(np.nonzero(mask), pad, mask.shape)
     )
-    out[box] = ndimage.distance_transform_edt(~mask[box], sampling=spacing_mm) > distance_mm
+    out[box] = edt_mm(~mask[box], spacing_mm) > distance_mm
     return out
 
 
@@ -960,9 +961,9 @@ def parenchyma_distances(
     to_csf = np.full(brain.shape, np.inf if not csf.any() else np.nan)
     box = bounding_box(brain | csf, 1)
     if box is not None:
-        depth[box] = ndimage.distance_transform_edt(brain[box], sampling=sp)
+        depth[box] = edt_mm(brain[box], sp)
         if csf.any():
-            to_csf[box] = ndimage.distance_transform_edt(~csf[box], sampling=sp)
+            to_csf[box] = edt_mm(~csf[box], sp)
     return ParenchymaDistances(to_csf, depth)
 
 
