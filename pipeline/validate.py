@@ -49,15 +49,12 @@ def fov_overlap(affine_a, shape_a, affine_b, shape_b) -> float:
 
 
 def _run_config(config):
+    """The run's configuration, or the default one when none is given."""
     if config is None:
         from pipeline.config import load_config
 
         config = load_config()
     return config
-
-
-def _inputs_params(config) -> dict:
-    return _run_config(config).to_dict()["inputs"]
 
 
 def check_session_files(ses: SessionInputs) -> None:
@@ -204,8 +201,9 @@ def validate_subject(subject: SubjectInputs, config=None) -> list[str]:
     spent decompressing and converting the images (zlib and numpy release the GIL), on one
     core before any node of the run can start.
     """
-    params = _inputs_params(config)
-    workers = max(1, min(len(subject.sessions), _run_config(config).resources.nprocs))
+    run_config = _run_config(config)  # loaded once: the default config is read from disk
+    params = run_config.to_dict()["inputs"]
+    workers = max(1, min(len(subject.sessions), run_config.resources.nprocs))
     warnings: list[str] = []
     with ThreadPoolExecutor(workers) as pool:
         checks = [pool.submit(validate_session, ses, params, detect_unit=config is not None)
