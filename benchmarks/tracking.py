@@ -309,11 +309,8 @@ def observable_rows(events: pd.DataFrame, native: dict[str, list], sessions: lis
     split group in that interval (``predecessor_ids`` / ``successor_ids``, followed through the
     group) to be visible: a lesion merging with an invisible speck is, on the images, a lesion
     that grows. ``events`` is one kind's truth events table."""
-    volumes: dict[tuple[str, int], dict[int, float]] = {}
-    for kind, per_session in native.items():
-        for k, (labels, voxel_ml) in enumerate(per_session):
-            ids, counts = np.unique(labels[labels > 0], return_counts=True)
-            volumes[(kind, k)] = {int(i): float(c) * voxel_ml for i, c in zip(ids, counts)}
+    volumes = {(kind, k): _lesion_volumes(*grid) for kind, per_session in native.items()
+               for k, grid in enumerate(per_session)}
 
     def seen(r) -> bool:
         k = sessions.index(r.from_session)
@@ -332,6 +329,13 @@ def observable_rows(events: pd.DataFrame, native: dict[str, list], sessions: lis
             good = all(visible.get((r.from_session, j), True) for j in _event_group(events, r))
         ok.append(good)
     return np.asarray(ok, bool)
+
+
+def _lesion_volumes(labels: np.ndarray, voxel_ml: float) -> dict[int, float]:
+    """Truth lesion id -> its volume (mL) on one session's acquisition grid
+    (:func:`native_truth`)."""
+    ids, counts = np.unique(labels[labels > 0], return_counts=True)
+    return {int(i): float(c) * voxel_ml for i, c in zip(ids, counts)}
 
 
 def _event_group(events: pd.DataFrame, row) -> set[int]:
@@ -376,24 +380,22 @@ def native_events(events: pd.DataFrame, native: dict[str, list], sessions: list[
     it); else the lesions' total acquisition-grid volume classified with the tracking
     thresholds (``pipeline.core.tracking.classify_change``: enlarging / stable / shrinking).
     ``events`` is one kind's truth events table."""
-    from pipeline.core.tracking import classify_change, label_components
+    from pipeline.core.tracking import classify_change, label_components, majors
 
     trk = tracking_config
-    cache: dict[tuple[str, int], tuple[np.ndarray, dict[int, float], float]] = {}
+    cache: dict[tuple[str, int], tuple[np.ndarray, dict[int, float]]] = {}
 
     def grid(kind: str, k: int):
         if (kind, k) not in cache:
             labels, voxel_ml = native[kind][k]
-            ids, counts = np.unique(labels[labels > 0], return_counts=True)
-            cache[(kind, k)] = (labels, {int(i): float(c) * voxel_ml
-                                         for i, c in zip(ids, counts)}, voxel_ml)
+            cache[(kind, k)] = (labels, _lesion_volumes(labels, voxel_ml))
         return cache[(kind, k)]
 
     def side(kind: str, k: int, group: set[int], own: int) -> tuple[int, float, bool]:
         """Components (not fragments) and total volume (mL) of the group's visible lesions;
         whether ``own`` is a fragment apart: only in components of its own, all fragments,
         beside another visible lesion of the group."""
-        labels, volumes, voxel_ml = grid(kind, k)
+        labels, volumes = grid(kind, k)
         seen = [j for j in group if volumes.get(j, 0.0) >= min_ml]
         if not seen:
             return 0, 0.0, False
@@ -401,13 +403,14 @@ def native_events(events: pd.DataFrame, native: dict[str, list], sessions: list[
         box = ndimage.find_objects(mask.astype(np.int8))[0]
         comps = label_components(mask[box], trk.connectivity)
         sizes = np.bincount(comps.ravel())[1:].astype(float)
-        major = sizes >= trk.fragment_ratio * sizes.max()
+        # the tracker's own fragment rule (pipeline.core.tracking.majors)
+        major = set(majors(np.arange(1, sizes.size + 1), sizes, trk.fragment_ratio).tolist())
         fragment = False
         if own in seen and len(seen) > 1:
             mine = set(np.unique(comps[labels[box] == own]).tolist())
             theirs = set(np.unique(comps[mask[box] & (labels[box] != own)]).tolist())
-            fragment = not (mine & theirs) and not any(major[c - 1] for c in mine)
-        return int(np.count_nonzero(major)), sum(volumes[j] for j in seen), fragment
+            fragment = not (mine & theirs) and not (mine & major)
+        return len(major), sum(volumes[j] for j in seen), fragment
 
     out = []
     for r in events.itertuples():

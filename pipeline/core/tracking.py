@@ -362,7 +362,7 @@ def _join(ids: Sequence[int] | np.ndarray) -> str:
     return ";".join(str(int(i)) for i in sorted(int(i) for i in ids))
 
 
-def _majors(labels: np.ndarray, volumes: np.ndarray, fragment_ratio: float) -> np.ndarray:
+def majors(labels: np.ndarray, volumes: np.ndarray, fragment_ratio: float) -> np.ndarray:
     """The components of one side of a link group that are not fragments: volume at least
     ``fragment_ratio`` times the largest volume among ``labels`` (1-based)."""
     v = volumes[labels - 1]
@@ -510,8 +510,8 @@ def track_lesions(
             if a.size == 0:
                 pending[int(b[0]) - 1] = ("new", [])
                 continue
-            major_a = _majors(a, vols[t], fragment_ratio)
-            major_b = _majors(b, vols[u], fragment_ratio)
+            major_a = majors(a, vols[t], fragment_ratio)
+            major_b = majors(b, vols[u], fragment_ratio)
             if major_a.size == 1 and major_b.size == 1:  # one lesion continues (with fragments)
                 lesion = int(ids[t][major_a[0] - 1])
                 ids[u][major_b[0] - 1] = lesion
