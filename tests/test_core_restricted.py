@@ -126,3 +126,27 @@ def test_half_contrast_edge_restores_a_blurred_lesion_and_stays_pseudonormal_fre
     flat = np.full(radc.shape, 0.7, np.float32)
     assert np.array_equal(rd.grow_to_half_contrast(truth, flat, allowed, ring_mm=(2.0, 6.0),
                                                    max_mm=2.0, spacing_mm=SP), truth)
+
+
+def test_half_contrast_edge_is_that_of_the_grid_embedded_in_a_larger_one():
+    """grow_to_half_contrast works on the lesions' box: blurred lesions, one cut by the array's
+    edge, alone and together, grow exactly as on the same grid inside a larger array of invalid
+    (NaN) voxels, where no box is clipped."""
+    kw = dict(ring_mm=(2.0, 6.0), max_mm=2.0, spacing_mm=SP)
+    pad = 12
+    inner = (slice(pad, -pad),) * 3
+    for truth in (_sphere((28, 30, 26), 6), _sphere((3, 10, 40), 6),
+                  _sphere((28, 30, 26), 6) | _sphere((3, 10, 40), 6)):
+        radc = np.where(truth, 0.5, 1.0).astype(np.float32)
+        radc = ndimage.gaussian_filter(radc, 1.5).astype(np.float32)
+        # a surround brighter beyond 4 mm: the midpoint needs the whole ring, not a clipped one
+        radc[ndimage.distance_transform_edt(~truth) > 4] = 2.0
+        cut = radc < 0.75
+        allowed = np.ones(radc.shape, bool)
+        grown = rd.grow_to_half_contrast(cut, radc, allowed, **kw)
+        big = rd.grow_to_half_contrast(np.pad(cut, pad), np.pad(radc, pad, constant_values=np.nan),
+                                       np.pad(allowed, pad), **kw)
+        # the ring's median is the bright surround (2.0): the midpoint (~1.25) lies above every
+        # face-neighbour of the cut lesion (at most ~0.86), so all of them are taken
+        assert grown[ndimage.binary_dilation(cut) & ~cut].all()
+        assert np.array_equal(grown, big[inner]) and not big[~np.pad(allowed, pad)].any()

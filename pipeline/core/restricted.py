@@ -14,9 +14,11 @@ import numpy as np
 from scipy import ndimage
 
 from pipeline.core import dynamics
+from pipeline.core.boxes import bounding_box
 from pipeline.core.distance import edt_mm
 from pipeline.core.segmentation import (
     _check_spacing,
+    farther_than,
     mode_reference,
     nawm_mask,
     remove_small_components,
@@ -50,14 +52,47 @@ def nawm_reference_mask(
     cand = np.asarray(candidates, bool)
     if cand.shape != adc.shape:
         raise ValueError(f"candidate mask shape {cand.shape} differs from ADC {adc.shape}")
+    return nawm_reference_from(adc, candidate_erosions(cand, erosion_mm, sp),
+                               lesion_free(lesion_masks, cand.shape, lesion_margin_mm, sp),
+                               trim_sd=trim_sd)
+
+
+def candidate_erosions(candidates: np.ndarray, erosion_mm: float,
+                       spacing_mm: tuple[float, ...]) -> list[np.ndarray]:
+    """The candidate masks :func:`nawm_reference_mask` tries in turn: eroded by ``erosion_mm``
+    (:func:`pipeline.core.segmentation.nawm_mask`), then not eroded (the last entry). They do
+    not depend on the lesions, so a session's two reference passes share them."""
+    cand = np.asarray(candidates, bool)
+    return [nawm_mask(cand, [], erosion_mm=e, lesion_margin_mm=0.0, spacing_mm=spacing_mm)
+            for e in dict.fromkeys((float(erosion_mm), 0.0))]
+
+
+def lesion_free(lesion_masks: list[np.ndarray] | tuple[np.ndarray, ...], shape: tuple[int, ...],
+                margin_mm: float, spacing_mm: tuple[float, ...]) -> np.ndarray:
+    """Voxels farther than ``margin_mm`` from every voxel of every lesion mask (bool; all True
+    without a lesion voxel), the lesion rule of :func:`pipeline.core.segmentation.nawm_mask`.
+    It does not depend on the session, so one pass computes it once for every session."""
+    lesions = np.zeros(shape, bool)
+    for m in lesion_masks:
+        m = np.asarray(m, bool)
+        if m.shape != lesions.shape:
+            raise ValueError(f"lesion mask shape {m.shape} differs from the candidates {shape}")
+        lesions |= m
+    return farther_than(lesions, margin_mm, spacing_mm)
+
+
+def nawm_reference_from(adc_um2_s: np.ndarray, erosions: list[np.ndarray],
+                        away: np.ndarray, *, trim_sd: float) -> np.ndarray:
+    """:func:`nawm_reference_mask` from its parts: the :func:`candidate_erosions` of the
+    session and the :func:`lesion_free` voxels."""
+    adc = np.asarray(adc_um2_s, np.float32)
     ok = np.isfinite(adc) & (adc > 0)
-    for erosion in dict.fromkeys((float(erosion_mm), 0.0)):  # eroded, else not eroded
-        kept = nawm_mask(cand, lesion_masks, erosion_mm=erosion,
-                         lesion_margin_mm=lesion_margin_mm, spacing_mm=sp) & ok
+    for eroded in erosions:  # eroded, else not eroded
+        kept = eroded & away & ok
         if np.count_nonzero(kept) >= 10:
             break
     else:
-        kept = cand & ok
+        kept = erosions[-1] & ok
     if not kept.any():
         return kept
     ref = mode_reference(adc, kept)
@@ -158,19 +193,24 @@ def grow_to_half_contrast(
     contrast) is left as is.
     """
     mask = np.asarray(mask, bool)
-    radc = np.asarray(radc, np.float32)
-    allowed = np.asarray(allowed, bool) & np.isfinite(radc)
     sp = _check_spacing(spacing_mm, mask.ndim)
-    lab, n = ndimage.label(mask, ndimage.generate_binary_structure(mask.ndim, 3))
     out = mask.copy()
-    if n == 0:
-        return out
     pad = [int(np.ceil(ring_mm[1] / s)) + 1 for s in sp]
+    # every component's box grown by ``pad`` lies in the mask's bounding box grown by ``pad``
+    # (both clipped to the array), and labels are numbered in raster order, which the box
+    # keeps: the same components, boxes and results as on the whole grid, at the box's cost
+    area = bounding_box(mask, pad)
+    if area is None:
+        return out
+    lab, n = ndimage.label(mask[area], ndimage.generate_binary_structure(mask.ndim, 3))
+    radc = np.asarray(radc, np.float32)[area]
+    allowed = np.asarray(allowed, bool)[area] & np.isfinite(radc)
+    sub = out[area]  # a view: lesions grow into ``out``
     face = ndimage.generate_binary_structure(mask.ndim, 1)
     steps = max(1, int(round(max_mm / min(sp))))
     for i, box in enumerate(ndimage.find_objects(lab), start=1):
         box = tuple(slice(max(b.start - p, 0), min(b.stop + p, dim))
-                    for b, p, dim in zip(box, pad, mask.shape))
+                    for b, p, dim in zip(box, pad, lab.shape))
         comp = lab[box] == i
         r = radc[box]
         dist = edt_mm(~comp, sp)
@@ -181,5 +221,5 @@ def grow_to_half_contrast(
         mid = 0.5 * (float(np.median(r[inside])) + float(np.median(r[ring])))
         ok = allowed[box] & (r < mid) & (dist <= max_mm)
         grown = ndimage.binary_dilation(comp, face, iterations=steps, mask=ok | comp)
-        out[box] |= grown
+        sub[box] |= grown
     return out

@@ -126,8 +126,10 @@ class SegmentSessions(SimpleInterface):
             # NAWM candidates from the same maps: deep parenchyma at most nawm_flair_z_max
             # above its FLAIR mode (white matter is the darkest non-CSF tissue on FLAIR).
             cand = m.deep & (m.z_wm <= s["nawm_flair_z_max"])
-            # the joint step reads z, z_gm, domain and rim only
-            return seg.joint_step_maps(m), cand
+            # the joint step reads z, z_gm, domain and rim only; both restricted passes share
+            # the candidates' erosion
+            return seg.joint_step_maps(m), rd.candidate_erosions(cand, d["nawm_erosion_mm"],
+                                                                 spacing)
 
         with ThreadPoolExecutor(workers) as ex:
             maps, cands = map(list, zip(*ex.map(session_maps, range(n))))
@@ -148,15 +150,18 @@ class SegmentSessions(SimpleInterface):
             lesions[i] = mask
         del joint
 
-        def restricted_session(i, exclude):
-            """NAWM mask and :class:`RestrictedResult` of session ``i`` (None without DWI)."""
+        def lesion_free(exclude):
+            """Voxels away from every mask of ``exclude``: the same for every session of a pass."""
+            return rd.lesion_free(exclude, brains[0].shape, d["nawm_lesion_margin_mm"], spacing)
+
+        def restricted_session(i, away):
+            """NAWM mask and :class:`RestrictedResult` of session ``i`` (None without DWI);
+            ``away``: :func:`lesion_free` of the lesions the NAWM keeps away from
+            (:func:`pipeline.core.restricted.nawm_reference_mask` in parts)."""
             adc_i = adc(i)
             if adc_i is None:
                 return None
-            nawm = rd.nawm_reference_mask(
-                adc_i, cands[i], exclude, erosion_mm=d["nawm_erosion_mm"],
-                lesion_margin_mm=d["nawm_lesion_margin_mm"], trim_sd=s["nawm_adc_trim_sd"],
-                spacing_mm=spacing)
+            nawm = rd.nawm_reference_from(adc_i, cands[i], away, trim_sd=s["nawm_adc_trim_sd"])
             return nawm, rd.segment_restricted(
                 image(self.inputs.trace[i]), adc_i, brains[i], nawm,
                 restricted_below=d["restricted_below"],
@@ -165,13 +170,17 @@ class SegmentSessions(SimpleInterface):
                 csf_adc_min_um2_s=s["csf_adc_min_um2_s"], spacing_mm=spacing,
                 edge_mm=d["restricted_edge_mm"], edge_ring_mm=d["restricted_edge_ring_mm"])
 
+        away_flair = lesion_free(lesions)  # first pass: away from the FLAIR lesions
+
         def first_pass(i):  # only the restricted masks are kept
-            result = restricted_session(i, lesions)
+            result = restricted_session(i, away_flair)
             return None if result is None else result[1].restricted
 
         with ThreadPoolExecutor(workers) as ex:
             first = list(ex.map(first_pass, range(n)))
-        exclude = lesions + [r for r in first if r is not None]
+        # second pass: also away from the restricted tissue the first pass found
+        away_all = lesion_free(lesions + [r for r in first if r is not None])
+        del first, away_flair
 
         def save_session(i):
             """Second pass of session ``i``, written at once: output file per key."""
@@ -185,7 +194,7 @@ class SegmentSessions(SimpleInterface):
                 files[key] = save(like(full, ref_img), runtime, name, dtype)
 
             lesion = lesions[i]
-            result = restricted_session(i, exclude)
+            result = restricted_session(i, away_all)
             put("flair_lesion", lesion, np.uint8)
             if result is None:  # no diffusion in this session
                 empty = np.zeros(lesion.shape, np.uint8)
