@@ -20,9 +20,6 @@ import numpy as np
 import SimpleITK as sitk
 
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
-#: gzip level of .nii.gz files written (nibabel's default; level 6 is about 3x slower for a few
-#: per cent smaller files).
-GZIP_LEVEL = 1
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
