@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -360,21 +361,45 @@ def _wait_for_jobs(token: str, poll_s: float) -> None:
 
 # --- one subject ---------------------------------------------------------------------------
 
-def run_subject(subject: SubjectInputs, *, config: Config, output_dir: Path, work_dir: Path,
-                plugin: str, plugin_args: dict) -> None:
-    """Validate, build and run one subject's workflow, then publish its derivatives."""
-    from pipeline.reports.node import subject_report_node
-    from pipeline.workflows.base import init_subject_wf
+def validate_in_background(subject: SubjectInputs, config: Config) -> Future:
+    """:func:`pipeline.validate.validate_subject` started in a thread; its future.
 
+    The check reads every input image (mostly zlib and numpy, which release the GIL) while the
+    calling thread imports Nipype and builds the workflow, instead of before them: ~0.8 s of
+    CPU that no longer holds up the first node. :func:`run_subject` waits for it before any
+    node runs, so a bad input still stops the subject first, with the same error."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="lesionlapse-validate")
+    try:
+        return pool.submit(validate_subject, subject, config)
+    finally:
+        pool.shutdown(wait=False)  # the thread ends with the check
+
+
+def run_subject(subject: SubjectInputs, *, config: Config, output_dir: Path, work_dir: Path,
+                plugin: str, plugin_args: dict, validation: Future | None = None) -> None:
+    """Validate, build and run one subject's workflow, then publish its derivatives.
+
+    ``validation``: the subject's :func:`validate_in_background`, if the caller started it
+    earlier (before importing Nipype); started here otherwise."""
     # before any work: config-dependent checks (ADC unit, b0 threshold...) use the run's config
-    for warning in validate_subject(subject, config):
+    if validation is None:
+        validation = validate_in_background(subject, config)
+    staging = output_dir / STAGING / f"sub-{subject.subject}"
+    try:
+        from pipeline.reports.node import subject_report_node
+        from pipeline.workflows.base import init_subject_wf
+
+        # the report is drawn by a node of the workflow beside the derivatives' compression;
+        # the workflow gets the function from here (the composition root): it never imports
+        # the reports
+        workflow = init_subject_wf(subject=subject, config=config, staging_dir=staging,
+                                   report=subject_report_node)
+    except Exception:
+        validation.result()  # a bad input is the error to report, not what it broke here
+        raise
+    for warning in validation.result():  # raises the first bad input's error
         log.warning(f"sub-{subject.subject}: warning: {warning}")
     recover(output_dir, subject.subject)
-    staging = output_dir / STAGING / f"sub-{subject.subject}"
-    # the report is drawn by a node of the workflow beside the derivatives' compression; the
-    # workflow gets the function from here (the composition root): it never imports the reports
-    workflow = init_subject_wf(subject=subject, config=config, staging_dir=staging,
-                               report=subject_report_node)
     workflow.base_dir = str(work_dir)
     _apply_resource_hints(workflow, plugin)
     args = dict(plugin_args)
@@ -644,13 +669,15 @@ def _run_one(subject: SubjectInputs, *, config: Config, output_dir: Path, work_d
 
             write_subject_report(output_dir, label)
     else:
+        # the inputs are checked while Nipype is imported (below) and the workflow is built
+        validation = validate_in_background(subject, config)
         update_summary(summary_path, [{**row, "status": RUNNING,
                                        "finished": "", "duration_s": ""}])
         _configure_nipype(log_dir, plugin)
         try:
             with _subject_log(log_dir / "nipype.log"):
                 run_subject(subject, config=config, output_dir=output_dir, work_dir=work_dir,
-                            plugin=plugin, plugin_args=plugin_args)
+                            plugin=plugin, plugin_args=plugin_args, validation=validation)
         except Exception as exc:  # noqa: BLE001 (one subject's failure must not stop the cohort)
             row["status"] = FAILED
             message = _crash_message(log_dir, start) if isinstance(exc, RuntimeError) else None

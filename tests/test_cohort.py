@@ -330,3 +330,69 @@ def test_scheduler_runs_with_the_heap_frozen_and_unfreezes_after(tmp_path, monke
                            work_dir=tmp_path / "work", plugin="Linear", plugin_args={})
     assert seen and seen[0] > 1000
     assert gc.get_freeze_count() == 0
+
+
+def _stub_workflow(monkeypatch, init, ran):
+    from pipeline.workflows import base
+
+    class Workflow:
+        base_dir = None
+
+        def run(self, **_):
+            ran.append(True)
+
+    def build(**_):
+        init()
+        return Workflow()
+
+    monkeypatch.setattr(base, "init_subject_wf", build)
+
+
+def test_inputs_are_checked_while_the_workflow_is_built(tmp_path, monkeypatch):
+    """run_subject checks the inputs on a thread of their own while it builds the workflow
+    (the check waits here until the workflow is built: done one after the other, it would
+    time out), and runs the workflow only once the check has passed."""
+    import threading
+
+    from conftest import REPO
+
+    built, checked, ran = threading.Event(), [], []
+
+    def check(subject, config):
+        checked.append(threading.get_ident())
+        assert built.wait(30), "the inputs were checked before the workflow was built"
+        assert not ran
+        return ["a warning"]
+
+    monkeypatch.setattr(runner, "validate_subject", check)
+    _stub_workflow(monkeypatch, built.set, ran)
+    subject = discover(REPO / "sample_data")[0]
+    with pytest.raises(RuntimeError, match="without writing the tables"):
+        runner.run_subject(subject, config=load_config(), output_dir=tmp_path / "out",
+                           work_dir=tmp_path / "work", plugin="Linear", plugin_args={})
+    assert ran == [True] and checked and checked[0] != threading.get_ident()
+
+
+def test_a_bad_input_stops_the_subject_before_the_workflow_runs(tmp_path, monkeypatch):
+    """The check's error is the subject's error, also when building the workflow failed too
+    (on what the bad input broke), and the workflow never runs."""
+    from conftest import REPO
+
+    from pipeline.io import InputError
+
+    ran = []
+
+    def check(subject, config):
+        raise InputError("sub-01_ses-01_FLAIR.nii.gz: truncated")
+
+    def broken_graph():
+        raise ValueError("no such field")
+
+    monkeypatch.setattr(runner, "validate_subject", check)
+    subject = discover(REPO / "sample_data")[0]
+    for init in (lambda: None, broken_graph):
+        _stub_workflow(monkeypatch, init, ran)
+        with pytest.raises(InputError, match="FLAIR.nii.gz: truncated"):
+            runner.run_subject(subject, config=load_config(), output_dir=tmp_path / "out",
+                               work_dir=tmp_path / "work", plugin="Linear", plugin_args={})
+    assert not ran
