@@ -547,6 +547,100 @@ def _cached_pyramid(cache: dict | None, image, mask, shrink_factors, smoothing_s
     return cache[key][2]
 
 
+def _pyramid_key(shrink_factors: Sequence[int], smoothing_sigmas_mm: Sequence[float],
+                 base_mm: float, fine_image_smoothing_mm: float, finest_mm: float | None,
+                 has_mask: bool) -> tuple:
+    """What a registration pyramid of a given image and mask depends on (:func:`_pyramid`)."""
+    return (tuple(int(k) for k in shrink_factors), tuple(float(s) for s in smoothing_sigmas_mm),
+            float(base_mm), float(fine_image_smoothing_mm), float(finest_mm or 0.0),
+            bool(has_mask))
+
+
+def _base_mm(image: sitk.Image, working_spacing_mm: float | None) -> float:
+    """Voxel size of the pyramid's unit level: ``working_spacing_mm``, else the finest native
+    spacing of ``image`` (:func:`register_rigid`: of the fixed image)."""
+    if working_spacing_mm and working_spacing_mm > 0:
+        return float(working_spacing_mm)
+    return float(min(image.GetSpacing()))
+
+
+#: the keywords of :func:`register_rigid` that :func:`registration_pyramid` takes
+PYRAMID_PARAMETERS = ("shrink_factors", "smoothing_sigmas_mm", "working_spacing_mm",
+                      "finest_spacing_mm", "fine_image_smoothing_mm")
+
+
+@dataclass(frozen=True)
+class Pyramid:
+    """The registration pyramid of one image and its mask, built once (e.g. where the image is
+    made) and handed to every :func:`register_rigid` call that registers that image
+    (``fixed_pyramid`` / ``moving_pyramid``) instead of each call building it again.
+
+    ``key`` (:func:`_pyramid_key`) names the parameters it was built with: a registration uses
+    it only when they are the ones it would build its own with."""
+
+    key: tuple
+    levels: list  # per level: (float32 image, uint8 mask or None), as from _pyramid
+
+
+def registration_pyramid(
+    image: sitk.Image,
+    mask: sitk.Image | None = None,
+    *,
+    shrink_factors: Sequence[int] = (4, 2, 1),
+    smoothing_sigmas_mm: Sequence[float] = (2.0, 1.0, 0.0),
+    working_spacing_mm: float | None = 2.0,
+    finest_spacing_mm: float | None = None,
+    fine_image_smoothing_mm: float = 0.0,
+) -> Pyramid:
+    """The pyramid :func:`register_rigid` (same keywords) builds of ``image`` and ``mask``
+    when ``image`` is its fixed image, or its moving image beside a fixed image of the same
+    base spacing (always, with a ``working_spacing_mm``). Bit-identical to the one it builds."""
+    base = _base_mm(image, working_spacing_mm)
+    finest_mm = float(finest_spacing_mm) if finest_spacing_mm and finest_spacing_mm > 0 else None
+    key = _pyramid_key(shrink_factors, smoothing_sigmas_mm, base, fine_image_smoothing_mm,
+                       finest_mm, mask is not None)
+    return Pyramid(key, _pyramid(image, mask, shrink_factors, smoothing_sigmas_mm, base,
+                                 fine_image_smoothing_mm, finest_mm))
+
+
+def save_pyramid(pyramid: Pyramid, path: str | Path) -> Path:
+    """Write a :class:`Pyramid` (voxels and geometry exactly: float32/uint8 arrays, float64
+    origin, spacing and direction) to an uncompressed ``.npz``."""
+    arrays = {"key": np.array(repr(pyramid.key))}
+    for k, level in enumerate(pyramid.levels):
+        for part, img in zip(("image", "mask"), level):
+            if img is None:
+                continue
+            arrays[f"{part}{k}"] = sitk.GetArrayFromImage(sitk.Image(img))
+            arrays[f"{part}{k}_geometry"] = np.array(
+                [*img.GetOrigin(), *img.GetSpacing(), *img.GetDirection()], dtype=np.float64)
+    path = Path(path)
+    with open(path, "wb") as fh:  # np.savez would append .npz to another suffix
+        np.savez(fh, **arrays)
+    return path
+
+
+def load_pyramid(path: str | Path) -> Pyramid:
+    """A :class:`Pyramid` written by :func:`save_pyramid`, identical to the one saved."""
+    import ast
+
+    def image(arrays, name):
+        if name not in arrays:
+            return None
+        img = sitk.GetImageFromArray(arrays[name])
+        geometry = arrays[f"{name}_geometry"]
+        img.SetOrigin(tuple(float(v) for v in geometry[:3]))
+        img.SetSpacing(tuple(float(v) for v in geometry[3:6]))
+        img.SetDirection(tuple(float(v) for v in geometry[6:]))
+        return img
+
+    with np.load(path, allow_pickle=False) as arrays:
+        key = ast.literal_eval(str(arrays["key"]))
+        levels = [(image(arrays, f"image{k}"), image(arrays, f"mask{k}"))
+                  for k in range(len(key[0]))]
+    return Pyramid(key, levels)
+
+
 def _n_samples(mask: sitk.Image | None, image: sitk.Image, fraction: float,
                max_samples: int | None, min_samples: int) -> float:
     """Sampling percentage: ``fraction`` of the mask voxels, capped, floored, at most all."""
@@ -711,6 +805,8 @@ def register_rigid(
     n_threads: int | None = None,
     seed: int = 1,
     pyramid_cache: dict | None = None,
+    fixed_pyramid: Pyramid | None = None,
+    moving_pyramid: Pyramid | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (rigid or affine, multi-resolution).
 
@@ -824,6 +920,12 @@ def register_rigid(
         A dict kept by a caller that registers the same image objects several times
         (:func:`build_subject_space`): each image's pyramid is built once and reused, with
         identical results (building it was ~12 % of the subject space's time).
+    fixed_pyramid, moving_pyramid
+        :func:`registration_pyramid` of ``fixed`` (with ``fixed_mask``) and of ``moving``
+        (with ``moving_mask``), built beforehand (e.g. by the node that made the image, for
+        every registration of it): used instead of building them when their parameters are
+        this call's (:class:`Pyramid`), with identical results. The caller vouches that they
+        are of these images and masks.
 
     Returns
     -------
@@ -839,16 +941,19 @@ def register_rigid(
         raise ValueError("at least one pyramid level is needed")
     f = fixed
     fm = sitk.Cast(fixed_mask > 0, sitk.sitkUInt8) if fixed_mask is not None else None
-    base = (
-        float(working_spacing_mm)
-        if working_spacing_mm and working_spacing_mm > 0
-        else float(min(f.GetSpacing()))
-    )
+    base = _base_mm(f, working_spacing_mm)
     finest_mm = float(finest_spacing_mm) if finest_spacing_mm and finest_spacing_mm > 0 else None
-    fixed_levels = _cached_pyramid(pyramid_cache, fixed, fixed_mask, shrink_factors,
-                                   smoothing_sigmas_mm, base, fine_image_smoothing_mm, finest_mm)
-    moving_levels = _cached_pyramid(pyramid_cache, moving, moving_mask, shrink_factors,
-                                    smoothing_sigmas_mm, base, fine_image_smoothing_mm, finest_mm)
+
+    def levels_of(image, mask, given: Pyramid | None):
+        key = _pyramid_key(shrink_factors, smoothing_sigmas_mm, base, fine_image_smoothing_mm,
+                           finest_mm, mask is not None)
+        if given is not None and given.key == key:
+            return given.levels
+        return _cached_pyramid(pyramid_cache, image, mask, shrink_factors, smoothing_sigmas_mm,
+                               base, fine_image_smoothing_mm, finest_mm)
+
+    fixed_levels = levels_of(fixed, fixed_mask, fixed_pyramid)
+    moving_levels = levels_of(moving, moving_mask, moving_pyramid)
     levels = []
     for k, shrink in enumerate(shrink_factors):
         (fl, fml), (ml, mml) = fixed_levels[k], moving_levels[k]
@@ -1058,6 +1163,9 @@ def register_to_first(
     image: sitk.Image,
     first_mask: sitk.Image | None = None,
     mask: sitk.Image | None = None,
+    *,
+    first_pyramid: Pyramid | None = None,
+    pyramid: Pyramid | None = None,
     **reg_params,
 ) -> RegistrationResult:
     """Step 1 of :func:`build_subject_space` for one session: ``image`` (moving) registered
@@ -1066,9 +1174,11 @@ def register_to_first(
 
     Each session's registration is independent of the others', so it can run as soon as both
     images are ready (e.g. in its own process) and be handed to ``build_subject_space`` as
-    ``to_first``. ``reg_params`` as for ``build_subject_space``.
+    ``to_first``. ``reg_params`` as for ``build_subject_space``; ``first_pyramid`` and
+    ``pyramid``: the two images' :func:`registration_pyramid`, if built beforehand.
     """
     return register_rigid(first, image, fixed_mask=first_mask, moving_mask=mask,
+                          fixed_pyramid=first_pyramid, moving_pyramid=pyramid,
                           **_subject_space_params(reg_params))
 
 
@@ -1218,12 +1328,21 @@ def _build_subject_space(images, mask_list, pool, have_masks, *, spacing_mm, tem
             acc.CopyInformation(work)
             macc = sitk.Image(work.GetSize(), sitk.sitkFloat32)
             macc.CopyInformation(work)
-            for t, img, msk in zip(transforms, images, mask_list):
-                acc += resample_to_reference(_normalised(img, msk), work, [t])
-                if msk is not None:
-                    macc += resample_to_reference(
-                        sitk.Cast(msk > 0, sitk.sitkFloat32), work, [t]
-                    )
+
+            def on_work_grid(i: int, work=work, start=transforms):
+                """Session ``i``'s normalised image and mask resampled onto the template grid."""
+                img, msk = images[i], mask_list[i]
+                warped = resample_to_reference(_normalised(img, msk), work, [start[i]])
+                if msk is None:
+                    return warped, None
+                return warped, resample_to_reference(sitk.Cast(msk > 0, sitk.sitkFloat32),
+                                                     work, [start[i]])
+
+            # resampled in the pool, summed here in session order (the same sums)
+            for warped, wmask in pool.map(on_work_grid, range(n)):
+                acc += warped
+                if wmask is not None:
+                    macc += wmask
             template = acc / float(n)
             tmask = sitk.Cast(macc >= 0.5 * n, sitk.sitkUInt8) if have_masks else None
 
