@@ -410,6 +410,28 @@ def test_run_means_of_several_value_lists_equal_run_mean_of_each():
             np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+def test_run_means_are_the_sums_over_all_sessions_to_the_bit():
+    # RunMeans' running sums (linear in the sessions) add each run's values in the order of the
+    # sum over every session with 0 outside the run: the means are equal, not just close, here
+    # over 8 sessions of values spread over many orders of magnitude; decreasing runs refused
+    rng = np.random.default_rng(7)
+    shape = (6, 7, 8)
+    v = [(rng.normal(size=shape) * 10.0 ** rng.integers(-6, 7, shape)).astype(np.float32)
+         for _ in range(8)]
+    v[3][rng.random(shape) < 0.2] = np.nan
+    runs = np.cumsum(rng.random((8,) + shape) < 0.3, axis=0).astype(np.int16)
+    means = seg.RunMeans([v], runs, workers=2)
+    stack = np.stack(v).astype(np.float64)
+    for t in range(8):
+        same = (runs == runs[t]) & np.isfinite(stack)
+        with np.errstate(invalid="ignore"):
+            want = np.where(np.isfinite(stack[t]),
+                            np.where(same, stack, 0.0).sum(axis=0) / same.sum(axis=0), stack[t])
+        np.testing.assert_array_equal(means(t)[0], want.astype(np.float32))
+    with pytest.raises(ValueError, match="must not decrease"):
+        seg.RunMeans([v[:2]], runs[1::-1])
+
+
 def test_run_average_shares_values_within_runs_only():
     v = [np.full((2, 2), x, np.float32) for x in (1.0, 3.0, 8.0)]
     v[1][0, 0] = np.nan

@@ -479,7 +479,8 @@ def hysteresis_series(
         with np.errstate(invalid="ignore"):
             for m in maps:
                 live |= m.z > 0
-        means = RunMeans([[m.z for m in maps], [m.z_gm for m in maps]], runs, where=live)
+        means = RunMeans([[m.z for m in maps], [m.z_gm for m in maps]], runs, where=live,
+                         workers=workers)
         del live
     above = np.empty(shape, bool)  # where lesions may grow: z above z_grow (4D)
 
@@ -585,39 +586,60 @@ class RunMeans:
     """:func:`run_mean` of several lists of per-session values (e.g. every session's ``z`` and
     ``z_gm``) sharing one ``runs`` and ``where``, for any session ``t``:
     ``RunMeans(value_lists, runs, where)(t)`` is the list of session ``t``'s means, one per value
-    list. Every session's values, finite flags and run indices at ``where`` are read once, not
-    once per session asked (that reading grew with the square of the sessions); they are held:
-    per session, 2 bytes plus 5 per value list (float32 values) per ``where`` voxel. Calls for
-    different ``t`` may run in threads."""
+    list. Calls for different ``t`` may run in threads; ``workers``: threads over the value
+    lists while the means are made (:func:`per_session`).
+
+    ``runs`` must number blocks of consecutive sessions (never decreasing from one session to
+    the next, as :func:`unchanged_runs` gives). Every session's means at ``where`` are then
+    found at once with work linear in the sessions (a sum over all sessions per session grew
+    with their square): a running sum over the sessions restarts where the run changes, and
+    each session takes the sum at its run's last session. That sum adds the run's finite
+    values in session order starting from 0, as the sum over all sessions adding 0 outside the
+    run does, so the means are the same to the bit (the sign of a zero sum aside). Held: per
+    session and value list, 4 bytes (float32 mean) per ``where`` voxel.
+    """
 
     def __init__(self, value_lists: list[list[np.ndarray]], runs: np.ndarray,
-                 where: np.ndarray | None = None):
+                 where: np.ndarray | None = None, workers: int = 1):
         if where is None:
             where = np.ones(value_lists[0][0].shape, bool)
         self._lists = value_lists
         self._idx = np.flatnonzero(where)
-        self._runs = [np.asarray(r).reshape(-1)[self._idx] for r in runs]
-        self._at = [[np.asarray(v).reshape(-1)[self._idx] for v in values]
-                    for values in value_lists]
-        self._finite = [[np.isfinite(v) for v in at] for at in self._at]
+        at_runs = [np.asarray(r).reshape(-1)[self._idx] for r in runs]
+        n = len(at_runs)
+        # same[u]: sessions u and u + 1 are in one run
+        same = [at_runs[u + 1] == at_runs[u] for u in range(n - 1)]
+        if any((at_runs[u + 1] < at_runs[u]).any() for u in range(n - 1)):
+            raise ValueError("runs must not decrease from one session to the next")
+        del at_runs
+        self._means = per_session(lambda k: self._session_means(value_lists[k], same),
+                                  len(value_lists), workers)
+
+    def _session_means(self, values: list[np.ndarray], same: list[np.ndarray]) -> list:
+        at = [np.asarray(v).reshape(-1)[self._idx] for v in values]
+        finite = [np.isfinite(a) for a in at]
+        totals, counts = [], []
+        for u in range(len(at)):  # running sums, restarted where a run starts
+            add = np.where(finite[u], at[u], 0.0)  # float32, added to float64 sums
+            if u == 0:
+                totals.append(np.zeros(add.shape) + add)
+                counts.append(finite[u].astype(np.int16))
+            else:
+                totals.append(np.where(same[u - 1], totals[u - 1], 0.0) + add)
+                counts.append(np.where(same[u - 1], counts[u - 1], 0).astype(np.int16)
+                              + finite[u])
+        for u in range(len(at) - 2, -1, -1):  # every session: the sum at its run's end
+            totals[u] = np.where(same[u], totals[u + 1], totals[u])
+            counts[u] = np.where(same[u], counts[u + 1], counts[u])
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return [np.where(f, total / count, a).astype(np.float32)
+                    for f, total, count, a in zip(finite, totals, counts, at)]
 
     def __call__(self, t: int) -> list[np.ndarray]:
-        own_run = self._runs[t]
-        totals = [np.zeros(self._idx.size, np.float64) for _ in self._at]
-        counts = [np.zeros(self._idx.size, np.int16) for _ in self._at]
-        for u, run in enumerate(self._runs):
-            in_run = run == own_run
-            for at, finite, total, count in zip(self._at, self._finite, totals, counts):
-                same = in_run & finite[u]
-                total += np.where(same, at[u], 0.0)  # 2x faster than boolean-indexed +=
-                count += same
         out = []
-        for values, at, finite, total, count in zip(self._lists, self._at, self._finite,
-                                                    totals, counts):
-            with np.errstate(invalid="ignore", divide="ignore"):
-                mean = np.where(finite[t], total / count, at[t])
+        for values, means in zip(self._lists, self._means):
             o = np.array(values[t], np.float32)
-            o.reshape(-1)[self._idx] = mean
+            o.reshape(-1)[self._idx] = means[t]
             out.append(o)
         return out
 
