@@ -553,6 +553,10 @@ def test_hysteresis_series_equals_direct_joint_step_on_slim_maps():
     assert runs[-1].max() > runs[-1].min()  # some voxels changed, others not
     assert np.array_equal(seg.unchanged_runs(maps, change_sd=2.0, smooth_mm=2.0, spacing_mm=SP,
                                              workers=2), runs)
+    # no voxel above z_grow in any session (growth works on the box of those voxels): no lesion
+    unreachable = dict(hp, z_seed=1e9, z_grow=1e9)
+    assert not any(m.any() for m in seg.hysteresis_series(slim, brains, spacing_mm=SP,
+                                                          **unreachable, **extra))
 
 
 def _textured_brain(seed, lesion_z=None, texture=6.0):

@@ -502,7 +502,13 @@ def hysteresis_series(
     # from the seeds inside it (a seed no longer above z_grow after the consistency step
     # starts nothing), without a 4D int32 label volume
     seeds &= above
-    grown = ndimage.binary_propagation(seeds, structure=st, mask=above)
+    # growth never leaves `above`: propagate on the box of its voxels over all sessions (the
+    # propagation's passes scan the whole array; here ~0.4x of it, the same result)
+    grown = np.zeros(shape, bool)
+    box = bounding_box(above.any(axis=0))
+    if box is not None:
+        box = (slice(None),) + box
+        grown[box] = ndimage.binary_propagation(seeds[box], structure=st, mask=above[box])
     del seeds, above
 
     def finish(t):
