@@ -73,8 +73,12 @@ def sitk_affine(img: sitk.Image) -> np.ndarray:
 
 def sitk_to_nib(img: sitk.Image) -> nib.Nifti1Image:
     """nibabel image (qform = sform, code 1) from a 3D SimpleITK image."""
-    data = sitk.GetArrayFromImage(img).T
-    out = nib.Nifti1Image(data, sitk_affine(img))
+    return _nifti(sitk.GetArrayFromImage(img).T, sitk_affine(img))
+
+
+def _nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """nibabel image of an (i, j, k) array and a RAS affine: qform = sform, code 1, mm."""
+    out = nib.Nifti1Image(data, affine)
     out.set_qform(out.affine, code=1)
     out.set_sform(out.affine, code=1)
     out.header.set_xyzt_units("mm", "sec")
@@ -100,11 +104,21 @@ def atomic_path(path: Path):
 
 def write_image(img: sitk.Image, path: Path, dtype: np.dtype | type | None = None) -> Path:
     """Write a 3D SimpleITK image as NIfTI (atomically), optionally cast to ``dtype``."""
-    nimg = sitk_to_nib(img)
+    # a view of the image's buffer: the image is alive until the file is written
+    return write_array(sitk.GetArrayViewFromImage(img), img, path, dtype)
+
+
+def write_array(data: np.ndarray, reference: sitk.Image, path: Path,
+                dtype: np.dtype | type | None = None) -> Path:
+    """Write a (z, y, x) voxel array on the grid of ``reference`` as NIfTI (atomically),
+    optionally cast to ``dtype``: the file ``write_image`` writes for that image, without
+    copying the array into SimpleITK and back."""
+    if data.shape != tuple(reversed(reference.GetSize())):
+        raise ValueError(f"{path}: array of shape {data.shape} on a grid of size "
+                         f"{reference.GetSize()} (x, y, z)")
     if dtype is not None:
-        data = np.asarray(nimg.dataobj).astype(dtype, copy=False)
-        nimg = nib.Nifti1Image(data, nimg.affine, nimg.header)
-        nimg.set_data_dtype(dtype)
+        data = data.astype(dtype, copy=False)
+    nimg = _nifti(data.T, sitk_affine(reference))
     with atomic_path(Path(path)) as tmp:
         nib.save(nimg, str(tmp))
     return Path(path)
@@ -310,10 +324,22 @@ def read_image(path: Path) -> sitk.Image:
     ADC or rADC read as 0 ("maximally restricted"); this reader goes through nibabel instead.
     The geometry is the same as ``sitk.ReadImage`` gives (sform, else qform).
     """
+    data, affine = _read_3d(path)
+    return nib_to_sitk(data, affine)
+
+
+def read_array(path: Path) -> np.ndarray:
+    """Voxel array (z, y, x) of a 3D NIfTI written by this pipeline, NaN kept: the array
+    ``sitk.GetArrayFromImage(read_image(path))`` gives, without the two copies through
+    SimpleITK (an uncompressed file is memory-mapped: read as it is used)."""
+    return _read_3d(path)[0].T
+
+
+def _read_3d(path: Path) -> tuple[np.ndarray, np.ndarray]:
     img = nib.load(str(path))
-    data = np.asanyarray(img.dataobj)
+    data = np.asarray(img.dataobj)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise ValueError(f"{path}: read_image reads 3D images, got shape {data.shape}")
-    return nib_to_sitk(data, img.affine)
+    return data, img.affine

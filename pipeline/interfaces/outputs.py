@@ -29,7 +29,7 @@ from pipeline.bids import derivative_name
 from pipeline.core import columns, dynamics
 from pipeline.core import registration as core_reg
 from pipeline.interfaces.base import array, like, out_path, read, save
-from pipeline.io import atomic_path, write_image
+from pipeline.io import atomic_path, read_array, write_array
 
 #: ISA-L compression level of the derivative .nii.gz files (0-3; 1: about as small as zlib's
 #: level 1 at a sixth of its CPU, see _gzip_nifti; 0 is 34 % larger, 3 four times slower)
@@ -229,10 +229,9 @@ class WriteDerivatives(SimpleInterface):
         space_ref = f"sub-{sub}/anat/" + derivative_name(sub, None, "mask", space="subject", desc="brain")
         union = None
         for i, ses in enumerate(ins.labels):
-            m = array(read(ins.brain_mask[i])) > 0
+            m = read_array(ins.brain_mask[i]) > 0
             union = m if union is None else union | m
-        write_image(like(union.astype(np.uint8), read(ins.brain_mask[0])),
-                    root / space_ref, dtype=np.uint8)
+        write_array(union, read(ins.brain_mask[0]), root / space_ref, dtype=np.uint8)
         _sidecar(root / space_ref, {"Description": "Union of the sessions' brain masks; defines the "
                                     "subject space grid", "Type": "Brain", "SpatialReference": space_ref})
 
@@ -403,7 +402,7 @@ def _sidecar(image: Path, meta: dict) -> None:
 
 
 def _dseg_lut(dseg_file: str, dst: Path) -> None:
-    labels = array(read(dseg_file))
+    labels = read_array(dseg_file)
     ids = np.unique(labels[labels > 0])  # a few thousand voxels: no sort of the whole volume
     _write_lut(dst, [(int(i), f"lesion-{i}") for i in ids])
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from nipype.interfaces.base import (
@@ -17,9 +19,8 @@ from nipype.interfaces.base import (
 from pipeline.core import dynamics, tracking
 from pipeline.core.boxes import paste
 from pipeline.core.dynamics import ReferenceADC
-from pipeline.interfaces.base import (
-    array, like, load_json, out_path, read, save, session_flags, spacing_zyx,
-)
+from pipeline.interfaces.base import load_json, out_path, read, session_flags, spacing_zyx
+from pipeline.io import read_array, write_array
 
 
 class _TrackLesionsInputSpec(BaseInterfaceInputSpec):
@@ -71,7 +72,7 @@ class TrackLesions(SimpleInterface):
         full_shape = tuple(reversed(ref_img.GetSize()))
 
         def on_grid(path):
-            arr = array(read(path))
+            arr = read_array(path)
             if arr.shape != full_shape:
                 raise ValueError(f"{path}: grid {arr.shape} is not the subject grid {full_shape} "
                                  f"of {ins.flair_lesion[0]}; every input must be on it")
@@ -89,8 +90,10 @@ class TrackLesions(SimpleInterface):
         load = lambda files: [on_grid(f)[box].astype(np.float32) for f in files]
         adc, radc = load(ins.adc), load(ins.radc)
 
-        def padded(arr, dtype):
-            return like(paste(arr, box, full_shape, dtype=dtype), ref_img)
+        def save_padded(arr, dtype, name):
+            """Write a box array back onto the subject grid (a work-dir .nii)."""
+            path = Path(out_path(runtime, name))
+            return str(write_array(paste(arr, box, full_shape, dtype=dtype), ref_img, path, dtype))
 
         refs = [ReferenceADC(**load_json(f)) for f in ins.references]
         n = len(ins.labels)
@@ -107,8 +110,7 @@ class TrackLesions(SimpleInterface):
                 radc[i], (flair[i] & has_flair[i]) | ever, shine[i] & has_dwi[i],
                 restricted_below=dyn["restricted_below"], elevated_above=dyn["elevated_above"],
                 restricted=restricted[i] & has_dwi[i])
-            class_files.append(save(padded(classes, np.uint8), runtime,
-                                    f"diffusion_dseg_{i:02d}.nii.gz", np.uint8))
+            class_files.append(save_padded(classes, np.uint8, f"diffusion_dseg_{i:02d}.nii"))
             row = {"session": label, "day": ins.days[i]}
             row.update(dynamics.session_summary(
                 flair_lesion=flair[i], restricted=restricted[i], shine_through=shine[i],
@@ -134,7 +136,7 @@ class TrackLesions(SimpleInterface):
                 index_offset=[sl.start for sl in box],
             )
             self._results[f"{kind}_dseg"] = [
-                save(padded(d, np.int32), runtime, f"{kind}_dseg_{i:02d}.nii.gz", np.int32)
+                save_padded(d, np.int32, f"{kind}_dseg_{i:02d}.nii")
                 for i, d in enumerate(result.dseg)
             ]
             lesion_tables.append(dynamics.lesion_table(
