@@ -149,6 +149,16 @@ def test_lesion_slice_has_most_lesion():
     assert lesion_slice([None, np.zeros((4, 4, 6))]) == 3
 
 
+def test_report_png_has_the_pixels_of_the_default_encoding(fake_output):
+    """The report's PNG level (embed.PNG_LEVEL) changes the bytes, never the picture."""
+    fig = plot_mosaic(load_subject(fake_output, "01"))
+    ours = figure_png(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, facecolor=fig.get_facecolor())  # Pillow's level
+    buffer.seek(0)
+    np.testing.assert_array_equal(mpimg.imread(io.BytesIO(ours)), mpimg.imread(buffer))
+
+
 def test_mosaic_marks_new_lesion_in_orange(fake_output):
     fig = plot_mosaic(load_subject(fake_output, "01"))
     png = mpimg.imread(io.BytesIO(figure_png(fig)))

@@ -11,11 +11,17 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 
+#: zlib level of the report's PNGs (Pillow's default is 6): the same pixels; on the 4-session
+#: clinical report's four figures, encoding takes 0.16 instead of 0.30 s for 2 % more bytes
+PNG_LEVEL = 3
+
+
 def figure_png(fig: Figure, dpi: int = 100) -> bytes:
     """Render a Figure with the Agg canvas (no pyplot, no display) to PNG bytes."""
     FigureCanvasAgg(fig)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, facecolor=fig.get_facecolor())
+    fig.savefig(buffer, format="png", dpi=dpi, facecolor=fig.get_facecolor(),
+                pil_kwargs={"compress_level": PNG_LEVEL})
     return buffer.getvalue()
 
 
