@@ -460,3 +460,29 @@ def test_subject_space_from_registrations_done_beforehand(sessions, tmp_path, mo
                 [(q.final_metric, q.similarity_after, q.rotation_deg) for q in qc])
     with pytest.raises(ValueError, match="one result per session after the first"):
         reg.build_subject_space(imgs, masks, to_first=first[:1], **kw)
+
+
+def test_pyramid_built_beforehand_gives_the_same_registration(pair, tmp_path, monkeypatch):
+    # a node builds each image's pyramid once and writes it; every registration of the image
+    # then reads it instead of building it: the same transform, bit for bit
+    a, b, _, ma, mb = pair
+    params = dict(REG, iterations=30, n_threads=1)
+    plain = reg.register_rigid(a, b, fixed_mask=ma, moving_mask=mb, **params)
+    keys = {k: v for k, v in params.items() if k in reg.PYRAMID_PARAMETERS}
+    pyramids = [reg.load_pyramid(reg.save_pyramid(reg.registration_pyramid(img, m, **keys),
+                                                  tmp_path / f"{name}.npz"))
+                for img, m, name in ((a, ma, "a"), (b, mb, "b"))]
+    other = reg.registration_pyramid(a, None, **keys)  # other parameters: built without mask
+    built = []
+    pyramid = reg._pyramid
+    monkeypatch.setattr(reg, "_pyramid", lambda *a, **k: built.append(1) or pyramid(*a, **k))
+    given = reg.register_rigid(a, b, fixed_mask=ma, moving_mask=mb, fixed_pyramid=pyramids[0],
+                               moving_pyramid=pyramids[1], **params)
+    assert not built
+    assert given.transform.GetParameters() == plain.transform.GetParameters()
+    assert given.similarity_after == plain.similarity_after
+    # a pyramid of other parameters is not used
+    again = reg.register_rigid(a, b, fixed_mask=ma, moving_mask=mb, fixed_pyramid=other,
+                               moving_pyramid=pyramids[1], **params)
+    assert len(built) == 1
+    assert again.transform.GetParameters() == plain.transform.GetParameters()

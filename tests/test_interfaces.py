@@ -186,3 +186,37 @@ def test_track_lesions_tables(tmp_path):
     row = summary[summary.kind == "restricted"].iloc[0]
     # rADC 0.5 at day 0 -> 1.0 at day 8 crosses 0.75 half way: day 4
     assert row.pseudonormalization_day == pytest.approx(4.0)
+
+
+def test_prepare_image_writes_the_pyramid_of_the_files_it_writes(tmp_path):
+    # with the [registration] section, PrepareImage also writes the registration pyramid of
+    # its image and mask as the registrations read them (from its files, header geometry):
+    # exactly what register_rigid would build of them
+    from pipeline.core import registration as core_reg
+    from pipeline.interfaces.base import read
+    from pipeline.interfaces.preprocess import PrepareImage
+
+    brain, _ = _head((40, 36, 14))
+    rng = np.random.default_rng(0)
+    # an oblique, off-grid header: float64 geometry would differ from the file's float32
+    affine = np.array([[1.9, 0.3, 0.0, -37.123456789], [-0.3, 1.9, 0.1, -41.98765],
+                       [0.0, -0.1, 3.1, -20.5555555], [0, 0, 0, 1]])
+    flair = _save(tmp_path / "flair.nii.gz",
+                  (np.where(brain, 300.0, 20.0) + rng.normal(0, 5, brain.shape)).astype(np.float32),
+                  affine)
+    params = {**CFG["preprocessing"], "n4_iterations": [5], "brain_mask_erosion_mm": 2.0}
+    (tmp_path / "plain").mkdir(), (tmp_path / "with").mkdir()
+    without = _run(PrepareImage(in_file=flair, params=params), tmp_path / "plain")
+    assert not without.pyramid  # undefined without [registration]
+    out = _run(PrepareImage(in_file=flair, params=params, registration=CFG["registration"]),
+               tmp_path / "with")
+    keys = {k: v for k, v in CFG["registration"].items() if k in core_reg.PYRAMID_PARAMETERS}
+    expected = core_reg.registration_pyramid(read(out.out_file), read(out.mask), **keys)
+    written = core_reg.load_pyramid(out.pyramid)
+    assert written.key == expected.key
+    for level, want in zip(written.levels, expected.levels):
+        for img, ref in zip(level, want):
+            assert img.GetPixelID() == ref.GetPixelID()
+            assert (img.GetOrigin(), img.GetSpacing(), img.GetDirection()) == (
+                ref.GetOrigin(), ref.GetSpacing(), ref.GetDirection())
+            assert np.array_equal(sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(ref))

@@ -141,8 +141,20 @@ def test_registrations_to_the_first_session_run_in_the_sessions(tmp_path, withou
         assert sources(f"ses_{ses}_wf.to_first") == {
             ("ses_day0_wf.prep_flair", "out_file", "first"),
             ("ses_day0_wf.prep_flair", "mask", "first_mask"),
+            ("ses_day0_wf.prep_flair", "pyramid", "first_pyramid"),
             (f"ses_{ses}_wf.{own}", "out_file", "in_file"),
-            (f"ses_{ses}_wf.{own}", "mask", "mask")}
+            (f"ses_{ses}_wf.{own}", "mask", "mask"),
+            (f"ses_{ses}_wf.{own}", "pyramid", "pyramid")}
+    # each anatomical image's registration pyramid is built once, by its preprocessing node,
+    # and read by its DWI -> FLAIR registration (the FLAIR is the fixed image) too
+    registration = load_config().to_dict()["registration"]
+    for ses in sessions:
+        own = "prep_dwi" if without_flair and ses == "day8" else "prep_flair"
+        assert nodes[f"ses_{ses}_wf.{own}"].inputs.registration == registration
+        if own == "prep_flair":
+            assert not nodes[f"ses_{ses}_wf.prep_dwi"].inputs.registration
+            assert (f"ses_{ses}_wf.prep_flair", "pyramid", "fixed_pyramid") in sources(
+                f"ses_{ses}_wf.dwi_to_flair")
     into_space = {dest: src for src, _, dest in sources("subject_space")}
     assert into_space["to_first_xfms"] == "merge_to_first_xfm"
     assert into_space["to_first_results"] == "merge_to_first_result"

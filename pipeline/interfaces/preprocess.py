@@ -7,7 +7,8 @@ import SimpleITK as sitk
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
 
 from pipeline.core import preprocess as core_pre
-from pipeline.interfaces.base import read, save
+from pipeline.core import registration as core_reg
+from pipeline.interfaces.base import out_path, read, save
 
 
 class _PrepareImageInputSpec(BaseInterfaceInputSpec):
@@ -15,11 +16,15 @@ class _PrepareImageInputSpec(BaseInterfaceInputSpec):
     params = traits.Dict(mandatory=True, desc="the [preprocessing] section of the configuration")
     bias_correct = traits.Bool(True, usedefault=True, desc="run N4 inside the brain mask")
     n_threads = traits.Int(1, usedefault=True, desc="ITK threads")
+    registration = traits.Dict(desc="the [registration] section of the configuration: also "
+                               "write the registration pyramid of the image and mask")
 
 
 class _PrepareImageOutputSpec(TraitedSpec):
     out_file = File(desc="bias-corrected image (or the input as float32)")
     mask = File(desc="brain mask (uint8)")
+    pyramid = File(desc="with `registration`: the registration pyramid of out_file and mask "
+                   "(core.registration.save_pyramid), for every registration of the image")
 
 
 class PrepareImage(SimpleInterface):
@@ -47,4 +52,14 @@ class PrepareImage(SimpleInterface):
             )
         self._results["out_file"] = save(image, runtime, "preproc.nii.gz")
         self._results["mask"] = save(mask, runtime, "brainmask.nii.gz", dtype=np.uint8)
+        if self.inputs.registration:
+            # built from the files as the registrations read them (the header's geometry):
+            # each registration of the image (DWI -> FLAIR, to the first session) reads the
+            # pyramid instead of building it (bit-identical)
+            keys = {k: v for k, v in self.inputs.registration.items()
+                    if k in core_reg.PYRAMID_PARAMETERS}
+            pyramid = core_reg.registration_pyramid(read(self._results["out_file"]),
+                                                    read(self._results["mask"]), **keys)
+            self._results["pyramid"] = str(core_reg.save_pyramid(
+                pyramid, out_path(runtime, "pyramid.npz")))
         return runtime

@@ -38,6 +38,11 @@ def registration_kwargs(params: dict, dwi: bool = False) -> dict:
     return kw
 
 
+def _pyramid(path) -> core_reg.Pyramid | None:
+    """A registration pyramid file (optional input) read, or None."""
+    return core_reg.load_pyramid(path) if isdefined(path) and path else None
+
+
 def _qc_record(result, name: str) -> dict:
     return {
         "registration": name,
@@ -53,6 +58,8 @@ class _RegisterImagesInputSpec(BaseInterfaceInputSpec):
     moving = File(exists=True, mandatory=True, desc="moving image (b0 or trace)")
     fixed_mask = File(exists=True, desc="brain mask of the fixed image")
     moving_mask = File(exists=True, desc="brain mask of the moving image")
+    fixed_pyramid = File(exists=True, desc="registration pyramid of the fixed image and mask "
+                         "(PrepareImage's), read instead of built")
     transform_type = traits.Enum("rigid", "affine", usedefault=True)
     params = traits.Dict(mandatory=True, desc="the [registration] section of the configuration")
     n_threads = traits.Int(1, usedefault=True)
@@ -78,6 +85,7 @@ class RegisterImages(SimpleInterface):
             read(self.inputs.moving),
             fixed_mask=mask(self.inputs.fixed_mask),
             moving_mask=mask(self.inputs.moving_mask),
+            fixed_pyramid=_pyramid(self.inputs.fixed_pyramid),
             transform_type=self.inputs.transform_type,
             n_threads=self.inputs.n_threads,
             **registration_kwargs(p, dwi=True),
@@ -99,6 +107,9 @@ class _RegisterToFirstInputSpec(BaseInterfaceInputSpec):
     first_mask = File(exists=True, desc="its brain mask")
     in_file = File(exists=True, mandatory=True, desc="this session's anatomical image")
     mask = File(exists=True, desc="its brain mask")
+    first_pyramid = File(exists=True, desc="registration pyramid of the first session's image "
+                         "and mask (PrepareImage's), read instead of built")
+    pyramid = File(exists=True, desc="this session's, likewise")
     params = traits.Dict(mandatory=True, desc="the [registration] section of the configuration")
     n_threads = traits.Int(1, usedefault=True, desc="ITK threads of the registration")
 
@@ -121,6 +132,8 @@ class RegisterToFirst(SimpleInterface):
         result = core_reg.register_to_first(
             read(self.inputs.first), read(self.inputs.in_file),
             mask(self.inputs.first_mask), mask(self.inputs.mask),
+            first_pyramid=_pyramid(self.inputs.first_pyramid),
+            pyramid=_pyramid(self.inputs.pyramid),
             n_threads=self.inputs.n_threads, **registration_kwargs(self.inputs.params),
         )
         # an ITK text transform file reads back bit-identical (17 significant digits), JSON

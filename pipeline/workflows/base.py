@@ -27,7 +27,7 @@ RESAMPLED = ("flair", "brain_mask", "b0", "trace", "adc")
 
 
 def init_session_wf(*, session: SessionInputs, config: Config, name: str = "session_wf",
-                    to_first: bool = False):
+                    to_first: bool = False, pyramid: bool | None = None):
     """Load and preprocess one session in its native spaces.
 
     Parameters
@@ -42,7 +42,13 @@ def init_session_wf(*, session: SessionInputs, config: Config, name: str = "sess
         Also register the session's anatomical reference to the first session's (step 1 of
         the subject space, node ``to_first``), as soon as both are ready, beside the other
         sessions' preprocessing. Needs the inputs ``inputnode.first_anat`` and
-        ``inputnode.first_anat_mask`` (the first session's ``anat`` and ``anat_mask``).
+        ``inputnode.first_anat_mask`` (the first session's ``anat`` and ``anat_mask``), and
+        ``inputnode.first_anat_pyramid`` (its ``anat_pyramid``).
+    pyramid
+        Build the registration pyramid of the anatomical image once, in its preprocessing node
+        (output ``anat_pyramid``), for each of its registrations (DWI -> FLAIR, to the first
+        session, and the later sessions' ``to_first`` for the first session) to read instead
+        of building it again. ``None``: when this session's own steps register it.
 
     Outputs
     -------
@@ -59,6 +65,8 @@ def init_session_wf(*, session: SessionInputs, config: Config, name: str = "sess
     to_first_xfm, to_first_result
         With ``to_first`` only: the registration to the first session (transform mapping
         first-session points to this session's, and the rest of the result as JSON).
+    anat_pyramid
+        With ``pyramid`` only: the registration pyramid of ``anat`` and ``anat_mask``.
 
     A session without FLAIR or without diffusion gives every output all the same: the missing
     images are LoadSession's all-NaN placeholders on the present contrast's grid, its masks
@@ -68,7 +76,11 @@ def init_session_wf(*, session: SessionInputs, config: Config, name: str = "sess
         raise ValueError(f"ses-{session.session} of sub-{session.subject} has neither FLAIR nor DWI/ADC")
     threads = config.resources.omp_nthreads
     workflow = pe.Workflow(name=name)
-    fields = list(SESSION_OUTPUTS) + (["to_first_xfm", "to_first_result"] if to_first else [])
+    has_flair, has_dwi = session.flair is not None, session.has_diffusion
+    if pyramid is None:
+        pyramid = to_first or (has_flair and has_dwi)
+    fields = (list(SESSION_OUTPUTS) + (["to_first_xfm", "to_first_result"] if to_first else [])
+              + (["anat_pyramid"] if pyramid else []))
     outputnode = pe.Node(niu.IdentityInterface(fields=fields), name="outputnode")
 
     files = {k: str(v) for k in ("flair", "dwi", "bval", "bvec", "adc", "trace", "trace_sidecar")
@@ -77,18 +89,20 @@ def init_session_wf(*, session: SessionInputs, config: Config, name: str = "sess
     load = pe.Node(LoadSession(params=params, **files), name="load", mem_gb=1.0)
     workflow.connect(load, "report", outputnode, "load_report")
     pre = config.to_dict()["preprocessing"]
+    # the anatomical image's registration pyramid is built with it (see ``pyramid``)
+    anat_registration = {"registration": config.to_dict()["registration"]} if pyramid else {}
 
-    has_flair, has_dwi = session.flair is not None, session.has_diffusion
     if has_flair:
-        prep_flair = pe.Node(PrepareImage(params=pre, n_threads=threads), name="prep_flair",
-                             n_procs=threads, mem_gb=1.0)
+        prep_flair = pe.Node(PrepareImage(params=pre, n_threads=threads, **anat_registration),
+                             name="prep_flair", n_procs=threads, mem_gb=1.0)
         workflow.connect([
             (load, prep_flair, [("flair", "in_file")]),
             (prep_flair, outputnode, [("out_file", "flair"), ("mask", "flair_mask"),
                                       ("out_file", "anat"), ("mask", "anat_mask")]),
         ])
     if has_dwi:
-        prep_dwi = pe.Node(PrepareImage(params=pre, bias_correct=False, n_threads=threads),
+        prep_dwi = pe.Node(PrepareImage(params=pre, bias_correct=False, n_threads=threads,
+                                        **({} if has_flair else anat_registration)),
                            name="prep_dwi", n_procs=threads, mem_gb=0.5)
         workflow.connect([
             (load, prep_dwi, [("b0", "in_file")]),
@@ -119,21 +133,26 @@ def init_session_wf(*, session: SessionInputs, config: Config, name: str = "sess
             (prep_dwi, reg, [("out_file", "moving"), ("mask", "moving_mask")]),
             (reg, outputnode, [("transform", "dwi_to_flair"), ("qc", "reg_qc")]),
         ])
+        if pyramid:
+            workflow.connect(prep_flair, "pyramid", reg, "fixed_pyramid")
     else:  # both images of the session share one grid: the DWI->FLAIR transform is identity
         workflow.connect([
             (load, outputnode, [("identity_xfm", "dwi_to_flair"), ("skipped_qc", "reg_qc")]),
         ])
+    anat = prep_flair if has_flair else prep_dwi
+    if pyramid:
+        workflow.connect(anat, "pyramid", outputnode, "anat_pyramid")
     if to_first:
-        inputnode = pe.Node(niu.IdentityInterface(fields=["first_anat", "first_anat_mask"]),
-                            name="inputnode")
-        anat = prep_flair if has_flair else prep_dwi
+        inputnode = pe.Node(niu.IdentityInterface(
+            fields=["first_anat", "first_anat_mask", "first_anat_pyramid"]), name="inputnode")
         register = pe.Node(
             RegisterToFirst(params=config.to_dict()["registration"], n_threads=threads),
             name="to_first", n_procs=threads, mem_gb=1.0,
         )
         workflow.connect([
-            (inputnode, register, [("first_anat", "first"), ("first_anat_mask", "first_mask")]),
-            (anat, register, [("out_file", "in_file"), ("mask", "mask")]),
+            (inputnode, register, [("first_anat", "first"), ("first_anat_mask", "first_mask"),
+                                   ("first_anat_pyramid", "first_pyramid")]),
+            (anat, register, [("out_file", "in_file"), ("mask", "mask"), ("pyramid", "pyramid")]),
             (register, outputnode, [("transform", "to_first_xfm"), ("result", "to_first_result")]),
         ])
     return workflow
@@ -187,8 +206,10 @@ def init_subject_wf(
     threads = config.resources.omp_nthreads
     workflow = pe.Workflow(name=name or f"sub_{subject.subject}_wf")
 
+    # the first session's pyramid is read by the later sessions' to_first nodes
     session_wfs = [
-        init_session_wf(session=ses, config=config, name=f"ses_{ses.session}_wf", to_first=i > 0)
+        init_session_wf(session=ses, config=config, name=f"ses_{ses.session}_wf", to_first=i > 0,
+                        pyramid=True if n > 1 else None)
         for i, ses in enumerate(sessions)
     ]
     merges = {field: _merge(f"merge_{field}", n) for field in SESSION_OUTPUTS}
@@ -202,6 +223,8 @@ def init_subject_wf(
     for i, swf in enumerate(session_wfs[1:], start=1):
         workflow.connect(session_wfs[0], "outputnode.anat", swf, "inputnode.first_anat")
         workflow.connect(session_wfs[0], "outputnode.anat_mask", swf, "inputnode.first_anat_mask")
+        workflow.connect(session_wfs[0], "outputnode.anat_pyramid", swf,
+                         "inputnode.first_anat_pyramid")
         for field, merge in to_first.items():
             workflow.connect(swf, f"outputnode.{field}", merge, f"in{i}")
 
