@@ -142,6 +142,17 @@ def test_growing_ids_per_kind(fake_output):
     assert growing_ids(events_of_kind(events, "restricted"), "a") == set()
 
 
+@pytest.mark.parametrize("fraction", [0.5, 0.01, 1.0])
+def test_mask_centre_is_scipys_centre_of_mass(fraction):
+    from scipy import ndimage
+
+    from pipeline.reports.mosaic import mask_centre
+
+    mask = np.random.default_rng(3).random((31, 40, 23)) < fraction
+    mask[3, 5, 7] = True  # never empty
+    assert mask_centre(mask) == tuple(float(c) for c in ndimage.center_of_mass(mask))
+
+
 def test_lesion_slice_has_most_lesion():
     a, b = np.zeros((4, 4, 6)), np.zeros((4, 4, 6))
     a[0, 0, 1] = b[:2, :2, 4] = 1
