@@ -157,9 +157,11 @@ def segment_restricted(
         raise ValueError("no normal-appearing white-matter voxel with a positive trace DWI")
     ref_dwi = float(np.median(tv))
     valid = brain & np.isfinite(adc) & (adc > 0) & (adc <= csf_adc_min_um2_s)
-    dwi_ratio = np.where(brain, trace / np.float32(ref_dwi), np.nan).astype(np.float32)
+    # float32 already (a Python NaN does not widen float32): no copy
+    dwi_ratio = np.where(brain, trace / np.float32(ref_dwi), np.nan).astype(np.float32,
+                                                                             copy=False)
     radc = np.where(valid, dynamics.relative_adc(adc, ref_adc.median_um2_s), np.nan)
-    radc = radc.astype(np.float32)
+    radc = radc.astype(np.float32, copy=False)
     restricted, shine = dynamics.diffusion_classes(
         dwi_ratio, radc, restricted_below, dwi_hyperintense_ratio
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 from nipype.interfaces.base import (
@@ -19,17 +20,16 @@ from nipype.interfaces.base import (
 
 from pipeline.core import restricted as rd
 from pipeline.core import segmentation as seg
-from pipeline.core.boxes import paste
+from pipeline.core.boxes import bounding_box, paste
 from pipeline.core.segmentation import analysis_box
 from pipeline.interfaces.base import (
-    array,
-    like,
+    out_path,
     read,
-    save,
     save_json,
     session_flags,
     spacing_zyx,
 )
+from pipeline.io import read_array, write_array
 
 
 class _SegmentSessionsInputSpec(BaseInterfaceInputSpec):
@@ -97,18 +97,30 @@ class SegmentSessions(SimpleInterface):
         # Memory: every image is read from its file when a step needs it and dropped after, so
         # the node holds per session only bool masks and the two float z-maps the joint step
         # needs (not the FLAIR, ADC, trace or the per-session results of the restricted passes).
-        brains = [array(read(f)) > 0 for f in self.inputs.brain_mask]
+        brains = [read_array(f) > 0 for f in self.inputs.brain_mask]
         # Every step works on the box around the sessions' brains (see analysis_box): the
         # subject-space grid is ~4x the brain's volume, and the masks are the same.
         full_shape = brains[0].shape
-        box = analysis_box(brains, spacing, s["flair_change_smooth_mm"])
+        box = tuple(slice(*sl.indices(k)[:2])  # explicit starts and stops
+                    for sl, k in zip(analysis_box(brains, spacing, s["flair_change_smooth_mm"]),
+                                     full_shape))
         brains = [b[box] for b in brains]
 
         def image(path):
-            return array(read(path))[box]
+            return read_array(path)[box]
 
         def adc(i):
             return image(self.inputs.adc[i]) if has_dwi[i] else None
+
+        # The restricted passes read brain voxels only (NAWM, rADC, the masks and the rings
+        # around restricted lesions all lie in the brain): they work on the bounding box of the
+        # brains grown by one voxel inside the analysis box (~0.7x of it; erosions, distances
+        # and labels are the same there), not on the joint step's smoothing margin.
+        inner = bounding_box(np.logical_or.reduce(brains), 1)
+        inner_shape = tuple(sl.stop - sl.start for sl in inner)
+        # where `inner` lies on the whole grid
+        inner_on_grid = tuple(slice(b.start + sl.start, b.start + sl.stop)
+                              for b, sl in zip(box, inner))
 
         # The per-session steps run in threads: scipy.ndimage and numpy release the GIL in
         # their loops, and each session's result depends only on that session's images.
@@ -127,9 +139,9 @@ class SegmentSessions(SimpleInterface):
             # above its FLAIR mode (white matter is the darkest non-CSF tissue on FLAIR).
             cand = m.deep & (m.z_wm <= s["nawm_flair_z_max"])
             # the joint step reads z, z_gm, domain and rim only; both restricted passes share
-            # the candidates' erosion
-            return seg.joint_step_maps(m), rd.candidate_erosions(cand, d["nawm_erosion_mm"],
-                                                                 spacing)
+            # the candidates' erosion (on their box, see `inner` below)
+            return seg.joint_step_maps(m), rd.candidate_erosions(
+                cand[inner], d["nawm_erosion_mm"], spacing)
 
         with ThreadPoolExecutor(workers) as ex:
             maps, cands = map(list, zip(*ex.map(session_maps, range(n))))
@@ -151,26 +163,28 @@ class SegmentSessions(SimpleInterface):
         del joint
 
         def lesion_free(exclude):
-            """Voxels away from every mask of ``exclude``: the same for every session of a pass."""
-            return rd.lesion_free(exclude, brains[0].shape, d["nawm_lesion_margin_mm"], spacing)
+            """Voxels of `inner` away from every mask of ``exclude``: the same for every session
+            of a pass."""
+            return rd.lesion_free(exclude, inner_shape, d["nawm_lesion_margin_mm"], spacing)
 
         def restricted_session(i, away):
             """NAWM mask and :class:`RestrictedResult` of session ``i`` (None without DWI);
             ``away``: :func:`lesion_free` of the lesions the NAWM keeps away from
             (:func:`pipeline.core.restricted.nawm_reference_mask` in parts)."""
-            adc_i = adc(i)
-            if adc_i is None:
+            if not has_dwi[i]:
                 return None
+            adc_i = image(self.inputs.adc[i])[inner]
             nawm = rd.nawm_reference_from(adc_i, cands[i], away, trim_sd=s["nawm_adc_trim_sd"])
             return nawm, rd.segment_restricted(
-                image(self.inputs.trace[i]), adc_i, brains[i], nawm,
+                image(self.inputs.trace[i])[inner], adc_i, brains[i][inner], nawm,
                 restricted_below=d["restricted_below"],
                 dwi_hyperintense_ratio=s["dwi_hyperintense_ratio"],
                 min_lesion_volume_mm3=s["min_lesion_volume_mm3"],
                 csf_adc_min_um2_s=s["csf_adc_min_um2_s"], spacing_mm=spacing,
                 edge_mm=d["restricted_edge_mm"], edge_ring_mm=d["restricted_edge_ring_mm"])
 
-        away_flair = lesion_free(lesions)  # first pass: away from the FLAIR lesions
+        # first pass: away from the FLAIR lesions (which lie in the brain, so in `inner`)
+        away_flair = lesion_free([m[inner] for m in lesions])
 
         def first_pass(i):  # only the restricted masks are kept
             result = restricted_session(i, away_flair)
@@ -179,28 +193,28 @@ class SegmentSessions(SimpleInterface):
         with ThreadPoolExecutor(workers) as ex:
             first = list(ex.map(first_pass, range(n)))
         # second pass: also away from the restricted tissue the first pass found
-        away_all = lesion_free(lesions + [r for r in first if r is not None])
+        away_all = lesion_free([m[inner] for m in lesions] + [r for r in first if r is not None])
         del first, away_flair
 
         def save_session(i):
             """Second pass of session ``i``, written at once: output file per key."""
             files = {}
 
-            def put(key, arr, dtype):
-                name = f"{key}_{i:02d}.nii.gz"
+            def put(key, arr, dtype, where=inner_on_grid):
+                path = Path(out_path(runtime, f"{key}_{i:02d}.nii"))  # work-dir: uncompressed
                 # outside the box: no mask voxel, and rADC NaN (it is NaN outside the brain)
-                full = paste(arr, box, full_shape, fill=np.nan if key == "radc" else 0,
+                full = paste(arr, where, full_shape, fill=np.nan if key == "radc" else 0,
                              dtype=dtype)
-                files[key] = save(like(full, ref_img), runtime, name, dtype)
+                files[key] = str(write_array(full, ref_img, path, dtype))
 
             lesion = lesions[i]
             result = restricted_session(i, away_all)
-            put("flair_lesion", lesion, np.uint8)
+            put("flair_lesion", lesion, np.uint8, box)
             if result is None:  # no diffusion in this session
-                empty = np.zeros(lesion.shape, np.uint8)
+                empty = np.zeros(inner_shape, np.uint8)
                 for key in ("restricted", "shine_through", "nawm"):
                     put(key, empty, np.uint8)
-                put("radc", np.full(lesion.shape, np.nan, np.float32), np.float32)
+                put("radc", np.full(inner_shape, np.nan, np.float32), np.float32)
                 reference = {"median_um2_s": float("nan"), "iqr_um2_s": float("nan"),
                              "n_voxels": 0}
             else:
