@@ -72,3 +72,19 @@ def test_segment_sessions_same_on_the_box_as_on_the_whole_grid(tmp_path, monkeyp
                                           sitk.GetArrayFromImage(read_image(b)), err_msg=key)
     for a, b in zip(boxed.references, whole.references):
         assert Path(a).read_text() == Path(b).read_text()
+
+
+def test_segment_sessions_without_brain_voxels_says_so(tmp_path):
+    """Empty brain masks: the per-session maps' clear error, not a failure of the boxes."""
+    import pytest
+
+    files = _subject(tmp_path, np.random.default_rng(2))
+    empty = sitk.GetImageFromArray(np.zeros((40, 70, 64), np.float32))
+    empty.SetSpacing((1.0, 1.0, 2.0))
+    for path in files["brain_mask"]:
+        sitk.WriteImage(empty, path)
+    cfg = load_config().to_dict()
+    with pytest.raises(ValueError, match="fewer than 100 voxels"):
+        iseg.SegmentSessions(**files, labels=["a", "b", "c"], n_workers=2,
+                             segmentation=cfg["segmentation"],
+                             dynamics=cfg["dynamics"]).run(cwd=str(tmp_path))

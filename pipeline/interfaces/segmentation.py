@@ -117,6 +117,8 @@ class SegmentSessions(SimpleInterface):
         # brains grown by one voxel inside the analysis box (~0.7x of it; erosions, distances
         # and labels are the same there), not on the joint step's smoothing margin.
         inner = bounding_box(np.logical_or.reduce(brains), 1)
+        if inner is None:  # no brain voxel: the per-session maps say so (clear error)
+            inner = tuple(slice(0, k) for k in brains[0].shape)
         inner_shape = tuple(sl.stop - sl.start for sl in inner)
         # where `inner` lies on the whole grid
         inner_on_grid = tuple(slice(b.start + sl.start, b.start + sl.stop)
