@@ -462,6 +462,27 @@ def test_subject_space_from_registrations_done_beforehand(sessions, tmp_path, mo
         reg.build_subject_space(imgs, masks, to_first=first[:1], **kw)
 
 
+def test_subject_space_with_the_sessions_pyramids(sessions, monkeypatch):
+    # the sessions' pyramids built beforehand (the workflow's anat_pyramid) serve the template
+    # registrations and step 1: only the template's own pyramid is built, the same subject space
+    imgs, masks, _ = sessions
+    params = dict(REG, iterations=30, n_threads=1)
+    kw = dict(spacing_mm=2.0, template_iterations=1, template_spacing_mm=3.0, **params)
+    keys = {k: v for k, v in params.items() if k in reg.PYRAMID_PARAMETERS}
+    pyramids = [reg.registration_pyramid(img, m, **keys) for img, m in zip(imgs, masks)]
+    ts, ref, qc = reg.build_subject_space(imgs, masks, **kw)
+    built = []
+    pyramid = reg._pyramid
+    monkeypatch.setattr(reg, "_pyramid", lambda *a, **k: built.append(1) or pyramid(*a, **k))
+    ts2, ref2, qc2 = reg.build_subject_space(imgs, masks, pyramids=pyramids, **kw)
+    assert len(built) == 1  # the template's
+    assert [t.GetParameters() for t in ts2] == [t.GetParameters() for t in ts]
+    assert (ref2.GetSize(), ref2.GetOrigin()) == (ref.GetSize(), ref.GetOrigin())
+    assert [q.final_metric for q in qc2] == [q.final_metric for q in qc]
+    with pytest.raises(ValueError, match="one entry per session"):
+        reg.build_subject_space(imgs, masks, pyramids=pyramids[:1], **kw)
+
+
 def test_pyramid_built_beforehand_gives_the_same_registration(pair, tmp_path, monkeypatch):
     # a node builds each image's pyramid once and writes it; every registration of the image
     # then reads it instead of building it: the same transform, bit for bit

@@ -1192,6 +1192,7 @@ def build_subject_space(
     margin_mm: float = 10.0,
     n_workers: int = 1,
     to_first: Sequence[RegistrationResult] | None = None,
+    pyramids: Sequence[Pyramid | None] | None = None,
     **reg_params,
 ) -> tuple[list[sitk.Transform], sitk.Image, list[RegistrationResult]]:
     """Unbiased rigid within-subject space of N sessions.
@@ -1233,6 +1234,11 @@ def build_subject_space(
         e.g. each in its own process beside other work: ``register_to_first(images[0],
         images[i], masks[0], masks[i], **reg_params)``. With the same ``reg_params`` (and one
         ITK thread) the outcome is bit-identical to running step 1 here.
+    pyramids
+        Per session, the :func:`registration_pyramid` of its image and mask built beforehand
+        (e.g. by the node that made the image), or None: every registration of that image
+        uses it instead of building its own when its parameters are the registration's
+        (:class:`Pyramid`); the results are the same.
     **reg_params
         Passed to :func:`register_rigid` (metric, shrink_factors, ..., n_threads, seed);
         ``transform_type`` is forced to ``"rigid"``.
@@ -1258,6 +1264,8 @@ def build_subject_space(
     if to_first is not None and len(to_first) != n - 1:
         raise ValueError(f"to_first needs one result per session after the first ({n - 1}), "
                          f"got {len(to_first)}")
+    if pyramids is not None and len(pyramids) != n:
+        raise ValueError(f"pyramids needs one entry per session ({n}), got {len(pyramids)}")
     mask_list = list(masks) if masks is not None else [None] * n
     reg_params = _subject_space_params(reg_params)
 
@@ -1273,7 +1281,8 @@ def build_subject_space(
         return _build_subject_space(images, mask_list, pool, masks is not None,
                                     spacing_mm=spacing_mm, template_iterations=template_iterations,
                                     template_spacing_mm=template_spacing_mm, margin_mm=margin_mm,
-                                    reg_params=reg_params, to_first=to_first)
+                                    reg_params=reg_params, to_first=to_first,
+                                    pyramids=list(pyramids) if pyramids else [None] * n)
     finally:
         pool.shutdown()
         if n_threads:
@@ -1281,14 +1290,17 @@ def build_subject_space(
 
 
 def _build_subject_space(images, mask_list, pool, have_masks, *, spacing_mm, template_iterations,
-                         template_spacing_mm, margin_mm, reg_params, to_first=None):
+                         template_spacing_mm, margin_mm, reg_params, to_first=None,
+                         pyramids=None):
     """:func:`build_subject_space` with the registrations of each step mapped over ``pool``."""
     n = len(images)
+    pyramids = pyramids if pyramids is not None else [None] * n
     ident = sitk.Euler3DTransform()
     results: list[RegistrationResult | None] = [None] * n
 
     def pairwise(i: int) -> RegistrationResult:
-        return register_to_first(images[0], images[i], mask_list[0], mask_list[i], **reg_params)
+        return register_to_first(images[0], images[i], mask_list[0], mask_list[i],
+                                 first_pyramid=pyramids[0], pyramid=pyramids[i], **reg_params)
 
     transforms: list[sitk.Transform] = [ident]
     done = to_first if to_first is not None else pool.map(pairwise, range(1, n))
@@ -1349,7 +1361,7 @@ def _build_subject_space(images, mask_list, pool, have_masks, *, spacing_mm, tem
             def to_template(i: int, template=template, tmask=tmask, start=transforms):
                 return register_rigid(template, images[i], fixed_mask=tmask,
                                       moving_mask=mask_list[i], initial_transform=start[i],
-                                      **reg_params)
+                                      moving_pyramid=pyramids[i], **reg_params)
 
             results = list(pool.map(to_template, range(n)))
             transforms = normalise([res.transform for res in results], pts_s)

@@ -166,6 +166,10 @@ class _SubjectSpaceInputSpec(BaseInterfaceInputSpec):
         "(in order); without them the node registers them to the first session itself")
     to_first_results = InputMultiObject(File(exists=True),
                                         desc="the matching RegisterToFirst result files")
+    pyramids = InputMultiObject(
+        File(exists=True), desc="per session: core.registration.save_pyramid file of in_files "
+        "and masks (the sessions' anat_pyramid), used by the registrations instead of "
+        "building the pyramids again")
 
 
 class _SubjectSpaceOutputSpec(TraitedSpec):
@@ -190,6 +194,8 @@ class SubjectSpace(SimpleInterface):
             if not isdefined(results) or len(results) != len(self.inputs.to_first_xfms):
                 raise ValueError("to_first_xfms and to_first_results must pair up")
             to_first = [_read_result(x, r) for x, r in zip(self.inputs.to_first_xfms, results)]
+        pyramids = ([core_reg.load_pyramid(f) for f in self.inputs.pyramids]
+                    if isdefined(self.inputs.pyramids) else None)
         transforms, reference, qc = core_reg.build_subject_space(
             images,
             masks,
@@ -200,6 +206,7 @@ class SubjectSpace(SimpleInterface):
             n_threads=self.inputs.n_threads,
             n_workers=self.inputs.n_workers,
             to_first=to_first,
+            pyramids=pyramids,
             **registration_kwargs(p),
         )
         records = []

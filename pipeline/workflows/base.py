@@ -247,6 +247,11 @@ def init_subject_wf(
             (to_first["to_first_xfm"], space, [("out", "to_first_xfms")]),
             (to_first["to_first_result"], space, [("out", "to_first_results")]),
         ])
+        # the template registrations take each session's pyramid too
+        pyramids = _merge("merge_anat_pyramid", n)
+        for i, swf in enumerate(session_wfs, start=1):
+            workflow.connect(swf, "outputnode.anat_pyramid", pyramids, f"in{i}")
+        workflow.connect(pyramids, "out", space, "pyramids")
 
     select_xfm = [pe.Node(niu.Select(index=i), name=f"select_xfm_{i:02d}",
                           run_without_submitting=True) for i in range(n)]
