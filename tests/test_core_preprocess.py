@@ -97,26 +97,3 @@ def test_brain_mask_cuts_corner_bridge_across_thick_slices():
     m = sitk.GetArrayFromImage(brain_mask(img, closing_mm=4.0, erosion_mm=3.0)) > 0
     assert m[:8].sum() == 0  # nothing of the lower piece
     assert m[8:20, 29:55, 5:45].mean() > 0.99  # the brain whole
-
-
-@pytest.mark.parametrize("erosion_mm", [3.0, 0.0])
-def test_brain_mask_on_the_head_box_is_that_of_the_whole_grid(monkeypatch, erosion_mm):
-    # brain_mask erodes the head on its bounding box grown by one voxel and works on the
-    # core's box after that: the mask is the one computed on the whole padded grid (here a
-    # head cut by the field of view, scalp touching its edge, and noise blobs far out)
-    import pipeline.core.preprocess as pre
-
-    spacing = (0.9, 0.9, 4.5)
-    p, origin = _points((150, 120, 24), spacing)
-    brain = _ell(p, (55, 50, 40), (10.0, 5.0, 10.0))
-    v = 0.7 * brain + 1.0 * (_ell(p, (64, 60, 52), (10.0, 5.0, 10.0))
-                             & ~_ell(p, (60, 56, 47), (10.0, 5.0, 10.0)))
-    v = v + 0.9 * _ell(p, (3, 3, 5), (-60.0, -50.0, 0.0))  # a bright speck in the background
-    v = v + np.random.default_rng(1).normal(0, 0.05, v.shape)
-    img = _image(v, spacing, origin)
-    boxed = brain_mask(img, closing_mm=4.0, erosion_mm=erosion_mm)
-    monkeypatch.setattr(pre, "bounding_box",
-                        lambda mask, grow=0: tuple(slice(0, n) for n in np.shape(mask)))
-    whole = brain_mask(img, closing_mm=4.0, erosion_mm=erosion_mm)
-    assert sitk.GetArrayViewFromImage(boxed).any()
-    assert np.array_equal(sitk.GetArrayViewFromImage(boxed), sitk.GetArrayViewFromImage(whole))
