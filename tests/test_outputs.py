@@ -234,3 +234,29 @@ def test_array_io_is_the_simpleitk_round_trip_without_copies(tmp_path, dtype):
     assert back.dtype == (np.dtype(dtype) if dtype else np.float32)
     with pytest.raises(ValueError, match="bad.nii"):
         write_array(data[:, :, :8], img, tmp_path / "bad.nii")
+
+
+def test_native_masks_on_the_subject_grid_with_identity_transforms_give_the_masks(tmp_path):
+    """NativeMasks with identity transforms onto the subject grid itself writes each mask
+    back unchanged (uint8), on that grid."""
+    from pipeline.interfaces.outputs import NativeMasks
+    from pipeline.io import read_array, write_array
+
+    rng = np.random.default_rng(4)
+    grid = sitk.Image(12, 10, 8, sitk.sitkFloat32)
+    grid.SetSpacing((1.0, 1.0, 2.0))
+    grid.SetOrigin((-5.0, 3.0, 1.0))
+    grid_file = str(write_array(np.zeros((8, 10, 12), np.float32), grid, tmp_path / "grid.nii"))
+    identity = str(tmp_path / "identity.txt")
+    sitk.WriteTransform(sitk.Euler3DTransform(), identity)
+    masks = [(rng.random((8, 10, 12)) > 0.7).astype(np.uint8) for _ in range(4)]
+    files = [str(write_array(m, grid, tmp_path / f"mask{i}.nii", np.uint8))
+             for i, m in enumerate(masks)]
+    two = lambda value: [value, value]  # noqa: E731 - two sessions
+    res = NativeMasks(flair_lesion=files[:2], restricted=files[2:], subject_xfms=two(identity),
+                      dwi_to_flair=two(identity), native_flair=two(grid_file),
+                      native_dwi=two(grid_file)).run(cwd=str(tmp_path))
+    for out, mask in zip(list(res.outputs.flair_lesion) + list(res.outputs.restricted), masks):
+        back = read_array(out)
+        assert back.dtype == np.uint8
+        np.testing.assert_array_equal(back, mask)

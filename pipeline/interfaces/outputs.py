@@ -28,7 +28,7 @@ from pipeline import __version__, software_versions
 from pipeline.bids import derivative_name
 from pipeline.core import columns, dynamics
 from pipeline.core import registration as core_reg
-from pipeline.interfaces.base import array, like, out_path, read, save
+from pipeline.interfaces.base import out_path, read
 from pipeline.io import atomic_path, read_array, write_array
 
 #: ISA-L compression level of the derivative .nii.gz files (0-3; 1: about as small as zlib's
@@ -50,11 +50,12 @@ class _NativeMasksOutputSpec(TraitedSpec):
     restricted = OutputMultiObject(File(), desc="restricted masks on the native DWI grids")
 
 
-def _to_native(mask_file: str, grid_file: str, transforms: list[sitk.Transform]) -> sitk.Image:
-    """Resample a subject-space mask onto a native grid (linear, then >= 0.5: keeps volume)."""
-    mask = sitk.Cast(read(mask_file), sitk.sitkFloat32)
-    frac = core_reg.resample_to_reference(mask, read(grid_file), transforms, interpolator="linear")
-    return like((array(frac) >= 0.5).astype(np.uint8), frac)
+def _to_native(mask_file: str, grid_file: str, transforms: list[sitk.Transform], dst: str) -> str:
+    """Resample a subject-space mask onto a native grid (linear, then >= 0.5: keeps volume)
+    and write it (uint8) to ``dst``. (resample_to_reference interpolates a float32 copy.)"""
+    frac = core_reg.resample_to_reference(read(mask_file), read(grid_file), transforms,
+                                          interpolator="linear")
+    return str(write_array(sitk.GetArrayViewFromImage(frac) >= 0.5, frac, Path(dst), np.uint8))
 
 
 class NativeMasks(SimpleInterface):
@@ -70,10 +71,12 @@ class NativeMasks(SimpleInterface):
             # native point -> subject point: invert the chain; ITK order, last applied first
             to_subject = core_reg.invert_transform(sitk.ReadTransform(xfm))
             flair_to_dwi_inv = core_reg.invert_transform(sitk.ReadTransform(d2f))
-            img = _to_native(ins.flair_lesion[i], ins.native_flair[i], [to_subject])
-            flair_out.append(save(img, runtime, f"flair_lesion_native_{i:02d}.nii.gz", np.uint8))
-            img = _to_native(ins.restricted[i], ins.native_dwi[i], [to_subject, flair_to_dwi_inv])
-            restricted_out.append(save(img, runtime, f"restricted_native_{i:02d}.nii.gz", np.uint8))
+            flair_out.append(_to_native(
+                ins.flair_lesion[i], ins.native_flair[i], [to_subject],
+                out_path(runtime, f"flair_lesion_native_{i:02d}.nii")))
+            restricted_out.append(_to_native(
+                ins.restricted[i], ins.native_dwi[i], [to_subject, flair_to_dwi_inv],
+                out_path(runtime, f"restricted_native_{i:02d}.nii")))
         self._results["flair_lesion"] = flair_out
         self._results["restricted"] = restricted_out
         return runtime
