@@ -23,11 +23,13 @@ import sys
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline import __version__
+from pipeline import io as pipeline_io
 from pipeline.bids import SubjectInputs
 from pipeline.config import Config
 from pipeline.io import atomic_path
@@ -361,22 +363,47 @@ def _wait_for_jobs(token: str, poll_s: float) -> None:
 
 # --- one subject ---------------------------------------------------------------------------
 
-def validate_in_background(subject: SubjectInputs, config: Config) -> Future:
-    """:func:`pipeline.validate.validate_subject` started in a thread; its future.
+def _validate(subject: SubjectInputs, config: Config) -> tuple[list[str], set]:
+    """validate_subject, and the gzip files it found complete (pipeline.io skips checking them
+    again in this process and in the workers it forks)."""
+    return validate_subject(subject, config), set(pipeline_io._VERIFIED_GZIP)
 
-    The check reads every input image (mostly zlib and numpy, which release the GIL) while the
-    calling thread imports Nipype and builds the workflow, instead of before them: ~0.8 s of
-    CPU that no longer holds up the first node. :func:`run_subject` waits for it before any
-    node runs, so a bad input still stops the subject first, with the same error."""
-    pool = ThreadPoolExecutor(1, thread_name_prefix="lesionlapse-validate")
-    try:
-        return pool.submit(validate_subject, subject, config)
-    finally:
-        pool.shutdown(wait=False)  # the thread ends with the check
+
+class BackgroundValidation:
+    """:func:`pipeline.validate.validate_subject` running in a forked process (see
+    :func:`validate_in_background`)."""
+
+    def __init__(self, subject: SubjectInputs, config: Config):
+        sys.stdout.flush()  # nothing buffered is written twice by the child
+        sys.stderr.flush()
+        self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"))
+        self._future = self._pool.submit(_validate, subject, config)
+
+    def result(self) -> list[str]:
+        """Wait for the check: its warnings, or its error raised here."""
+        try:
+            warnings, verified = self._future.result()
+        finally:
+            self._pool.shutdown()
+        pipeline_io._VERIFIED_GZIP.update(verified)
+        return warnings
+
+
+def validate_in_background(subject: SubjectInputs, config: Config) -> BackgroundValidation:
+    """Start checking the subject's inputs in a forked process; ``.result()`` waits for it.
+
+    The check reads every input image (~0.8 s of CPU) while this process imports Nipype and
+    builds the workflow, instead of before them. A process, not a thread: on a thread it shared
+    the GIL with the imports, and the two took as long as one after the other. The gzip files
+    it found complete are added to this process's record, so that the workers forked later do
+    not decompress them again to check them. :func:`run_subject` waits for the result before
+    any node runs, so a bad input still stops the subject first, with the same error."""
+    return BackgroundValidation(subject, config)
 
 
 def run_subject(subject: SubjectInputs, *, config: Config, output_dir: Path, work_dir: Path,
-                plugin: str, plugin_args: dict, validation: Future | None = None) -> None:
+                plugin: str, plugin_args: dict,
+                validation: BackgroundValidation | None = None) -> None:
     """Validate, build and run one subject's workflow, then publish its derivatives.
 
     ``validation``: the subject's :func:`validate_in_background`, if the caller started it

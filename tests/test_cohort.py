@@ -349,28 +349,42 @@ def _stub_workflow(monkeypatch, init, ran):
 
 
 def test_inputs_are_checked_while_the_workflow_is_built(tmp_path, monkeypatch):
-    """run_subject checks the inputs on a thread of their own while it builds the workflow
-    (the check waits here until the workflow is built: done one after the other, it would
-    time out), and runs the workflow only once the check has passed."""
-    import threading
-
+    """run_subject checks the inputs in a process of their own while it builds the workflow
+    (the check waits until the workflow is built and the build until the check has started:
+    done one after the other, either would time out), runs the workflow only once the check
+    has passed, and keeps the gzip files the check found complete (not checked again)."""
     from conftest import REPO
 
-    built, checked, ran = threading.Event(), [], []
+    from pipeline import io
+
+    started, built, ran = tmp_path / "started", tmp_path / "built", []
+    subject = discover(REPO / "sample_data")[0]
+    flair = subject.sessions[0].flair
+
+    def wait_for(path):
+        end = time.time() + 30
+        while not path.exists() and time.time() < end:
+            time.sleep(0.05)
+        return path.exists()
 
     def check(subject, config):
-        checked.append(threading.get_ident())
-        assert built.wait(30), "the inputs were checked before the workflow was built"
-        assert not ran
+        started.write_text(str(os.getpid()))
+        io._check_readable(flair)
+        assert wait_for(built), "the inputs were checked before the workflow was built"
         return ["a warning"]
 
+    def build():
+        assert wait_for(started), "the workflow was built before the inputs were checked"
+        built.write_text("")
+
     monkeypatch.setattr(runner, "validate_subject", check)
-    _stub_workflow(monkeypatch, built.set, ran)
-    subject = discover(REPO / "sample_data")[0]
+    monkeypatch.setattr(io, "_VERIFIED_GZIP", set())
+    _stub_workflow(monkeypatch, build, ran)
     with pytest.raises(RuntimeError, match="without writing the tables"):
         runner.run_subject(subject, config=load_config(), output_dir=tmp_path / "out",
                            work_dir=tmp_path / "work", plugin="Linear", plugin_args={})
-    assert ran == [True] and checked and checked[0] != threading.get_ident()
+    assert ran == [True] and int(started.read_text()) != os.getpid()
+    assert any(key[0] == str(flair.resolve()) for key in io._VERIFIED_GZIP)
 
 
 def test_a_bad_input_stops_the_subject_before_the_workflow_runs(tmp_path, monkeypatch):
