@@ -254,6 +254,21 @@ def test_damaged_image_becomes_a_warning(fake_output):
     assert "the images could not be drawn" in html and "Lesion events per interval" in html
 
 
+def test_trajectory_failure_in_the_drawing_child_becomes_a_warning(fake_output, monkeypatch):
+    """The trajectories are drawn in a forked child beside the images: its failure comes back
+    as a warning of the page, after the images' own, and the images are still drawn."""
+    import pipeline.reports.subject as subject_report
+
+    def broken(*args, **kwargs):
+        raise KeyError("radc_mean_restricted")
+
+    monkeypatch.setattr(subject_report, "subject_trajectories", broken)  # the fork inherits it
+    html = write_subject_report(fake_output, "01").read_text()
+    assert "the trajectories could not be drawn (KeyError: " in html  # quotes HTML-escaped
+    assert len(_images(html)) == 2  # mosaic and registration QC
+    assert "the images could not be drawn" not in html
+
+
 def test_group_report_shows_failures(fake_output):
     logs = fake_output / "logs"
     logs.mkdir()
