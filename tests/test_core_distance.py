@@ -36,3 +36,15 @@ def test_no_background_is_infinitely_far_and_bad_spacing_is_refused():
         edt_mm(np.ones((4, 5, 6), bool), (1.0, 1.0))
     with pytest.raises(ValueError, match="1-3D"):
         edt_mm(np.ones((2, 2, 2, 2), bool), (1.0,) * 4)
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.9, 0.9, 4.5)])
+def test_threads_give_the_same_distances(spacing):
+    # the segment node runs each session's transforms on its threads (edt holds the GIL)
+    rng = np.random.default_rng(1)
+    mask = rng.random((64, 57, 41)) > 0.02
+    one = edt_mm(mask, spacing)
+    np.testing.assert_array_equal(edt_mm(mask, spacing, threads=2), one)
+    np.testing.assert_array_equal(edt_mm(mask, spacing, threads=3), one)
+    with pytest.raises(ValueError, match="threads"):
+        edt_mm(mask, spacing, threads=0)

@@ -136,7 +136,10 @@ class SegmentSessions(SimpleInterface):
                 csf_flair_max_ratio=s["csf_flair_max_ratio"],
                 reference_csf_margin_mm=s["reference_csf_margin_mm"],
                 reference_depth_mm=s["reference_depth_mm"], cortex_rim_mm=s["cortex_rim_mm"],
-                csf_rim_mm=s["csf_rim_mm"], spacing_mm=spacing)
+                csf_rim_mm=s["csf_rim_mm"], spacing_mm=spacing,
+                # edt holds the GIL: the sessions' transforms run one at a time, each on the
+                # node's threads
+                threads=workers)
             # NAWM candidates from the same maps: deep parenchyma at most nawm_flair_z_max
             # above its FLAIR mode (white matter is the darkest non-CSF tissue on FLAIR).
             cand = m.deep & (m.z_wm <= s["nawm_flair_z_max"])
