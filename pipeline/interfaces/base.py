@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from pipeline.io import read_image, write_image
+from pipeline.io import read_image, write_array, write_image
 
 
 def out_path(runtime, name: str) -> str:
@@ -27,6 +27,15 @@ def save(img: sitk.Image, runtime, name: str, dtype=np.float32) -> str:
     if name.endswith(".nii.gz"):
         name = name[: -len(".gz")]
     return str(write_image(img, Path(out_path(runtime, name)), dtype=dtype))
+
+
+def save_array(arr: np.ndarray, reference: sitk.Image, runtime, name: str,
+               dtype=np.float32) -> str:
+    """:func:`save` of a (z, y, x) array on the grid of ``reference``: the same file, without
+    copying the array into SimpleITK (:func:`pipeline.io.write_array`)."""
+    if name.endswith(".nii.gz"):
+        name = name[: -len(".gz")]
+    return str(write_array(arr, reference, Path(out_path(runtime, name)), dtype))
 
 
 def session_flags(value, n: int, name: str) -> list[bool]:

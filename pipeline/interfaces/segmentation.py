@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-
 import numpy as np
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
@@ -22,14 +19,8 @@ from pipeline.core import restricted as rd
 from pipeline.core import segmentation as seg
 from pipeline.core.boxes import bounding_box, paste
 from pipeline.core.segmentation import analysis_box
-from pipeline.interfaces.base import (
-    out_path,
-    read,
-    save_json,
-    session_flags,
-    spacing_zyx,
-)
-from pipeline.io import read_array, write_array
+from pipeline.interfaces.base import read, save_array, save_json, session_flags, spacing_zyx
+from pipeline.io import read_array
 
 
 class _SegmentSessionsInputSpec(BaseInterfaceInputSpec):
@@ -148,8 +139,7 @@ class SegmentSessions(SimpleInterface):
             return seg.joint_step_maps(m), rd.candidate_erosions(
                 cand[inner], d["nawm_erosion_mm"], spacing)
 
-        with ThreadPoolExecutor(workers) as ex:
-            maps, cands = map(list, zip(*ex.map(session_maps, range(n))))
+        maps, cands = map(list, zip(*seg.per_session(session_maps, n, workers)))
         with_flair = [i for i in range(n) if has_flair[i]]
         lesions = [np.zeros(brains[i].shape, bool) for i in range(n)]
         joint = seg.hysteresis_series(
@@ -195,8 +185,7 @@ class SegmentSessions(SimpleInterface):
             result = restricted_session(i, away_flair)
             return None if result is None else result[1].restricted
 
-        with ThreadPoolExecutor(workers) as ex:
-            first = list(ex.map(first_pass, range(n)))
+        first = seg.per_session(first_pass, n, workers)
         # second pass: also away from the restricted tissue the first pass found
         away_all = lesion_free([m[inner] for m in lesions] + [r for r in first if r is not None])
         del first, away_flair
@@ -206,11 +195,10 @@ class SegmentSessions(SimpleInterface):
             files = {}
 
             def put(key, arr, dtype, where=inner_on_grid):
-                path = Path(out_path(runtime, f"{key}_{i:02d}.nii"))  # work-dir: uncompressed
                 # outside the box: no mask voxel, and rADC NaN (it is NaN outside the brain)
                 full = paste(arr, where, full_shape, fill=np.nan if key == "radc" else 0,
                              dtype=dtype)
-                files[key] = str(write_array(full, ref_img, path, dtype))
+                files[key] = save_array(full, ref_img, runtime, f"{key}_{i:02d}.nii", dtype)
 
             lesion = lesions[i]
             result = restricted_session(i, away_all)
@@ -232,8 +220,7 @@ class SegmentSessions(SimpleInterface):
             files["references"] = save_json(reference, runtime, f"reference_{i:02d}.json")
             return files
 
-        with ThreadPoolExecutor(workers) as ex:
-            written = list(ex.map(save_session, range(n)))
+        written = seg.per_session(save_session, n, workers)
         outs = {k: [f[k] for f in written]
                 for k in ("flair_lesion", "restricted", "shine_through", "radc", "nawm",
                           "references")}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 from nipype.interfaces.base import (
@@ -19,8 +17,10 @@ from nipype.interfaces.base import (
 from pipeline.core import dynamics, tracking
 from pipeline.core.boxes import paste
 from pipeline.core.dynamics import ReferenceADC
-from pipeline.interfaces.base import load_json, out_path, read, session_flags, spacing_zyx
-from pipeline.io import read_array, write_array
+from pipeline.interfaces.base import (
+    load_json, out_path, read, save_array, session_flags, spacing_zyx,
+)
+from pipeline.io import read_array
 
 
 class _TrackLesionsInputSpec(BaseInterfaceInputSpec):
@@ -92,8 +92,8 @@ class TrackLesions(SimpleInterface):
 
         def save_padded(arr, dtype, name):
             """Write a box array back onto the subject grid (a work-dir .nii)."""
-            path = Path(out_path(runtime, name))
-            return str(write_array(paste(arr, box, full_shape, dtype=dtype), ref_img, path, dtype))
+            return save_array(paste(arr, box, full_shape, dtype=dtype), ref_img, runtime, name,
+                              dtype)
 
         refs = [ReferenceADC(**load_json(f)) for f in ins.references]
         n = len(ins.labels)
