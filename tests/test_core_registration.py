@@ -348,6 +348,30 @@ def test_subject_space_unbiased_and_order_independent(sessions):
         assert reg.tre(t, t_r, subj_pts)[0] < 0.5
 
 
+def test_brain_corners_are_the_box_of_the_mask_voxels():
+    # the box from three projections is that of every mask voxel's index (oblique grid, a
+    # mask touching one face, a single voxel); an empty mask stands for the whole image
+    rng = np.random.default_rng(3)
+    image = sitk.Image([13, 11, 7], sitk.sitkFloat32)
+    image.SetSpacing((0.9, 1.1, 4.5))
+    image.SetOrigin((-20.0, 3.0, 11.0))
+    image.SetDirection(tuple(
+        reg._rotation_part(np.eye(3) + 0.1 * rng.standard_normal((3, 3))).ravel()))
+    arrays = [rng.random((7, 11, 13)) > 0.97, np.zeros((7, 11, 13), bool),
+              np.zeros((7, 11, 13), bool)]
+    arrays[0][:, 0, 4] = True
+    arrays[1][3, 5, 12] = True
+    for arr in arrays:
+        mask = sitk.GetImageFromArray(arr.astype(np.uint8))
+        mask.CopyInformation(image)
+        nz = np.argwhere(arr)[:, ::-1]
+        lo, hi = (nz.min(0), nz.max(0)) if nz.size else ((0, 0, 0), (12, 10, 6))
+        expected = reg._index_to_physical(mask, np.array(
+            [[(lo, hi)[i][0], (lo, hi)[j][1], (lo, hi)[k][2]]
+             for i in (0, 1) for j in (0, 1) for k in (0, 1)], float))
+        assert np.array_equal(reg._brain_corners(image, mask), expected)
+
+
 def test_subject_space_two_sessions_is_halfway(pair):
     a, b, g, ma, mb = pair
     ts, ref, qc = reg.build_subject_space(

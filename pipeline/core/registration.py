@@ -1125,9 +1125,13 @@ def _bbox_grid(
 def _brain_corners(image: sitk.Image, mask: sitk.Image | None) -> np.ndarray:
     """Physical corners (8 x 3) of the mask's bounding box (or of the whole image)."""
     if mask is not None:
-        nz = np.argwhere(_voxels(mask) > 0)[:, ::-1]
-        if nz.size:
-            lo, hi = nz.min(axis=0), nz.max(axis=0)
+        inside = _voxels(mask) > 0
+        if inside.any():
+            # per axis (x, y, z): first and last slice holding a mask voxel (the box of the
+            # voxels' indices, from three projections instead of every voxel's index)
+            ends = [np.flatnonzero(inside.any(axis=tuple(a for a in range(3) if a != axis)))
+                    for axis in (2, 1, 0)]
+            lo, hi = np.array([e[0] for e in ends]), np.array([e[-1] for e in ends])
         else:
             lo, hi = np.zeros(3), np.array(image.GetSize()) - 1
         ref = mask
@@ -1326,11 +1330,10 @@ def _build_subject_space(images, mask_list, pool, have_masks, *, spacing_mm, tem
     transforms = normalise(transforms, pts0)
     pts_s = _apply(invert_transform(transforms[0]), pts0)  # brain points in subject space
 
+    corners = [_brain_corners(img, msk) for img, msk in zip(images, mask_list)]  # native
+
     def grid(spacing: float) -> sitk.Image:
-        boxes = [
-            _apply(invert_transform(t), _brain_corners(img, msk))
-            for t, img, msk in zip(transforms, images, mask_list)
-        ]
+        boxes = [_apply(invert_transform(t), c) for t, c in zip(transforms, corners)]
         return _bbox_grid(boxes, spacing, margin_mm)
 
     if n > 1:
