@@ -267,6 +267,10 @@ def real_long(config: Config, baseline_z: float) -> pd.DataFrame:
                          "fp_change_ml": cd.false_positive_volume_mm3 / 1000.0,
                          "truth_change_ml": truth.sum() * vox / 1000.0,
                          "pred_change_ml": change.sum() * vox / 1000.0,
+                         # the truth change the method misses, by why: lesion at both time
+                         # points, or at neither
+                         "missed_both_ml": np.count_nonzero(truth & m1 & m2) * vox / 1000.0,
+                         "missed_neither_ml": np.count_nonzero(truth & ~m1 & ~m2) * vox / 1000.0,
                          "lesion_ml_t1": m1.sum() * vox / 1000.0,
                          "lesion_ml_t2": m2.sum() * vox / 1000.0,
                          "seconds": sec if method == "project" else np.nan})
@@ -567,7 +571,9 @@ def report(args, machine, timings, table, ph, st, mni, lon, info) -> str:
                    "brain mask, N4 with the [preprocessing] settings), resampled into the common "
                    "space with the reference affines, segmented inside the data set's brain mask; "
                   "predicted change = lesion at exactly one of the two time points (the manual "
-                  "mask covers appearing and regressing voxels)."), "",
+                  "mask covers appearing and regressing voxels); the missed truth change is split "
+                  "into voxels called lesion at both time points (missed_both_ml) and at neither "
+                  "(missed_neither_ml)."), "",
                   C.markdown(lon, index=False), ""]
     if ph is not None and len(ph):
         presets = ", ".join(f"{k}: {v}" for k, v in info["presets"].items())
