@@ -363,6 +363,35 @@ def _wait_for_jobs(token: str, poll_s: float) -> None:
 
 # --- one subject ---------------------------------------------------------------------------
 
+def _multiproc_plugin(plugin_args: dict):
+    """Nipype's MultiProc plugin, except that a node running several workers (an interface
+    input ``n_workers`` above 1: the subject space's template registrations, the segment node's
+    sessions) claims one worker's processors (at least one) fewer than its ``n_procs`` in the
+    plugin's count.
+
+    MultiProc starts a node only when every processor it claims is free. The subject space
+    (2 workers, n_procs 2 on 2 processors) becomes ready when the last session's registration
+    to the first session ends, while the DWI -> FLAIR registration of a session (which only the
+    resampling needs) still runs beside it: it waited for that one with a processor idle, ~3 s
+    of one core per 4-session run (benchmarks/results/end_to_end.md, session 12 W). Claiming one
+    worker fewer, it starts beside it and the two share the cores for those seconds: at most
+    one worker's threads beyond ``n_procs``. When a node runs changes none of its results. The
+    nodes' own ``n_procs`` are untouched (the cluster plugins ask Slurm for them): only this
+    plugin's count of the run's copies of the nodes changes.
+    """
+    from nipype.pipeline.plugins.multiproc import MultiProcPlugin
+
+    class OverlapMultiProcPlugin(MultiProcPlugin):
+        def _prerun_check(self, graph):
+            super()._prerun_check(graph)
+            for node in graph.nodes():  # the run's copies (Workflow.run's expanded graph)
+                workers = getattr(node.inputs, "n_workers", None)
+                if isinstance(workers, int) and workers > 1:
+                    node.n_procs = max(1, node.n_procs - max(1, node.n_procs // workers))
+
+    return OverlapMultiProcPlugin(plugin_args=plugin_args)
+
+
 def _validate(subject: SubjectInputs, config: Config) -> tuple[list[str], set]:
     """validate_subject, and the gzip files it found complete (pipeline.io skips checking them
     again in this process and in the workers it forks)."""
@@ -448,7 +477,8 @@ def run_subject(subject: SubjectInputs, *, config: Config, output_dir: Path, wor
     gc.collect()
     gc.freeze()
     try:
-        workflow.run(plugin=plugin, plugin_args=args)
+        workflow.run(plugin=_multiproc_plugin(args) if plugin == "MultiProc" else plugin,
+                     plugin_args=args)
         if token:
             _wait_for_jobs(token, poll_s=2.0)
         produced = staging / f"sub-{subject.subject}"

@@ -171,6 +171,47 @@ def test_multiproc_gets_the_process_and_memory_limits():
     assert _plugin_settings(args, config)[1]["memory_gb"] == 1.5
 
 
+def test_multiproc_counts_a_multi_worker_node_one_worker_short():
+    """The run's MultiProc lets a node of several workers (the subject space, the segment node)
+    start when all but one worker's processors are free, so that it does not wait with a
+    processor idle for a single-threaded node that runs beside it; the workflow's own nodes
+    (what the cluster plugins ask Slurm for) keep their n_procs."""
+    from copy import deepcopy
+
+    import networkx as nx
+    from nipype.pipeline import engine as pe
+
+    from pipeline.interfaces.registration import SubjectSpace
+    from pipeline.interfaces.segmentation import SegmentSessions
+    from pipeline.interfaces.session import LoadSession
+
+    nodes = {
+        "space": pe.Node(SubjectSpace(n_threads=1, n_workers=2), name="space", n_procs=2),
+        "space_2threads": pe.Node(SubjectSpace(n_threads=2, n_workers=2), name="space2",
+                                  n_procs=4),
+        "segment": pe.Node(SegmentSessions(n_workers=3), name="segment", n_procs=3),
+        "time_shared": pe.Node(SubjectSpace(n_threads=1, n_workers=4), name="space4",
+                               n_procs=2),
+        "one_worker": pe.Node(SubjectSpace(n_workers=1), name="one", n_procs=1),
+        "threads_only": pe.Node(LoadSession(), name="load", n_procs=2),
+    }
+    copies = {key: deepcopy(node) for key, node in nodes.items()}  # as Workflow.run copies
+    graph = nx.DiGraph()
+    graph.add_nodes_from(copies.values())
+    plugin = runner._multiproc_plugin({"n_procs": 4, "memory_gb": 4.0,
+                                       "raise_insufficient": False})
+    try:
+        plugin._prerun_check(graph)
+    finally:
+        plugin.pool.shutdown()
+    claimed = {key: node.n_procs for key, node in copies.items()}
+    assert claimed == {"space": 1, "space_2threads": 2, "segment": 2, "time_shared": 1,
+                       "one_worker": 1, "threads_only": 2}
+    assert {key: node.n_procs for key, node in nodes.items()} == {
+        "space": 2, "space_2threads": 4, "segment": 3, "time_shared": 2, "one_worker": 1,
+        "threads_only": 2}
+
+
 def test_resource_options_override_the_config():
     from pipeline.cli import _plugin_settings, build_parser, config_from_args
 
