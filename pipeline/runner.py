@@ -102,7 +102,8 @@ def _configure_nipype(log_dir: Path, plugin: str) -> None:
     from nipype import config, logging
 
     # Nipype sleeps this long between scheduling rounds (default 2 s): local plugins poll fast,
-    # cluster plugins slowly so as not to hammer the scheduler.
+    # cluster plugins slowly so as not to hammer the scheduler. (MultiProc: the longest pause;
+    # the runner's plugin starts a round as soon as a node ends, see _multiproc_plugin.)
     poll = 0.05 if plugin in LOCAL_PLUGINS else 2.0
     config.update_config({
         "execution": {
@@ -364,30 +365,66 @@ def _wait_for_jobs(token: str, poll_s: float) -> None:
 # --- one subject ---------------------------------------------------------------------------
 
 def _multiproc_plugin(plugin_args: dict):
-    """Nipype's MultiProc plugin, except that a node running several workers (an interface
-    input ``n_workers`` above 1: the subject space's template registrations, the segment node's
-    sessions) claims one worker's processors (at least one) fewer than its ``n_procs`` in the
-    plugin's count.
+    """Nipype's MultiProc plugin with three changes to how it schedules, none to what a node
+    computes (when a node runs changes none of its results):
 
-    MultiProc starts a node only when every processor it claims is free. The subject space
-    (2 workers, n_procs 2 on 2 processors) becomes ready when the last session's registration
-    to the first session ends, while the DWI -> FLAIR registration of a session (which only the
-    resampling needs) still runs beside it: it waited for that one with a processor idle, ~3 s
-    of one core per 4-session run (benchmarks/results/end_to_end.md, session 12 W). Claiming one
-    worker fewer, it starts beside it and the two share the cores for those seconds: at most
-    one worker's threads beyond ``n_procs``. When a node runs changes none of its results. The
-    nodes' own ``n_procs`` are untouched (the cluster plugins ask Slurm for them): only this
-    plugin's count of the run's copies of the nodes changes.
+    - A node running several workers (an interface input ``n_workers`` above 1: the subject
+      space's template registrations, the segment node's sessions) claims one worker's
+      processors (at least one) fewer than its ``n_procs``. MultiProc starts a node only when
+      every processor it claims is free: the subject space (2 workers, n_procs 2 on 2
+      processors) becomes ready when the last session's registration to the first session
+      ends, while a DWI -> FLAIR registration (which only the resampling needs) still runs,
+      and it waited for that one with a processor idle, ~3 s of one core per 4-session run
+      (benchmarks/results/end_to_end.md, session 12 W). Now it starts beside it and the two
+      share the cores for those seconds: at most one worker's threads beyond ``n_procs``.
+    - The bookkeeping nodes this process runs itself (``run_without_submitting``: merges,
+      selects) claim no processor and come after the nodes sent to the workers in a
+      scheduling round: a processor that frees is given its next node first.
+    - A scheduling round follows as soon as a node ends, instead of after Nipype's
+      ``poll_sleep_duration`` (0.05 s), which stays the longest pause between rounds.
+
+    Only this plugin's copies of the nodes change (the expanded graph Workflow.run builds): the
+    workflow's own ``n_procs`` are what the cluster plugins ask Slurm for.
     """
+    import threading
+
     from nipype.pipeline.plugins.multiproc import MultiProcPlugin
 
     class OverlapMultiProcPlugin(MultiProcPlugin):
+        def __init__(self, plugin_args=None):
+            super().__init__(plugin_args=plugin_args)
+            self._node_ended = threading.Event()
+            self._pause = 0.05
+
+        def run(self, graph, config, updatehash=False):
+            # the pause between rounds moves to _send_procs_to_workers (woken by a node's end)
+            self._pause = float(config["execution"]["poll_sleep_duration"])
+            config = {**config, "execution": {**config["execution"], "poll_sleep_duration": 0}}
+            return super().run(graph, config, updatehash=updatehash)
+
         def _prerun_check(self, graph):
             super()._prerun_check(graph)
             for node in graph.nodes():  # the run's copies (Workflow.run's expanded graph)
                 workers = getattr(node.inputs, "n_workers", None)
-                if isinstance(workers, int) and workers > 1:
+                if node.run_without_submitting:
+                    node.n_procs = 0
+                elif isinstance(workers, int) and workers > 1:
                     node.n_procs = max(1, node.n_procs - max(1, node.n_procs // workers))
+
+        def _sort_jobs(self, jobids, scheduler="tsort"):
+            jobids = super()._sort_jobs(jobids, scheduler=scheduler)
+            return sorted(jobids, key=lambda j: bool(self.procs[j].run_without_submitting))
+
+        def _async_callback(self, args):  # in the pool's thread, when a node has ended
+            super()._async_callback(args)
+            self._node_ended.set()
+
+        def _send_procs_to_workers(self, updatehash=False, graph=None):
+            started = self.proc_done.sum()
+            super()._send_procs_to_workers(updatehash=updatehash, graph=graph)
+            if self.proc_done.sum() == started:  # nothing sent or run: wait for a node's end
+                self._node_ended.wait(self._pause)
+            self._node_ended.clear()  # a result it announced is read in the next round anyway
 
     return OverlapMultiProcPlugin(plugin_args=plugin_args)
 

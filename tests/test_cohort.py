@@ -174,11 +174,13 @@ def test_multiproc_gets_the_process_and_memory_limits():
 def test_multiproc_counts_a_multi_worker_node_one_worker_short():
     """The run's MultiProc lets a node of several workers (the subject space, the segment node)
     start when all but one worker's processors are free, so that it does not wait with a
-    processor idle for a single-threaded node that runs beside it; the workflow's own nodes
-    (what the cluster plugins ask Slurm for) keep their n_procs."""
+    processor idle for a single-threaded node that runs beside it; the bookkeeping nodes the
+    scheduler runs itself claim no processor and come after the nodes sent to the workers.
+    The workflow's own nodes (what the cluster plugins ask Slurm for) keep their n_procs."""
     from copy import deepcopy
 
     import networkx as nx
+    from nipype.interfaces import utility as niu
     from nipype.pipeline import engine as pe
 
     from pipeline.interfaces.registration import SubjectSpace
@@ -186,6 +188,7 @@ def test_multiproc_counts_a_multi_worker_node_one_worker_short():
     from pipeline.interfaces.session import LoadSession
 
     nodes = {
+        "merge": pe.Node(niu.Merge(2), name="merge", run_without_submitting=True),
         "space": pe.Node(SubjectSpace(n_threads=1, n_workers=2), name="space", n_procs=2),
         "space_2threads": pe.Node(SubjectSpace(n_threads=2, n_workers=2), name="space2",
                                   n_procs=4),
@@ -202,14 +205,17 @@ def test_multiproc_counts_a_multi_worker_node_one_worker_short():
                                        "raise_insufficient": False})
     try:
         plugin._prerun_check(graph)
+        plugin.procs = list(copies.values())
+        order = [plugin.procs[j].name for j in plugin._sort_jobs(list(range(len(copies))))]
     finally:
         plugin.pool.shutdown()
     claimed = {key: node.n_procs for key, node in copies.items()}
-    assert claimed == {"space": 1, "space_2threads": 2, "segment": 2, "time_shared": 1,
-                       "one_worker": 1, "threads_only": 2}
+    assert claimed == {"merge": 0, "space": 1, "space_2threads": 2, "segment": 2,
+                       "time_shared": 1, "one_worker": 1, "threads_only": 2}
     assert {key: node.n_procs for key, node in nodes.items()} == {
-        "space": 2, "space_2threads": 4, "segment": 3, "time_shared": 2, "one_worker": 1,
-        "threads_only": 2}
+        "merge": 1, "space": 2, "space_2threads": 4, "segment": 3, "time_shared": 2,
+        "one_worker": 1, "threads_only": 2}
+    assert order == ["space", "space2", "segment", "space4", "one", "load", "merge"]
 
 
 def test_resource_options_override_the_config():
