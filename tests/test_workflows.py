@@ -162,3 +162,24 @@ def test_registrations_to_the_first_session_run_in_the_sessions(tmp_path, withou
         assert sources(f"merge_to_first_{field}") == {
             (f"ses_{ses}_wf.to_first", "transform" if field == "xfm" else "result", f"in{i}")
             for i, ses in enumerate(sessions[1:], start=1)}
+
+
+def test_each_resample_node_gets_its_sessions_subject_transform(tmp_path):
+    # the session's transform is picked from subject_space's list on the edge itself (a
+    # connection function), without a bookkeeping node between the two
+    from nipype.pipeline.engine.utils import evaluate_connect_function, generate_expanded_graph
+
+    sessions = ["day0", "day3", "day8"]
+    (subject,) = discover(make_skeleton(tmp_path / "bids", sessions=sessions))
+    graph = generate_expanded_graph(init_subject_wf(
+        subject=subject, config=load_config(), staging_dir=tmp_path / "stage")._create_flat_graph())
+    nodes = {node.fullname.split(".", 1)[1]: node for node in graph.nodes}
+    assert not [name for name in nodes if name.startswith("select_")]
+    transforms = [f"xfm_{i:02d}.txt" for i in range(len(sessions))]
+    for i, ses in enumerate(sessions):
+        (edge,) = [data["connect"] for src, _, data in graph.in_edges(nodes[f"resample_{ses}"],
+                                                                        data=True)
+                   if src.name == "subject_space"]
+        picked = {dest: (evaluate_connect_function(out[1], out[2], transforms)
+                         if isinstance(out, tuple) else out) for out, dest in edge}
+        assert picked == {"subject_xfm": transforms[i], "reference": "reference"}

@@ -162,6 +162,11 @@ def _merge(name: str, n: int) -> pe.Node:
     return pe.Node(niu.Merge(n), name=name, run_without_submitting=True)
 
 
+def _item(values, index):
+    """``values[index]``: a connection function (Nipype runs it from its source)."""
+    return values[index]
+
+
 def init_subject_wf(
     *, subject: SubjectInputs, config: Config, staging_dir: Path, name: str | None = None,
     report: Callable[..., str] | None = None,
@@ -253,8 +258,6 @@ def init_subject_wf(
             workflow.connect(swf, "outputnode.anat_pyramid", pyramids, f"in{i}")
         workflow.connect(pyramids, "out", space, "pyramids")
 
-    select_xfm = [pe.Node(niu.Select(index=i), name=f"select_xfm_{i:02d}",
-                          run_without_submitting=True) for i in range(n)]
     # the subject-space b0 is read only by the segment node, and only for a session without
     # FLAIR (its reference regions); it is not a derivative: resampled only when needed
     fields = RESAMPLED if not all(has_flair) else tuple(f for f in RESAMPLED if f != "b0")
@@ -262,9 +265,10 @@ def init_subject_wf(
     for i, swf in enumerate(session_wfs):
         resample = pe.Node(ResampleSession(), name=f"resample_{sessions[i].session}", mem_gb=1.0)
         workflow.connect([
-            (space, select_xfm[i], [("transforms", "inlist")]),
-            (select_xfm[i], resample, [("out", "subject_xfm")]),
-            (space, resample, [("reference", "reference")]),
+            # the session's transform picked from the list on the edge (a connection
+            # function), not by a Select node run between the two
+            (space, resample, [(("transforms", _item, i), "subject_xfm"),
+                               ("reference", "reference")]),
             (swf, resample, [("outputnode.flair", "flair"), ("outputnode.flair_mask", "flair_mask"),
                              ("outputnode.trace", "trace"),
                              ("outputnode.adc", "adc"), ("outputnode.dwi_to_flair", "dwi_to_flair"),
