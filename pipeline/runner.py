@@ -479,14 +479,14 @@ def run_subject(subject: SubjectInputs, *, config: Config, output_dir: Path, wor
         validation = validate_in_background(subject, config)
     staging = output_dir / STAGING / f"sub-{subject.subject}"
     try:
-        from pipeline.reports.node import subject_report_node
+        from pipeline.reports.node import report_views_node, subject_report_node
         from pipeline.workflows.base import init_subject_wf
 
-        # the report is drawn by a node of the workflow beside the derivatives' compression;
-        # the workflow gets the function from here (the composition root): it never imports
-        # the reports
+        # the report is drawn by nodes of the workflow (its slices beside tracking, the rest
+        # beside the derivatives' compression); the workflow gets the functions from here
+        # (the composition root): it never imports the reports
         workflow = init_subject_wf(subject=subject, config=config, staging_dir=staging,
-                                   report=subject_report_node)
+                                   report=subject_report_node, report_views=report_views_node)
     except Exception:
         validation.result()  # a bad input is the error to report, not what it broke here
         raise

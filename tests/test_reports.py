@@ -419,3 +419,59 @@ def test_report_reads_work_images_of_derivatives_not_written_yet(fake_output, tm
     assert a.paths["flair"] == work and b.paths["flair"] == fake_output / other
     np.testing.assert_array_equal(a.load("flair"), expected)
     assert load_subject(fake_output, "01").sessions[0].paths["flair"] is None
+
+
+def _work_images(fake_output: Path, work: Path) -> dict[str, list[str]]:
+    """The fake subject's images as uncompressed work-dir files, as the report_views node gets
+    them (lesion masks: the lesion-id images > 0, as the segmentation writes them)."""
+    fields = {"flair": "flair", "trace": "dwi", "adc": "adc", "brain_mask": "brain"}
+    files: dict[str, list[str]] = {}
+    for ses in ("a", "b"):
+        session = next(s for s in load_subject(fake_output, "01").sessions if s.label == ses)
+        for field, key in fields.items():
+            path = work / f"{field}_{ses}.nii"
+            nib.save(nib.load(str(session.paths[key])), str(path))
+            files.setdefault(field, []).append(str(path))
+        for field, kind in (("flair_lesion", "flair"), ("restricted", "restricted")):
+            ids = session.load(f"{kind}_dseg", dtype=None)
+            path = work / f"{field}_{ses}.nii"
+            nib.save(nib.Nifti1Image((ids > 0).astype(np.uint8), np.eye(4)), str(path))
+            files.setdefault(field, []).append(str(path))
+    return files
+
+
+def _undated(html: str) -> str:
+    return re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", "DATE", html)
+
+
+def test_report_from_prepared_views_is_the_report_drawn_at_once(fake_output, tmp_path):
+    # the report_views node extracts the slices (axial slice chosen from the lesion masks) and
+    # draws the QC figure before tracking; the report node adds the lesion ids' contours
+    # (lesion 2 is new: orange only if the ids, not the masks, are drawn): the same page
+    from pipeline.reports.subject import PROBLEM_FILE, VIEWS_FILE, write_work_views
+
+    work = tmp_path / "work"
+    work.mkdir()
+    files = _work_images(fake_output, work)
+    views = write_work_views(tmp_path / "views", subject="01", labels=["a", "b"],
+                             days=[0.0, 5.0], **files)
+    assert (views / VIEWS_FILE).exists() and not (views / PROBLEM_FILE).exists()
+    drawn = write_subject_report(fake_output, "01").read_text()
+    prepared = write_subject_report(fake_output, "01", prepared=views).read_text()
+    assert "could not be drawn" not in prepared
+    assert _undated(prepared) == _undated(drawn)
+
+
+def test_prepared_views_of_a_damaged_image_become_a_warning(fake_output, tmp_path):
+    from pipeline.reports.subject import PROBLEM_FILE, write_work_views
+
+    work = tmp_path / "work"
+    work.mkdir()
+    files = _work_images(fake_output, work)
+    Path(files["flair"][1]).write_bytes(b"not a nifti")
+    views = write_work_views(tmp_path / "views", subject="01", labels=["a", "b"],
+                             days=[0.0, 5.0], **files)
+    assert (views / PROBLEM_FILE).exists()
+    html = write_subject_report(fake_output, "01", prepared=views).read_text()
+    assert "the images could not be drawn" in html and "Lesion events per interval" in html
+    assert len(_images(html)) == 2  # the trajectories only

@@ -7,7 +7,7 @@ import pytest
 from conftest import make_skeleton
 from pipeline.bids import discover
 from pipeline.config import load_config
-from pipeline.reports.node import subject_report_node
+from pipeline.reports.node import report_views_node, subject_report_node
 from pipeline.workflows.base import init_session_wf, init_subject_wf
 
 
@@ -16,15 +16,15 @@ def test_subject_workflow_expands(tmp_path, n_sessions):
     sessions = [f"day{d}" for d in (0, 3, 8, 45)[:n_sessions]]
     (subject,) = discover(make_skeleton(tmp_path / "bids", sessions=sessions))
     wf = init_subject_wf(subject=subject, config=load_config(), staging_dir=tmp_path / "stage",
-                         report=subject_report_node)
+                         report=subject_report_node, report_views=report_views_node)
     graph = wf._create_flat_graph()
     names = {node.fullname.split(".", 1)[1] for node in graph.nodes}
     for ses in sessions:
         for node in ("load", "prep_flair", "prep_dwi", "dwi_to_flair"):
             assert f"ses_{ses}_wf.{node}" in names
         assert f"resample_{ses}" in names
-    for node in ("subject_space", "segment", "track", "native_masks", "compress_derivatives_0",
-                 "write_derivatives", "subject_report"):
+    for node in ("subject_space", "segment", "track", "native_masks", "compress_resampled",
+                 "compress_segmented", "write_derivatives", "subject_report", "report_views"):
         assert node in names
     # every mandatory input of every node is connected or set
     for node in graph.nodes:
@@ -42,9 +42,21 @@ def test_subject_workflow_expands(tmp_path, n_sessions):
     connected = {dest for _, _, data in graph.in_edges(report, data=True)
                  for _, dest in data["connect"]}
     spec = set(_SubjectFilesInputSpec().copyable_trait_names())
-    assert connected == spec - {"subject", "labels", "day_source", "config"}
+    assert connected == spec - {"subject", "labels", "day_source", "config"} | {"views"}
     for name in ("subject", "labels", "day_source", "config"):
         assert str(getattr(report.inputs, name)) != "<undefined>", name
+    # the report's slices are taken beside tracking: from the images and masks, not the ids
+    (views,) = [node for node in graph.nodes if node.name == "report_views"]
+    sources = {src.name for src, _ in graph.in_edges(views)}
+    assert "track" not in sources and "segment" in sources
+    assert {dest for _, _, data in graph.in_edges(views, data=True)
+            for _, dest in data["connect"]} == {"flair", "trace", "adc", "brain_mask",
+                                                "flair_lesion", "restricted"}
+    for name in ("subject", "labels", "days"):
+        assert str(getattr(views.inputs, name)) != "<undefined>", name
+    without = init_subject_wf(subject=subject, config=load_config(),
+                              staging_dir=tmp_path / "stage", report=subject_report_node)
+    assert without.get_node("report_views") is None
     assert init_subject_wf(subject=subject, config=load_config(),
                            staging_dir=tmp_path / "stage").get_node("subject_report") is None
 

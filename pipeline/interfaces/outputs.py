@@ -97,9 +97,9 @@ class CompressImages(SimpleInterface):
     """Gzip work-dir images ahead of :class:`WriteDerivatives`, the same bytes it would write.
 
     The derivatives that do not depend on tracking (subject-space FLAIR, trace, ADC, rADC,
-    brain and lesion masks) are compressed in workers while the track node runs, instead of
-    in the main process after it: the tail of a run otherwise leaves one core idle during
-    tracking and then gzips ~30 volumes. ``parts`` nodes share the list (one core each).
+    brain and lesion masks) are compressed in workers ahead of it (the resampled images beside
+    the segment node, its outputs beside the track node), instead of in the main process after
+    it. ``parts`` nodes may share a list (one core each).
     """
 
     input_spec = _CompressImagesInputSpec

@@ -173,25 +173,32 @@ def load_subject(output_dir: Path, subject: str, sources: dict[str, str] | None 
     qc = json.loads(qc_path.read_text()) if qc_path.exists() else {}
     labels = _session_labels(subj_dir, tables)
     days = _session_days(tables, labels)
-    sessions = []
-    for label in labels:
-        prefix = f"sub-{subject}_ses-{label}"
-        paths, uncompressed = {}, {}
-        for key, (datatype, tail) in IMAGES.items():
-            path = subj_dir / f"ses-{label}" / datatype / f"{prefix}_{tail}"
-            paths[key] = path if path.exists() else None
-            rel = str(path.relative_to(output_dir))
-            if paths[key] is None and images and (src := images.get(rel)):
-                paths[key] = Path(src)
-                continue
-            if paths[key] is not None and sources and (
-                    src := uncompressed_source(path, sources.get(rel))) is not None:
-                uncompressed[key] = src
-        sessions.append(SessionFiles(label=label, day=days[label], paths=paths,
-                                     sources=uncompressed))
+    sessions = [session_files(output_dir, subject, label, days[label], sources, images)
+                for label in labels]
     sessions.sort(key=lambda s: s.day)
     return SubjectDerivatives(subject=subject, output_dir=output_dir, tables=tables, qc=qc,
                               sessions=sessions)
+
+
+def session_files(output_dir: Path, subject: str, label: str, day: float,
+                  sources: dict[str, str] | None = None,
+                  images: dict[str, str] | None = None) -> SessionFiles:
+    """The images of session ``label`` of ``sub-<subject>`` (without ``sub-``) under
+    ``output_dir``; ``sources`` and ``images`` as in :func:`load_subject`."""
+    subj_dir = Path(output_dir) / f"sub-{subject}"
+    prefix = f"sub-{subject}_ses-{label}"
+    paths, uncompressed = {}, {}
+    for key, (datatype, tail) in IMAGES.items():
+        path = subj_dir / f"ses-{label}" / datatype / f"{prefix}_{tail}"
+        paths[key] = path if path.exists() else None
+        rel = str(path.relative_to(output_dir))
+        if paths[key] is None and images and (src := images.get(rel)):
+            paths[key] = Path(src)
+            continue
+        if paths[key] is not None and sources and (
+                src := uncompressed_source(path, sources.get(rel))) is not None:
+            uncompressed[key] = src
+    return SessionFiles(label=label, day=day, paths=paths, sources=uncompressed)
 
 
 def growing_ids(events: pd.DataFrame, session: str) -> set[int]:

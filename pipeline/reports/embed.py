@@ -27,7 +27,12 @@ def figure_png(fig: Figure, dpi: int = 100) -> bytes:
 
 def figure_data_uri(fig: Figure, dpi: int = 100) -> str:
     """A ``data:image/png;base64,...`` URI of the figure, for an <img src=...>."""
-    return "data:image/png;base64," + base64.b64encode(figure_png(fig, dpi)).decode("ascii")
+    return png_data_uri(figure_png(fig, dpi))
+
+
+def png_data_uri(png: bytes) -> str:
+    """A ``data:image/png;base64,...`` URI of PNG bytes."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def table_html(frame: pd.DataFrame, max_rows: int | None = None) -> str:

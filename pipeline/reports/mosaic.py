@@ -11,6 +11,7 @@ report over many sessions needs little memory and time.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -26,6 +27,8 @@ COLUMNS = (("dwi", "DWI (trace)", "restricted"), ("adc", "ADC", "restricted"),
            ("flair", "FLAIR", "flair"))
 KINDS = ("flair", "restricted")
 HEADROOM = {"dwi": 1.6, "flair": 1.6}  # white level >= this multiple of the brain median
+AXIAL_KEYS = ("dwi", "adc", "flair", "brain")  # the images of which the axial slice is shown
+QC_KEYS = ("dwi", "flair")  # the images of the registration QC (three cuts each)
 
 
 def axial(volume: np.ndarray, k: int) -> np.ndarray:
@@ -177,10 +180,10 @@ def _centre(brain: np.ndarray | None, shape: tuple[int, ...] | None) -> tuple[in
 
 def _session_views(session: SessionFiles, labels: dict, k: int, centre) -> SessionViews:
     views = SessionViews(label=session.label, day=session.day)
-    for key in ("dwi", "adc", "flair", "brain"):
+    for key in AXIAL_KEYS:
         volume = session.load(key)
         views.axial[key] = None if volume is None else axial(volume, k)
-        if key in ("dwi", "flair"):
+        if key in QC_KEYS:
             views.qc[key] = None if volume is None else (
                 axial(volume, k), coronal(volume, centre[1]), sagittal(volume, centre[0]))
     for kind in KINDS:
@@ -213,6 +216,64 @@ def extract_views(subject: SubjectDerivatives) -> SubjectViews:
     centre = _centre(brain, shape)
     sessions = [_session_views(s, labels, k, centre) for s in subject.sessions]
     return SubjectViews(k=k, centre=centre, sessions=sessions)
+
+
+def save_views(views: SubjectViews, path: Path) -> None:
+    """Write ``views`` to an ``.npz`` file (:func:`load_views` reads it back, slice for slice)."""
+    arrays = {"k": np.array(views.k), "centre": np.array(views.centre),
+              "labels": np.array([s.label for s in views.sessions], dtype=str),
+              "days": np.array([s.day for s in views.sessions], dtype=float)}
+    for i, session in enumerate(views.sessions):
+        for key, image in session.axial.items():
+            if image is not None:
+                arrays[f"{i}/axial/{key}"] = image
+        for key, cuts in session.qc.items():
+            if cuts is not None:
+                for c, cut in enumerate(cuts):
+                    arrays[f"{i}/qc/{key}/{c}"] = cut
+    np.savez(path, **arrays)
+
+
+def load_views(path: Path) -> SubjectViews:
+    """The :class:`SubjectViews` :func:`save_views` wrote (missing slices None again)."""
+    with np.load(path) as data:
+        arrays = {name: data[name] for name in data.files}
+    sessions = []
+    for i, (label, day) in enumerate(zip(arrays["labels"], arrays["days"])):
+        session = SessionViews(label=str(label), day=float(day))
+        for key in (*AXIAL_KEYS, *(f"{kind}_labels" for kind in KINDS)):
+            session.axial[key] = arrays.get(f"{i}/axial/{key}")
+        for key in QC_KEYS:
+            cuts = [arrays.get(f"{i}/qc/{key}/{c}") for c in range(3)]
+            session.qc[key] = None if cuts[0] is None else tuple(cuts)
+        sessions.append(session)
+    return SubjectViews(k=int(arrays["k"]), centre=tuple(int(c) for c in arrays["centre"]),
+                        sessions=sessions)
+
+
+def with_lesion_ids(views: SubjectViews, subject: SubjectDerivatives) -> SubjectViews:
+    """``views`` (extracted while only the lesion masks existed) with each session's label
+    slices taken from its lesion-id images (``<kind>_dseg``) at the same axial index, and the
+    days and the order of ``subject``'s sessions.
+
+    The slice index stays valid: a lesion-id image is non-zero exactly on its mask
+    (:func:`pipeline.core.tracking.track_lesions` gives every component of an observed
+    session's mask an id > 0; an unobserved session's image is all zero, as is the mask the
+    segmentation wrote for it), so the lesion counts of :func:`extract_views` are the same.
+    A session without a lesion-id image keeps its mask slice (as :func:`extract_views` does).
+    """
+    by_label = {s.label: s for s in views.sessions}
+    sessions = []
+    for files in subject.sessions:
+        stored = by_label[files.label]
+        session = SessionViews(label=files.label, day=files.day, axial=dict(stored.axial),
+                               qc=stored.qc)
+        for kind in KINDS:
+            ids = files.load(f"{kind}_dseg", dtype=None)
+            if ids is not None:
+                session.axial[f"{kind}_labels"] = axial(ids, views.k).astype(np.int32)
+        sessions.append(session)
+    return SubjectViews(k=views.k, centre=views.centre, sessions=sessions)
 
 
 def _draw_contours(ax, labels2d: np.ndarray, growing: set[int]) -> None:

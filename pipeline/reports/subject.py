@@ -17,9 +17,11 @@ from types import SimpleNamespace
 
 from pipeline import __version__
 from pipeline.io import atomic_path
-from pipeline.reports.data import TABLES, SubjectDerivatives, load_subject
-from pipeline.reports.embed import environment, figure_data_uri, table_html
-from pipeline.reports.mosaic import extract_views, plot_mosaic, plot_registration_qc
+from pipeline.reports.data import TABLES, SubjectDerivatives, load_subject, session_files
+from pipeline.reports.embed import (environment, figure_data_uri, figure_png, png_data_uri,
+                                    table_html)
+from pipeline.reports.mosaic import (extract_views, load_views, plot_mosaic,
+                                     plot_registration_qc, save_views, with_lesion_ids)
 from pipeline.reports.qc import (collect_warnings, input_notes, methods_paragraphs,
                                  registration_table)
 from pipeline.reports.trajectories import lesion_histories, subject_trajectories
@@ -29,6 +31,12 @@ TABLE_TITLES = (("sessions", "Sessions over time", True),
                 ("lineage", "Lesion lineage", False),
                 ("summary", "Lesions: nadir and pseudonormalization", True),
                 ("lesions", "Lesions over time", False))
+
+#: what :func:`write_work_views` leaves in its folder for the report (see ``prepared`` below)
+VIEWS_FILE = "views.npz"
+QC_FIGURE_FILE = "registration_qc.png"
+PROBLEM_FILE = "problem.txt"
+QC_DPI = 80
 
 
 def _has_images(subject: SubjectDerivatives) -> bool:
@@ -63,18 +71,34 @@ def _tables(subject: SubjectDerivatives) -> list[dict]:
     return out
 
 
-def _image_figures(subject: SubjectDerivatives, problems: list[str]) -> dict:
-    """Mosaic and registration QC; a failure becomes a warning instead of a lost report."""
+def _image_problem(exc: Exception) -> str:
+    return f"the images could not be drawn ({type(exc).__name__}: {exc})"
+
+
+def _image_figures(subject: SubjectDerivatives, problems: list[str],
+                   prepared: Path | None = None) -> dict:
+    """Mosaic and registration QC; a failure becomes a warning instead of a lost report.
+
+    ``prepared``: a folder of :func:`write_work_views` (the slices and the QC figure drawn
+    before tracking ended): only the mosaic is drawn here. None: everything is."""
     none = {"mosaic": None, "qc_figure": None, "lesion_slice": None}
     if not _has_images(subject):
         return none
     try:
-        views = extract_views(subject)
+        if prepared is None:
+            views = extract_views(subject)
+            qc_figure = figure_data_uri(plot_registration_qc(subject, views), dpi=QC_DPI)
+        elif (prepared / PROBLEM_FILE).exists():
+            problems.append((prepared / PROBLEM_FILE).read_text(encoding="utf-8"))
+            return none
+        else:
+            views = with_lesion_ids(load_views(prepared / VIEWS_FILE), subject)
+            qc_figure = png_data_uri((prepared / QC_FIGURE_FILE).read_bytes())
         fig = plot_mosaic(subject, views)
         return {"mosaic": figure_data_uri(fig), "lesion_slice": fig.lesion_slice,
-                "qc_figure": figure_data_uri(plot_registration_qc(subject, views), dpi=80)}
+                "qc_figure": qc_figure}
     except Exception as exc:  # a damaged image must not cost the tables and warnings
-        problems.append(f"the images could not be drawn ({type(exc).__name__}: {exc})")
+        problems.append(_image_problem(exc))
         return none
 
 
@@ -86,29 +110,34 @@ def _plots(subject: SubjectDerivatives) -> tuple[list[dict], list[str]]:
         return [], [f"the trajectories could not be drawn ({type(exc).__name__}: {exc})"]
 
 
-def _figures(subject: SubjectDerivatives) -> tuple[dict, list[dict], list[str]]:
+def _figures(subject: SubjectDerivatives,
+             prepared: Path | None = None) -> tuple[dict, list[dict], list[str]]:
     """The image figures and the trajectory figures, drawn at the same time: the trajectories
     in a forked child (which inherits matplotlib and the loaded tables), the images here.
 
     matplotlib holds the GIL while it draws, so a thread would not overlap the two; in the
     participant run the report is the last node and the other core is free (~1.5 s of the
     ~4 s). Returns the image figures, the trajectory figures and the problems (images first).
+    ``prepared``: see :func:`_image_figures`.
     """
     problems: list[str] = []
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
         plotted = pool.submit(_plots, subject)
-        images = _image_figures(subject, problems)
+        images = _image_figures(subject, problems, prepared)
         trajectories, plot_problems = plotted.result()
     return images, trajectories, problems + plot_problems
 
 
-def render_subject_report(subject: SubjectDerivatives) -> str:
+def render_subject_report(subject: SubjectDerivatives, prepared: Path | None = None) -> str:
     """The HTML text of a subject's report.
 
     Parameters
     ----------
     subject : SubjectDerivatives
         See :func:`pipeline.reports.data.load_subject`.
+    prepared : Path, optional
+        The folder of :func:`write_work_views` for this subject: its slices and QC figure
+        are used instead of being drawn here (the page is the same).
 
     Returns
     -------
@@ -116,7 +145,7 @@ def render_subject_report(subject: SubjectDerivatives) -> str:
         A complete HTML document with every image embedded. Figures that cannot be drawn
         are listed among the warnings.
     """
-    images, trajectories, problems = _figures(subject)
+    images, trajectories, problems = _figures(subject, prepared)
     return environment().get_template("subject.html").render(
         subject=subject.subject, version=__version__,
         created=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -130,7 +159,8 @@ def render_subject_report(subject: SubjectDerivatives) -> str:
 
 
 def write_subject_report(output_dir: Path, subject: str, sources: dict[str, str] | None = None,
-                         images: dict[str, str] | None = None) -> Path:
+                         images: dict[str, str] | None = None,
+                         prepared: Path | None = None) -> Path:
     """Write OUTPUT_DIR/sub-X.html from the subject's derivatives.
 
     Parameters
@@ -145,6 +175,8 @@ def write_subject_report(output_dir: Path, subject: str, sources: dict[str, str]
     images : dict, optional
         The work-dir images of derivatives not written yet (see
         :func:`pipeline.reports.data.load_subject`).
+    prepared : Path, optional
+        See :func:`render_subject_report`.
 
     Returns
     -------
@@ -153,7 +185,7 @@ def write_subject_report(output_dir: Path, subject: str, sources: dict[str, str]
     """
     output_dir = Path(output_dir)
     derivatives = load_subject(output_dir, subject, sources, images)
-    html = render_subject_report(derivatives)
+    html = render_subject_report(derivatives, prepared)
     dst = output_dir / f"sub-{derivatives.subject}.html"
     with atomic_path(dst) as tmp:
         tmp.write_text(html, encoding="utf-8")
@@ -161,8 +193,72 @@ def write_subject_report(output_dir: Path, subject: str, sources: dict[str, str]
     return dst
 
 
+def _work_images(subject: str, labels: list[str], files: dict) -> dict[str, str]:
+    """Each work-dir image of ``files`` under the derivative name it is being written to (the
+    report finds its images by those names, :data:`pipeline.reports.data.IMAGES`)."""
+    from pipeline.interfaces.outputs import SUBJECT_SPACE_IMAGES, subject_space_derivative
+
+    return {subject_space_derivative(subject, ses, field): files[field][i]
+            for field in SUBJECT_SPACE_IMAGES if field in files
+            for i, ses in enumerate(labels)}
+
+
+def write_work_views(root: Path, *, subject: str, labels: list[str], days: list[float],
+                     **files) -> Path:
+    """Extract the report's image slices and draw its registration QC figure from the
+    work-dir images, before tracking has ended.
+
+    The participant workflow runs this (:func:`pipeline.reports.node.report_views_node`)
+    beside the track node; the report node then draws only the mosaic's contours (which need
+    the lesion ids and events of tracking), the trajectories and the page
+    (:func:`write_work_report` with ``views=root``). The axial slice is chosen from the lesion
+    masks, which is the choice from the lesion-id images (see
+    :func:`pipeline.reports.mosaic.with_lesion_ids`).
+
+    Parameters
+    ----------
+    root : Path
+        Folder to write in (emptied first): ``views.npz`` (the slices,
+        :func:`pipeline.reports.mosaic.save_views`) and ``registration_qc.png``; or
+        ``problem.txt`` (the warning the report shows) when the images cannot be drawn;
+        nothing when the subject has no image.
+    subject, labels, days
+        Subject label (without ``sub-``), session labels and their days (in day order; the
+        days label the QC figure's rows).
+    **files
+        Work-dir images (one per session) of the fields of
+        :data:`pipeline.interfaces.outputs.SUBJECT_SPACE_IMAGES`: the report's images and
+        lesion masks (``flair``, ``trace``, ``adc``, ``brain_mask``, ``flair_lesion``,
+        ``restricted``).
+
+    Returns
+    -------
+    Path
+        ``root``.
+    """
+    root = Path(root)
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    images = _work_images(subject, labels, files)
+    sessions = sorted((session_files(root, subject, label, float(day), images=images)
+                       for label, day in zip(labels, days)), key=lambda s: s.day)
+    derivatives = SubjectDerivatives(subject=subject, output_dir=root, tables={}, qc={},
+                                     sessions=sessions)
+    if not _has_images(derivatives):
+        return root
+    try:
+        views = extract_views(derivatives)
+        save_views(views, root / VIEWS_FILE)
+        qc_png = figure_png(plot_registration_qc(derivatives, views), dpi=QC_DPI)
+        (root / QC_FIGURE_FILE).write_bytes(qc_png)
+    except Exception as exc:  # shown among the report's warnings, as when drawn there
+        (root / PROBLEM_FILE).write_text(_image_problem(exc), encoding="utf-8")
+    return root
+
+
 def write_work_report(root: Path, *, subject: str, labels: list[str], day_source: str,
-                      config: dict, **files) -> Path:
+                      config: dict, views: str | None = None, **files) -> Path:
     """Draw a subject's report from the work-dir files its derivatives are written from.
 
     The participant workflow runs this (:func:`pipeline.reports.node.subject_report_node`)
@@ -179,6 +275,9 @@ def write_work_report(root: Path, *, subject: str, labels: list[str], day_source
     subject, labels, day_source, config
         Subject label (without ``sub-``), session labels, where the days came from and the
         configuration as a dict.
+    views : str, optional
+        The folder :func:`write_work_views` drew in for this subject: the report uses its
+        slices and QC figure.
     **files
         The subject files of :class:`pipeline.interfaces.outputs.WriteDerivatives` (same
         names): one image per session for the fields of
@@ -191,8 +290,7 @@ def write_work_report(root: Path, *, subject: str, labels: list[str], day_source
     Path
         ``root/sub-X.html``.
     """
-    from pipeline.interfaces.outputs import (QC_REPORT, SUBJECT_SPACE_IMAGES, qc_report_text,
-                                             subject_space_derivative)
+    from pipeline.interfaces.outputs import QC_REPORT, qc_report_text
 
     root = Path(root)
     if root.exists():
@@ -203,9 +301,5 @@ def write_work_report(root: Path, *, subject: str, labels: list[str], day_source
         shutil.copyfile(files[f"{key}_table"], subj_dir / f"sub-{subject}_{name}.tsv")
     qc = SimpleNamespace(labels=labels, day_source=day_source, config=config, **files)
     (subj_dir / f"sub-{subject}_{QC_REPORT}").write_text(qc_report_text(qc))
-    # each image under the derivative name it is being written to (the report finds its
-    # images by those names, pipeline.reports.data.IMAGES)
-    images = {subject_space_derivative(subject, ses, field): files[field][i]
-              for field in SUBJECT_SPACE_IMAGES if field in files
-              for i, ses in enumerate(labels)}
-    return write_subject_report(root, subject, images=images)
+    return write_subject_report(root, subject, images=_work_images(subject, labels, files),
+                                prepared=Path(views) if views else None)

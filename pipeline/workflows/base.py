@@ -170,6 +170,7 @@ def _item(values, index):
 def init_subject_wf(
     *, subject: SubjectInputs, config: Config, staging_dir: Path, name: str | None = None,
     report: Callable[..., str] | None = None,
+    report_views: Callable[..., str] | None = None,
 ):
     """The whole longitudinal workflow of one subject.
 
@@ -192,6 +193,14 @@ def init_subject_wf(
         ``Function``: from its source, in an empty namespace) beside the compression of the
         derivatives. The runner passes :func:`pipeline.reports.node.subject_report_node`;
         None: no report node. (Injected, so that workflows never import the reports.)
+    report_views
+        With ``report``: a function extracting the report's image slices and drawing its
+        registration QC figure into its working directory, given as keyword arguments
+        ``subject``, ``labels``, ``days`` and the work-dir images ``flair``, ``trace``,
+        ``adc``, ``brain_mask``, ``flair_lesion`` and ``restricted``; it returns that folder,
+        which the report function gets as ``views``. It runs as the node ``report_views``
+        after the segmentation, beside tracking, so that the report node after tracking
+        draws less. The runner passes :func:`pipeline.reports.node.report_views_node`.
 
     Sessions may lack FLAIR or diffusion (see :func:`init_session_wf`); segmentation and tracking
     are told which (``has_flair``, ``has_dwi``). Sessions on the same day are
@@ -311,20 +320,22 @@ def init_subject_wf(
         (merges["adc"], native, [("out", "native_dwi")]),
     ])
 
-    # the derivatives that do not wait for tracking are gzipped in a worker beside it
-    to_compress = pe.Node(niu.Merge(8, ravel_inputs=True), name="merge_compress",
-                          run_without_submitting=True)
-    for k, field in enumerate(("flair", "trace", "adc", "brain_mask"), start=1):
-        workflow.connect(resampled[field], "out", to_compress, f"in{k}")
-    for k, field in enumerate(("radc", "flair_lesion", "restricted", "shine_through"), start=5):
-        workflow.connect(segment, field, to_compress, f"in{k}")
-    parts = max(1, config.resources.nprocs)
-    compressed = _merge("merge_compressed", parts)
-    for part in range(parts):
-        compress = pe.Node(CompressImages(part=part, parts=parts),
-                           name=f"compress_derivatives_{part}", mem_gb=0.5)
+    # the derivatives that do not wait for tracking are gzipped in workers ahead of it: the
+    # resampled images beside the segment node (which starts one worker short), the segment
+    # node's beside the track node
+    groups = {"resampled": [(resampled[field], "out")
+                            for field in ("flair", "trace", "adc", "brain_mask")],
+              "segmented": [(segment, field)
+                            for field in ("radc", "flair_lesion", "restricted", "shine_through")]}
+    compressed = _merge("merge_compressed", len(groups))
+    for k, (group, sources) in enumerate(groups.items(), start=1):
+        to_compress = pe.Node(niu.Merge(len(sources), ravel_inputs=True),
+                              name=f"merge_compress_{group}", run_without_submitting=True)
+        for j, (src, field) in enumerate(sources, start=1):
+            workflow.connect(src, field, to_compress, f"in{j}")
+        compress = pe.Node(CompressImages(), name=f"compress_{group}", mem_gb=0.5)
         workflow.connect(to_compress, "out", compress, "in_files")
-        workflow.connect(compress, "compressed", compressed, f"in{part + 1}")
+        workflow.connect(compress, "compressed", compressed, f"in{k}")
 
     sink = pe.Node(
         WriteDerivatives(out_dir=str(staging_dir), subject=subject.subject, labels=labels,
@@ -366,10 +377,26 @@ def init_subject_wf(
         fields = [dest for _, pairs in subject_files for _, dest in pairs]
         node = pe.Node(
             niu.Function(function=report, output_names=["report"],
-                         input_names=["subject", "labels", "day_source", "config", *fields]),
+                         input_names=["subject", "labels", "day_source", "config", *fields,
+                                      *(["views"] if report_views is not None else [])]),
             name="subject_report", mem_gb=1.0, overwrite=True,
         )
         node.inputs.trait_set(subject=subject.subject, labels=labels, config=cfg,
                               day_source=subject.day_source)
         workflow.connect([(src, node, list(pairs)) for src, pairs in subject_files])
+        if report_views is not None:
+            # the slices and the QC figure need no tracking: drawn beside the track node
+            view_files = [(resampled[field], [("out", field)])
+                          for field in ("flair", "trace", "adc", "brain_mask")]
+            view_files.append((segment, [("flair_lesion", "flair_lesion"),
+                                         ("restricted", "restricted")]))
+            views = pe.Node(
+                niu.Function(function=report_views, output_names=["views"],
+                             input_names=["subject", "labels", "days",
+                                          *(dest for _, pairs in view_files for _, dest in pairs)]),
+                name="report_views", mem_gb=1.0, overwrite=True,
+            )
+            views.inputs.trait_set(subject=subject.subject, labels=labels, days=days)
+            workflow.connect([(src, views, pairs) for src, pairs in view_files])
+            workflow.connect(views, "views", node, "views")
     return workflow
