@@ -218,6 +218,40 @@ def test_multiproc_counts_a_multi_worker_node_one_worker_short():
     assert order == ["space", "space2", "segment", "space4", "one", "load", "merge"]
 
 
+def _add_one(x):
+    return x + 1
+
+
+def _total(values):
+    return sum(values)
+
+
+def test_multiproc_plugin_runs_a_workflow_to_the_end(tmp_path):
+    """The runner's MultiProc (rounds woken by the nodes' ends, bookkeeping nodes without a
+    processor) runs a chain with a fan-out and a merge, every node once, in dependency order."""
+    from nipype.interfaces import utility as niu
+    from nipype.pipeline import engine as pe
+
+    wf = pe.Workflow(name="chain", base_dir=str(tmp_path))
+    first = pe.Node(niu.Function(function=_add_one, input_names=["x"], output_names=["y"]),
+                    name="first")
+    first.inputs.x = 0
+    branches = [pe.Node(niu.Function(function=_add_one, input_names=["x"], output_names=["y"]),
+                        name=f"branch{i}") for i in range(3)]
+    merge = pe.Node(niu.Merge(3), name="merge", run_without_submitting=True)
+    last = pe.Node(niu.Function(function=_total, input_names=["values"],
+                                output_names=["total"]), name="last")
+    for i, node in enumerate(branches, start=1):
+        wf.connect(first, "y", node, "x")
+        wf.connect(node, "y", merge, f"in{i}")
+    wf.connect(merge, "out", last, "values")
+    graph = wf.run(plugin=runner._multiproc_plugin({"n_procs": 2, "memory_gb": 1.0,
+                                                      "raise_insufficient": False}))
+    (node,) = [n for n in graph.nodes if n.name == "last"]
+    assert node.result.outputs.total == 6
+    assert len(list(tmp_path.glob("chain/*/result_*.pklz"))) == 6
+
+
 def test_resource_options_override_the_config():
     from pipeline.cli import _plugin_settings, build_parser, config_from_args
 
