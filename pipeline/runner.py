@@ -391,7 +391,8 @@ def _multiproc_plugin(plugin_args: dict):
       process's CPU in a 4-session run at load 7, 205 rounds and 5.0 s without them
       (benchmarks/results/end_to_end.md, session 12 W). A round is needed only after a node's
       end or after a round that sent or ran nodes; an idle round waits for a node's end, at
-      most ``_IDLE_ROUND_S`` (a safety net).
+      most ``_IDLE_ROUND_S`` (a safety net), and only while a node runs (the last round of a
+      run does not wait).
 
     Only this plugin's copies of the nodes change (the expanded graph Workflow.run builds): the
     workflow's own ``n_procs`` are what the cluster plugins ask Slurm for.
@@ -432,7 +433,9 @@ def _multiproc_plugin(plugin_args: dict):
         def _send_procs_to_workers(self, updatehash=False, graph=None):
             started = self.proc_done.sum()
             super()._send_procs_to_workers(updatehash=updatehash, graph=graph)
-            if self.proc_done.sum() == started:  # nothing sent or run: wait for a node's end
+            # nothing sent or run while nodes run: wait for one's end (with none running the
+            # run is over, and a wait would only delay its end by _IDLE_ROUND_S)
+            if self.proc_done.sum() == started and self.proc_pending.any():
                 self._node_ended.wait(_IDLE_ROUND_S)
             self._node_ended.clear()  # a result it announced is read in the next round anyway
 

@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -245,11 +246,23 @@ def test_multiproc_plugin_runs_a_workflow_to_the_end(tmp_path):
         wf.connect(first, "y", node, "x")
         wf.connect(node, "y", merge, f"in{i}")
     wf.connect(merge, "out", last, "values")
-    graph = wf.run(plugin=runner._multiproc_plugin({"n_procs": 2, "memory_gb": 1.0,
-                                                      "raise_insufficient": False}))
+    plugin = runner._multiproc_plugin({"n_procs": 2, "memory_gb": 1.0,
+                                       "raise_insufficient": False})
+    # an idle round waits for a node's end only while a node runs: the last round of the run
+    # once waited the whole _IDLE_ROUND_S for a node that would never end
+    waits = []
+
+    class Recorded(threading.Event):
+        def wait(self, timeout=None):
+            waits.append(bool(plugin.proc_pending.any()))
+            return super().wait(timeout)
+
+    plugin._node_ended = Recorded()
+    graph = wf.run(plugin=plugin)
     (node,) = [n for n in graph.nodes if n.name == "last"]
     assert node.result.outputs.total == 6
     assert len(list(tmp_path.glob("chain/*/result_*.pklz"))) == 6
+    assert waits and all(waits)
 
 
 def test_resource_options_override_the_config():
