@@ -224,15 +224,7 @@ def prepare_like_pipeline(image: sitk.Image, config: Config) -> sitk.Image:
     outer parenchyma's upper half-width (the grey-matter z scale) to 2.0x the deep tissue's
     half-width at study 2 (0.86x after N4), so no voxel passed the grey-matter seed gate.
     """
-    p = config.preprocessing
-    image = sitk.Cast(image, sitk.sitkFloat32)
-    mask = core_pre.brain_mask(image, closing_mm=p.brain_mask_closing_mm,
-                               erosion_mm=p.brain_mask_erosion_mm,
-                               smoothing_mm=p.brain_mask_smoothing_mm,
-                               threshold_method=p.brain_mask_threshold)
-    corrected, _ = core_pre.n4_bias_correct(
-        image, mask, shrink_factor=p.n4_shrink_factor, iterations=p.n4_iterations,
-        convergence=p.n4_convergence, spline_distance_mm=p.n4_spline_distance_mm)
+    corrected, _ = core_pre.prepare_image(image, config.to_dict()["preprocessing"])
     return corrected
 
 

@@ -236,3 +236,25 @@ def n4_bias_correct(
     bias = sitk.Cast(sitk.Exp(log_bias), sitk.sitkFloat32)
     corrected = sitk.Cast(sitk.Divide(img, bias), sitk.sitkFloat32)
     return corrected, bias
+
+
+def prepare_image(
+    image: sitk.Image, params: dict, *, bias_correct: bool = True, n_threads: int | None = None,
+) -> tuple[sitk.Image, sitk.Image]:
+    """An image as the pipeline prepares it before registration and segmentation: float32,
+    its :func:`brain_mask` and, with ``bias_correct``, N4 (:func:`n4_bias_correct`) fitted in
+    that mask, with the ``[preprocessing]`` settings ``params`` (a dict of the config's keys).
+    Returns the image and the mask (uint8)."""
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    mask = brain_mask(
+        image, closing_mm=params["brain_mask_closing_mm"],
+        erosion_mm=params["brain_mask_erosion_mm"], smoothing_mm=params["brain_mask_smoothing_mm"],
+        threshold_method=params["brain_mask_threshold"],
+    )
+    if bias_correct:
+        image, _ = n4_bias_correct(
+            image, mask, shrink_factor=params["n4_shrink_factor"],
+            iterations=params["n4_iterations"], convergence=params["n4_convergence"],
+            spline_distance_mm=params["n4_spline_distance_mm"], n_threads=n_threads,
+        )
+    return image, mask

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import SimpleITK as sitk
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
 
 from pipeline.core import preprocess as core_pre
@@ -34,22 +33,9 @@ class PrepareImage(SimpleInterface):
     output_spec = _PrepareImageOutputSpec
 
     def _run_interface(self, runtime):
-        p = self.inputs.params
-        image = sitk.Cast(read(self.inputs.in_file), sitk.sitkFloat32)
-        mask = core_pre.brain_mask(
-            image, closing_mm=p["brain_mask_closing_mm"], erosion_mm=p["brain_mask_erosion_mm"],
-            smoothing_mm=p["brain_mask_smoothing_mm"], threshold_method=p["brain_mask_threshold"],
-        )
-        if self.inputs.bias_correct:
-            image, _ = core_pre.n4_bias_correct(
-                image,
-                mask,
-                shrink_factor=p["n4_shrink_factor"],
-                iterations=p["n4_iterations"],
-                convergence=p["n4_convergence"],
-                spline_distance_mm=p["n4_spline_distance_mm"],
-                n_threads=self.inputs.n_threads,
-            )
+        image, mask = core_pre.prepare_image(
+            read(self.inputs.in_file), self.inputs.params, bias_correct=self.inputs.bias_correct,
+            n_threads=self.inputs.n_threads)
         self._results["out_file"] = save(image, runtime, "preproc.nii.gz")
         self._results["mask"] = save(mask, runtime, "brainmask.nii.gz", dtype=np.uint8)
         if self.inputs.registration:
