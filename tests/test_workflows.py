@@ -195,3 +195,14 @@ def test_each_resample_node_gets_its_sessions_subject_transform(tmp_path):
         picked = {dest: (evaluate_connect_function(out[1], out[2], transforms)
                          if isinstance(out, tuple) else out) for out, dest in edge}
         assert picked == {"subject_xfm": transforms[i], "reference": "reference"}
+
+
+def test_item_takes_a_one_item_output_as_its_item():
+    """The subject space's transforms reach each resample node through ``_item``; Nipype hands
+    a one-session subject's one-item list over as the path itself (not its first character)."""
+    from pipeline.workflows.base import _item
+
+    assert _item(["xfm_00.txt", "xfm_01.txt"], 1) == "xfm_01.txt"
+    assert _item("/work/xfm_00.txt", 0) == "/work/xfm_00.txt"
+    with pytest.raises(IndexError):
+        _item("/work/xfm_00.txt", 1)

@@ -163,8 +163,14 @@ def _merge(name: str, n: int) -> pe.Node:
 
 
 def _item(values, index):
-    """``values[index]``: a connection function (Nipype runs it from its source)."""
-    return values[index]
+    """``values[index]``: a connection function (Nipype runs it from its source). Nipype hands
+    a one-item list output over as the item itself (a one-session subject's transforms): that
+    is item 0."""
+    if isinstance(values, (list, tuple)):
+        return values[index]
+    if index != 0:
+        raise IndexError(f"item {index} of a single value")
+    return values
 
 
 def init_subject_wf(
