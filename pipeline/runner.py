@@ -398,6 +398,7 @@ def _multiproc_plugin(plugin_args: dict):
     workflow's own ``n_procs`` are what the cluster plugins ask Slurm for.
     """
     import threading
+    import traceback
 
     from nipype.pipeline.plugins.multiproc import MultiProcPlugin
 
@@ -405,6 +406,7 @@ def _multiproc_plugin(plugin_args: dict):
         def __init__(self, plugin_args=None):
             super().__init__(plugin_args=plugin_args)
             self._node_ended = threading.Event()
+            self._died: list = []  # futures of nodes that died without a result
 
         def run(self, graph, config, updatehash=False):
             # the pause between rounds moves to _send_procs_to_workers (woken by a node's end)
@@ -427,10 +429,24 @@ def _multiproc_plugin(plugin_args: dict):
         def _async_callback(self, args):  # in the pool's thread, when a node has ended
             try:
                 super()._async_callback(args)
+            except Exception:  # the node died before returning its result: see _died_results
+                self._died.append(args)
             finally:
                 self._node_ended.set()
 
+        def _died_results(self):
+            """A failed result for each node that died before returning one (e.g. an input
+            that failed validation in the worker): stock MultiProc loses it in its callback
+            and waits for it for ever; with it the run stops with the node's error."""
+            while self._died:
+                future = self._died.pop()
+                taskid = next(t for t, f in self._task_obj.items() if f is future)
+                self._taskresult[taskid] = {
+                    "taskid": taskid, "result": None,
+                    "traceback": traceback.format_exception(future.exception())}
+
         def _send_procs_to_workers(self, updatehash=False, graph=None):
+            self._died_results()  # read at the next round's start
             started = self.proc_done.sum()
             super()._send_procs_to_workers(updatehash=updatehash, graph=graph)
             # nothing sent or run while nodes run: wait for one's end (with none running the

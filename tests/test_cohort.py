@@ -504,3 +504,35 @@ def test_a_bad_input_stops_the_subject_before_the_workflow_runs(tmp_path, monkey
             runner.run_subject(subject, config=load_config(), output_dir=tmp_path / "out",
                                work_dir=tmp_path / "work", plugin="Linear", plugin_args={})
     assert not ran
+
+
+_DIES_WITHOUT_RESULT = """
+import tempfile
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+from pipeline import runner
+from pipeline.interfaces.registration import ResampleSession
+
+def _slash():
+    return "/"
+
+wf = pe.Workflow(name="dies", base_dir=tempfile.mkdtemp())
+a = pe.Node(niu.Function(function=_slash, input_names=[], output_names=["out"]), name="a")
+b = pe.Node(ResampleSession(), name="b")
+wf.connect(a, "out", b, "subject_xfm")  # not a file: fails in the worker, before any result
+wf.run(plugin=runner._multiproc_plugin({"n_procs": 2, "memory_gb": 1.0,
+                                        "raise_insufficient": False}))
+"""
+
+
+def test_multiproc_plugin_stops_when_a_node_dies_without_a_result(tmp_path):
+    """A node whose input fails validation in the worker returns no result; stock MultiProc
+    waited for it for ever, the runner's plugin stops the run with the node's error. (A script
+    in a subprocess, so that a regression fails here instead of hanging the suite; a file, so
+    that Nipype can read the Function node's source.)"""
+    script = tmp_path / "dies.py"
+    script.write_text(_DIES_WITHOUT_RESULT)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    assert "subject_xfm" in proc.stderr
