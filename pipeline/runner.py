@@ -396,6 +396,10 @@ def _multiproc_plugin(plugin_args: dict):
 
     Only this plugin's copies of the nodes change (the expanded graph Workflow.run builds): the
     workflow's own ``n_procs`` are what the cluster plugins ask Slurm for.
+
+    And one fix: a node that dies in its worker before returning a result (an input that
+    fails validation there) stops the run with its error; stock MultiProc loses that result and
+    waits for it for ever.
     """
     import threading
     import traceback
