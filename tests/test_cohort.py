@@ -532,7 +532,8 @@ def test_multiproc_plugin_stops_when_a_node_dies_without_a_result(tmp_path):
     that Nipype can read the Function node's source.)"""
     script = tmp_path / "dies.py"
     script.write_text(_DIES_WITHOUT_RESULT)
+    # cwd: Nipype writes the crash file there
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, cwd=tmp_path)
     assert proc.returncode != 0
     assert "subject_xfm" in proc.stderr
