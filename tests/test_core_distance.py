@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pipeline.core.distance import DistanceProcesses, edt_mm
+from pipeline.core.distance import edt_mm
 
 
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (2.0, 1.0, 3.0), (1.0, 2.0), (4.0,)])
@@ -40,7 +40,7 @@ def test_no_background_is_infinitely_far_and_bad_spacing_is_refused():
 
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (0.9, 0.9, 4.5)])
 def test_threads_give_the_same_distances(spacing):
-    # edt's own threads
+    # the segment node runs each session's transforms on its threads (edt holds the GIL)
     rng = np.random.default_rng(1)
     mask = rng.random((64, 57, 41)) > 0.02
     one = edt_mm(mask, spacing)
@@ -48,26 +48,3 @@ def test_threads_give_the_same_distances(spacing):
     np.testing.assert_array_equal(edt_mm(mask, spacing, threads=3), one)
     with pytest.raises(ValueError, match="threads"):
         edt_mm(mask, spacing, threads=0)
-
-
-@pytest.mark.parametrize("processes", [1, 2])
-def test_distance_processes_give_edt_mm_from_several_threads(processes):
-    # the segment node's session threads ask for their transforms at the same time; the
-    # distances come back through the shared buffers, or pickled for a mask too large for them
-    from concurrent.futures import ThreadPoolExecutor
-
-    rng = np.random.default_rng(2)
-    masks = [rng.random(shape) > 0.03 for shape in
-             ((30, 41, 22), (12, 9, 31), (30, 41, 22), (40, 40, 40), (7, 5))]
-    spacings = [(1.0, 1.0, 1.0), (0.9, 0.9, 4.5), (2.0, 1.0, 3.0), (1.0, 1.0, 1.0), (1.0, 2.0)]
-    masks[1][:] = True  # no background: inf everywhere
-    with DistanceProcesses(processes, max_voxels=30 * 41 * 22) as distance:
-        with ThreadPoolExecutor(3) as ex:
-            got = list(ex.map(distance, masks * 2, spacings * 2))
-    for g, m, sp in zip(got, masks * 2, spacings * 2):
-        assert g.dtype == np.float64 and g.shape == m.shape
-        np.testing.assert_array_equal(g, edt_mm(m, sp))
-    with pytest.raises(ValueError, match="processes"):
-        DistanceProcesses(0)
-    with DistanceProcesses(2, 10) as distance, pytest.raises(ValueError, match="1-3D"):
-        distance(np.ones((2, 2, 2, 2), bool), (1.0,) * 4)

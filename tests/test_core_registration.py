@@ -372,46 +372,6 @@ def test_brain_corners_are_the_box_of_the_mask_voxels():
         assert np.array_equal(reg._brain_corners(image, mask), expected)
 
 
-def test_turns_hand_over_in_arrival_order_and_cap_the_workers():
-    import time as _time
-
-    # pause() hands the turn to the thread that waits, which runs before the pauser goes on
-    turns = reg._Turns(1)
-    order = []
-    turns.acquire()
-    waiter = threading.Thread(target=turns.run, args=(order.append, "B"))
-    waiter.start()
-    while not turns._waiting:  # B is queued
-        _time.sleep(0.001)
-    order.append("A1")
-    turns.pause()
-    order.append("A2")
-    turns.release()
-    waiter.join()
-    assert order == ["A1", "B", "A2"]
-    turns.pause()  # nobody waits (and no turn held): returns at once
-
-    # at most n threads between acquire and release, however they pause
-    turns, active, peak, lock = reg._Turns(2), [0], [0], threading.Lock()
-
-    def work(_):
-        for _step in range(3):
-            with lock:
-                active[0] += 1
-                peak[0] = max(peak[0], active[0])
-            _time.sleep(0.002)
-            with lock:
-                active[0] -= 1
-            turns.pause()
-
-    threads = [threading.Thread(target=turns.run, args=(work, i)) for i in range(5)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert peak[0] <= 2 and active[0] == 0 and turns._free == 2
-
-
 def test_subject_space_two_sessions_is_halfway(pair):
     a, b, g, ma, mb = pair
     ts, ref, qc = reg.build_subject_space(

@@ -27,8 +27,7 @@ import functools
 import math
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -808,7 +807,6 @@ def register_rigid(
     pyramid_cache: dict | None = None,
     fixed_pyramid: Pyramid | None = None,
     moving_pyramid: Pyramid | None = None,
-    between_steps: Callable[[], None] | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` (rigid or affine, multi-resolution).
 
@@ -928,10 +926,6 @@ def register_rigid(
         every registration of it): used instead of building them when their parameters are
         this call's (:class:`Pyramid`), with identical results. The caller vouches that they
         are of these images and masks.
-    between_steps
-        Called before every optimisation of the call but the first (each multi-start probe,
-        pyramid level and the symmetric backward pass is one): :func:`build_subject_space`
-        lets another registration take the core there. The result does not depend on it.
 
     Returns
     -------
@@ -988,14 +982,6 @@ def register_rigid(
 
     n_iter = 0
     start_index = 0
-    first_step = True
-
-    def next_step() -> None:  # before each _run: between_steps() from the second on
-        nonlocal first_step
-        if between_steps is not None and not first_step:
-            between_steps()
-        first_step = False
-
     if initial_transform is None:
         fl0, ml0, fml0, mml0 = levels[0][:4]
         if initialisation == "identity":
@@ -1019,7 +1005,6 @@ def register_rigid(
             for k, angles in enumerate(starts):
                 cand = sitk.Euler3DTransform(init)
                 cand.SetRotation(*angles)
-                next_step()
                 out, value, n, _ = _run(
                     fl0, ml0, cand,
                     fixed_mask=fml0,
@@ -1051,7 +1036,6 @@ def register_rigid(
         init = affine_transform(r, a @ c + b - r @ c, c)
     out, value, stop = init, float("nan"), ""
     for k, (fl, ml, fml, mml, samp, _) in enumerate(levels):
-        next_step()
         out, value, n, stop = _run(
             fl, ml, out,
             fixed_mask=fml,
@@ -1070,7 +1054,6 @@ def register_rigid(
         # interpolating the other cancels to first order (forward and backward independent
         # registrations disagreed by up to 0.11 mm on the benchmark).
         fl, ml, fml, mml, _, _ = levels[finest]
-        next_step()
         back, _, n, _ = _run(
             ml, fl, invert_transform(out),
             fixed_mask=mml,
@@ -1170,54 +1153,6 @@ def _normalised(image: sitk.Image, mask: sitk.Image | None) -> sitk.Image:
     return sitk.Cast(image, sitk.sitkFloat32) / (scale if scale > 0 else 1.0)
 
 
-class _Turns:
-    """At most ``n`` threads compute at once; the others wait in arrival order (first come,
-    first served). A thread that holds a turn can hand it, between two steps of its work
-    (:meth:`pause`), to the thread that has waited longest, and queues again behind it.
-
-    :func:`build_subject_space` runs one thread per registration on ``n_workers`` turns: a
-    registration's steps (pyramid levels, backward pass) then interleave with the others', so
-    that at the end only the last step of one registration runs alone with cores idle, not a
-    whole registration."""
-
-    def __init__(self, n: int):
-        self._free = int(n)
-        self._waiting: deque[threading.Event] = deque()
-        self._lock = threading.Lock()
-
-    def acquire(self) -> None:
-        with self._lock:
-            if self._free > 0 and not self._waiting:
-                self._free -= 1
-                return
-            turn = threading.Event()
-            self._waiting.append(turn)
-        turn.wait()  # set by release(): the turn is handed over, never counted free
-
-    def release(self) -> None:
-        with self._lock:
-            if self._waiting:
-                self._waiting.popleft().set()
-            else:
-                self._free += 1
-
-    def pause(self) -> None:
-        """Hand the turn to the longest-waiting thread, if any, and wait for the next one."""
-        with self._lock:
-            if not self._waiting:
-                return
-        self.release()
-        self.acquire()
-
-    def run(self, func, *args):
-        """``func(*args)`` in a turn."""
-        self.acquire()
-        try:
-            return func(*args)
-        finally:
-            self.release()
-
-
 def _subject_space_params(reg_params: dict) -> dict:
     """:func:`register_rigid` keywords of the subject space's registrations: rigid, and no
     caller-given start (each step sets its own)."""
@@ -1295,11 +1230,9 @@ def build_subject_space(
         Margin around the union of the brains' bounding boxes (mm).
     n_workers
         Registrations run at once (threads; SimpleITK releases the GIL), each on
-        ``reg_params["n_threads"]`` ITK threads. Each registration has its thread, and they
-        take turns between their pyramid levels (:class:`_Turns`), so that a step does not
-        end with one whole registration running alone beside idle workers. The
-        registrations of one step are independent and seeded, so the result is the same for
-        any ``n_workers`` (bit-identical with one ITK thread each).
+        ``reg_params["n_threads"]`` ITK threads. The registrations of one step are independent
+        and seeded, so the result is the same for any ``n_workers`` (bit-identical with one ITK
+        thread each).
     to_first
         The ``N - 1`` results of step 1 computed beforehand (sessions ``1..N-1``, in order),
         e.g. each in its own process beside other work: ``register_to_first(images[0],
@@ -1347,10 +1280,9 @@ def build_subject_space(
         # parallel registrations cannot restore each other's thread count mid-run
         old_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(int(n_threads))
-    pool = ThreadPoolExecutor(n)  # one thread per session; n_workers of them compute at once
-    turns = _Turns(max(1, min(int(n_workers), n)))
+    pool = ThreadPoolExecutor(max(1, min(int(n_workers), n)))
     try:
-        return _build_subject_space(images, mask_list, pool, turns, masks is not None,
+        return _build_subject_space(images, mask_list, pool, masks is not None,
                                     spacing_mm=spacing_mm, template_iterations=template_iterations,
                                     template_spacing_mm=template_spacing_mm, margin_mm=margin_mm,
                                     reg_params=reg_params, to_first=to_first,
@@ -1361,26 +1293,21 @@ def build_subject_space(
             sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(old_threads)
 
 
-def _build_subject_space(images, mask_list, pool, turns, have_masks, *, spacing_mm,
-                         template_iterations, template_spacing_mm, margin_mm, reg_params,
-                         to_first=None, pyramids=None):
-    """:func:`build_subject_space` with the work of each step mapped over ``pool``, each task
-    computing in one of ``turns`` (:class:`_Turns`)."""
+def _build_subject_space(images, mask_list, pool, have_masks, *, spacing_mm, template_iterations,
+                         template_spacing_mm, margin_mm, reg_params, to_first=None,
+                         pyramids=None):
+    """:func:`build_subject_space` with the registrations of each step mapped over ``pool``."""
     n = len(images)
     pyramids = pyramids if pyramids is not None else [None] * n
     ident = sitk.Euler3DTransform()
     results: list[RegistrationResult | None] = [None] * n
 
-    def in_turns(func, items):
-        return pool.map(lambda i: turns.run(func, i), items)
-
     def pairwise(i: int) -> RegistrationResult:
         return register_to_first(images[0], images[i], mask_list[0], mask_list[i],
-                                 first_pyramid=pyramids[0], pyramid=pyramids[i],
-                                 between_steps=turns.pause, **reg_params)
+                                 first_pyramid=pyramids[0], pyramid=pyramids[i], **reg_params)
 
     transforms: list[sitk.Transform] = [ident]
-    done = to_first if to_first is not None else in_turns(pairwise, range(1, n))
+    done = to_first if to_first is not None else pool.map(pairwise, range(1, n))
     for i, res in enumerate(done, start=1):
         transforms.append(res.transform)
         results[i] = res
@@ -1427,7 +1354,7 @@ def _build_subject_space(images, mask_list, pool, turns, have_masks, *, spacing_
                                                      work, [start[i]])
 
             # resampled in the pool, summed here in session order (the same sums)
-            for warped, wmask in in_turns(on_work_grid, range(n)):
+            for warped, wmask in pool.map(on_work_grid, range(n)):
                 acc += warped
                 if wmask is not None:
                     macc += wmask
@@ -1437,10 +1364,9 @@ def _build_subject_space(images, mask_list, pool, turns, have_masks, *, spacing_
             def to_template(i: int, template=template, tmask=tmask, start=transforms):
                 return register_rigid(template, images[i], fixed_mask=tmask,
                                       moving_mask=mask_list[i], initial_transform=start[i],
-                                      moving_pyramid=pyramids[i], between_steps=turns.pause,
-                                      **reg_params)
+                                      moving_pyramid=pyramids[i], **reg_params)
 
-            results = list(in_turns(to_template, range(n)))
+            results = list(pool.map(to_template, range(n)))
             transforms = normalise([res.transform for res in results], pts_s)
 
     reference = grid(spacing_mm)

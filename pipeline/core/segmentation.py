@@ -349,7 +349,7 @@ def flair_session_maps(
     cortex_rim_mm: float,
     csf_rim_mm: float,
     spacing_mm: tuple[float, ...],
-    distance: Callable[[np.ndarray, tuple[float, ...]], np.ndarray] = edt_mm,
+    threads: int = 1,
 ) -> FlairMaps:
     """CSF, deep parenchyma, lesion domain and FLAIR z-map of one session.
 
@@ -365,7 +365,7 @@ def flair_session_maps(
     side's own spread (crisp real cortex is a wide bright tail that a white-matter scale
     under-rates). The domain is the brain minus CSF, minus ``csf_rim_mm`` around CSF and ``cortex_rim_mm``
     inside the brain-mask surface (partial-volume rims, skull-strip edge).
-    ``distance``: computes the distance transforms (:func:`parenchyma_distances`); same result.
+    ``threads``: of the distance transforms (:func:`parenchyma_distances`); same result.
     """
     flair = np.asarray(flair, np.float32)
     brain = np.asarray(brain_mask, bool)
@@ -378,7 +378,7 @@ def flair_session_maps(
     csf = csf_mask(flair, brain, adc_um2_s, csf_adc_min_um2_s=csf_adc_min_um2_s,
                    csf_flair_max_ratio=csf_flair_max_ratio)
     # both distance maps once: they set the deep reference region and the lesion domain
-    distances = parenchyma_distances(brain, csf, sp, distance=distance)
+    distances = parenchyma_distances(brain, csf, sp, threads=threads)
     deep = deep_parenchyma(brain, csf, csf_margin_mm=reference_csf_margin_mm,
                            surface_margin_mm=reference_depth_mm, spacing_mm=sp,
                            distances=distances)
@@ -970,8 +970,7 @@ def analysis_box(brains: list[np.ndarray], spacing_mm: tuple[float, ...],
 
 
 def parenchyma_distances(
-    brain_mask: np.ndarray, csf: np.ndarray, spacing_mm: tuple[float, ...],
-    distance: Callable[[np.ndarray, tuple[float, ...]], np.ndarray] = edt_mm,
+    brain_mask: np.ndarray, csf: np.ndarray, spacing_mm: tuple[float, ...], threads: int = 1
 ) -> ParenchymaDistances:
     """Distance to CSF and depth inside the brain mask (two Euclidean distance transforms, the
     costly step of :func:`flair_session_maps`: computed once per session and shared).
@@ -981,9 +980,8 @@ def parenchyma_distances(
     voxel outside the box onto the box's edge (clamping each index) brings it no farther, so
     the nearest CSF / non-brain voxel is found inside the box and both distances are those of
     the whole volume. Outside the box the depth is 0 (not brain) and the distance to CSF is
-    left NaN (not computed: every caller reads it inside the brain mask). ``distance``: what
-    computes each transform, :func:`pipeline.core.distance.edt_mm` or one with its result
-    (:class:`pipeline.core.distance.DistanceProcesses`).
+    left NaN (not computed: every caller reads it inside the brain mask). ``threads``: of each
+    transform (:func:`pipeline.core.distance.edt_mm`); the same distances for any number.
     """
     brain = np.asarray(brain_mask, bool)
     csf = np.asarray(csf, bool)
@@ -994,9 +992,9 @@ def parenchyma_distances(
     to_csf = np.full(brain.shape, np.inf if not csf.any() else np.nan)
     box = bounding_box(brain | csf, 1)
     if box is not None:
-        depth[box] = distance(brain[box], sp)
+        depth[box] = edt_mm(brain[box], sp, threads)
         if csf.any():
-            to_csf[box] = distance(~csf[box], sp)
+            to_csf[box] = edt_mm(~csf[box], sp, threads)
     return ParenchymaDistances(to_csf, depth)
 
 

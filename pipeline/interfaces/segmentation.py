@@ -18,7 +18,6 @@ from nipype.interfaces.base import (
 from pipeline.core import restricted as rd
 from pipeline.core import segmentation as seg
 from pipeline.core.boxes import bounding_box, paste
-from pipeline.core.distance import DistanceProcesses
 from pipeline.core.segmentation import analysis_box
 from pipeline.interfaces.base import read, save_array, save_json, session_flags, spacing_zyx
 from pipeline.io import read_array
@@ -120,7 +119,7 @@ class SegmentSessions(SimpleInterface):
         # their loops, and each session's result depends only on that session's images.
         workers = max(1, min(n, self.inputs.n_workers))
 
-        def session_maps(i, distance):
+        def session_maps(i):
             # the image that sets the session's reference regions: its FLAIR, else its b0
             anat = image(self.inputs.flair[i] if has_flair[i] else b0_files[i])
             m = seg.flair_session_maps(
@@ -128,7 +127,10 @@ class SegmentSessions(SimpleInterface):
                 csf_flair_max_ratio=s["csf_flair_max_ratio"],
                 reference_csf_margin_mm=s["reference_csf_margin_mm"],
                 reference_depth_mm=s["reference_depth_mm"], cortex_rim_mm=s["cortex_rim_mm"],
-                csf_rim_mm=s["csf_rim_mm"], spacing_mm=spacing, distance=distance)
+                csf_rim_mm=s["csf_rim_mm"], spacing_mm=spacing,
+                # edt holds the GIL: the sessions' transforms run one at a time, each on the
+                # node's threads
+                threads=workers)
             # NAWM candidates from the same maps: deep parenchyma at most nawm_flair_z_max
             # above its FLAIR mode (white matter is the darkest non-CSF tissue on FLAIR).
             cand = m.deep & (m.z_wm <= s["nawm_flair_z_max"])
@@ -137,11 +139,7 @@ class SegmentSessions(SimpleInterface):
             return seg.joint_step_maps(m), rd.candidate_erosions(
                 cand[inner], d["nawm_erosion_mm"], spacing)
 
-        # edt holds the GIL for a whole transform: in the threads, the sessions' transforms
-        # would run one at a time and stop the other threads; they run in processes instead
-        with DistanceProcesses(workers, max_voxels=brains[0].size) as distance:
-            maps, cands = map(list, zip(*seg.per_session(
-                lambda i: session_maps(i, distance), n, workers)))
+        maps, cands = map(list, zip(*seg.per_session(session_maps, n, workers)))
         with_flair = [i for i in range(n) if has_flair[i]]
         lesions = [np.zeros(brains[i].shape, bool) for i in range(n)]
         joint = seg.hysteresis_series(
