@@ -213,7 +213,7 @@ def subject_space_rows(args, pre: dict, regp: dict, iterations: list[int]) -> li
                 images, masks, spacing_mm=regp["output_spacing_mm"], template_iterations=n_iter,
                 template_spacing_mm=regp["template_spacing_mm"],
                 margin_mm=regp["subject_space_margin_mm"], n_threads=args.threads,
-                **registration_kwargs(regp))
+                to_first_symmetric=regp.get("to_first_symmetric"), **registration_kwargs(regp))
             cpu = time.process_time() - cpu
             errors = []
             for j in range(len(ts)):

@@ -531,3 +531,43 @@ def test_pyramid_built_beforehand_gives_the_same_registration(pair, tmp_path, mo
                                moving_pyramid=pyramids[1], **params)
     assert len(built) == 1
     assert again.transform.GetParameters() == plain.transform.GetParameters()
+
+
+def test_step1_symmetric_only_when_template_iterations_follow(sessions, monkeypatch):
+    # to_first_symmetric=False drops the backward pass of step 1 only when step 3 re-registers
+    # every session symmetrically; the template registrations keep reg_params' symmetric, and
+    # without template iterations step 1's transforms are the result and keep it too
+    imgs, masks, _ = sessions
+    params = dict(REG, iterations=30, n_threads=1)
+    calls = []
+    rigid = reg.register_rigid
+    monkeypatch.setattr(reg, "register_rigid", lambda *a, **k: calls.append(
+        (k.get("initial_transform") is None, k["symmetric"])) or rigid(*a, **k))
+    for iterations, step1 in ((1, False), (0, True)):
+        calls.clear()
+        reg.build_subject_space(imgs, masks, spacing_mm=2.0, template_iterations=iterations,
+                                template_spacing_mm=3.0, to_first_symmetric=False,
+                                symmetric=True, **params)
+        assert [s for first, s in calls if first] == [step1, step1]  # sessions 1 and 2
+        assert [s for first, s in calls if not first] == [True] * 3 * iterations
+    assert reg.step1_symmetric(True, False, 1) is False
+    assert reg.step1_symmetric(True, False, 0) is True
+    assert reg.step1_symmetric(False, True, 2) is True
+
+
+def test_registration_kwargs_of_the_dwi_step_and_step1():
+    # [registration] dwi_symmetric / to_first_symmetric reach register_rigid as symmetric of
+    # their own step only; the cross-session and template registrations keep symmetric
+    from pipeline.config import load_config
+    from pipeline.interfaces.registration import registration_kwargs
+
+    for dwi_sym, first_sym, t_iter in ((False, False, 1), (True, False, 0), (False, True, 1)):
+        params = load_config().replace(
+            "registration", symmetric=True, dwi_symmetric=dwi_sym, to_first_symmetric=first_sym,
+            template_iterations=t_iter).to_dict()["registration"]
+        assert registration_kwargs(params)["symmetric"] is True
+        assert registration_kwargs(params, dwi=True)["symmetric"] is dwi_sym
+        assert registration_kwargs(params, to_first=True)["symmetric"] is (
+            first_sym if t_iter else True)
+        kw = registration_kwargs(params, dwi=True)
+        assert "dwi_symmetric" not in kw and "to_first_symmetric" not in kw

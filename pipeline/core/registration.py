@@ -1162,6 +1162,17 @@ def _subject_space_params(reg_params: dict) -> dict:
     return params
 
 
+def step1_symmetric(symmetric: bool, to_first_symmetric: bool, template_iterations: int) -> bool:
+    """``symmetric`` of the subject space's step 1 (:func:`register_to_first`):
+    ``to_first_symmetric`` when template iterations follow, else ``symmetric``.
+
+    With ``template_iterations >= 1`` step 1 only gives the template its poses and step 3 its
+    start, and step 3 registers every session again with its own symmetric pass; without
+    template iterations step 1's transforms are the result and keep ``symmetric``.
+    """
+    return bool(to_first_symmetric) if int(template_iterations) >= 1 else bool(symmetric)
+
+
 def register_to_first(
     first: sitk.Image,
     image: sitk.Image,
@@ -1197,6 +1208,7 @@ def build_subject_space(
     n_workers: int = 1,
     to_first: Sequence[RegistrationResult] | None = None,
     pyramids: Sequence[Pyramid | None] | None = None,
+    to_first_symmetric: bool | None = None,
     **reg_params,
 ) -> tuple[list[sitk.Transform], sitk.Image, list[RegistrationResult]]:
     """Unbiased rigid within-subject space of N sessions.
@@ -1243,6 +1255,9 @@ def build_subject_space(
         (e.g. by the node that made the image), or None: every registration of that image
         uses it instead of building its own when its parameters are the registration's
         (:class:`Pyramid`); the results are the same.
+    to_first_symmetric
+        ``symmetric`` of step 1's registrations when ``template_iterations >= 1``
+        (:func:`to_first_symmetric`; ``None`` = ``reg_params``'s).
     **reg_params
         Passed to :func:`register_rigid` (metric, shrink_factors, ..., n_threads, seed);
         ``transform_type`` is forced to ``"rigid"``.
@@ -1275,6 +1290,10 @@ def build_subject_space(
 
     # every session image is registered 1 + template_iterations times: its pyramid is built once
     reg_params["pyramid_cache"] = {}
+    to_first_params = dict(reg_params)  # the same cache
+    if to_first_symmetric is not None:
+        to_first_params["symmetric"] = step1_symmetric(
+            reg_params.get("symmetric", True), to_first_symmetric, template_iterations)
     n_threads = reg_params.get("n_threads")
     if n_threads:  # set once here: each registration's own setting then changes nothing, so
         # parallel registrations cannot restore each other's thread count mid-run
@@ -1285,7 +1304,8 @@ def build_subject_space(
         return _build_subject_space(images, mask_list, pool, masks is not None,
                                     spacing_mm=spacing_mm, template_iterations=template_iterations,
                                     template_spacing_mm=template_spacing_mm, margin_mm=margin_mm,
-                                    reg_params=reg_params, to_first=to_first,
+                                    reg_params=reg_params, to_first_params=to_first_params,
+                                    to_first=to_first,
                                     pyramids=list(pyramids) if pyramids else [None] * n)
     finally:
         pool.shutdown()
@@ -1294,17 +1314,19 @@ def build_subject_space(
 
 
 def _build_subject_space(images, mask_list, pool, have_masks, *, spacing_mm, template_iterations,
-                         template_spacing_mm, margin_mm, reg_params, to_first=None,
-                         pyramids=None):
+                         template_spacing_mm, margin_mm, reg_params, to_first_params=None,
+                         to_first=None, pyramids=None):
     """:func:`build_subject_space` with the registrations of each step mapped over ``pool``."""
     n = len(images)
     pyramids = pyramids if pyramids is not None else [None] * n
     ident = sitk.Euler3DTransform()
     results: list[RegistrationResult | None] = [None] * n
+    to_first_params = reg_params if to_first_params is None else to_first_params
 
     def pairwise(i: int) -> RegistrationResult:
         return register_to_first(images[0], images[i], mask_list[0], mask_list[i],
-                                 first_pyramid=pyramids[0], pyramid=pyramids[i], **reg_params)
+                                 first_pyramid=pyramids[0], pyramid=pyramids[i],
+                                 **to_first_params)
 
     transforms: list[sitk.Transform] = [ident]
     done = to_first if to_first is not None else pool.map(pairwise, range(1, n))

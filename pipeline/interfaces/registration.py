@@ -24,17 +24,26 @@ from pipeline.interfaces.base import load_json, out_path, read, save, save_json
 _NOT_REGISTER_RIGID = {
     "dwi_to_flair", "template_iterations", "output_spacing_mm", "max_rotation_deg",
     "max_translation_mm", "template_spacing_mm", "subject_space_margin_mm",
-    "dwi_sampling_strategy",
+    "dwi_sampling_strategy", "dwi_symmetric", "to_first_symmetric",
 }
 
 
-def registration_kwargs(params: dict, dwi: bool = False) -> dict:
+def registration_kwargs(params: dict, dwi: bool = False, to_first: bool = False) -> dict:
     """Optimizer/metric keywords of core.registration.register_rigid from [registration];
-    ``dwi``: for the within-session DWI -> FLAIR step (its own sampling strategy)."""
+    ``dwi``: for the within-session DWI -> FLAIR step (its own sampling strategy and
+    symmetric pass: ``dwi_sampling_strategy``, ``dwi_symmetric``); ``to_first``: for step 1 of
+    the subject space (:class:`RegisterToFirst`: ``to_first_symmetric``, see
+    core.registration.step1_symmetric)."""
     kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items()
           if k not in _NOT_REGISTER_RIGID}
     if dwi and "dwi_sampling_strategy" in params:
         kw["sampling_strategy"] = params["dwi_sampling_strategy"]
+    if dwi and "dwi_symmetric" in params:
+        kw["symmetric"] = params["dwi_symmetric"]
+    if to_first and "to_first_symmetric" in params:
+        kw["symmetric"] = core_reg.step1_symmetric(
+            params.get("symmetric", True), params["to_first_symmetric"],
+            params["template_iterations"])
     return kw
 
 
@@ -134,7 +143,7 @@ class RegisterToFirst(SimpleInterface):
             mask(self.inputs.first_mask), mask(self.inputs.mask),
             first_pyramid=_pyramid(self.inputs.first_pyramid),
             pyramid=_pyramid(self.inputs.pyramid),
-            n_threads=self.inputs.n_threads, **registration_kwargs(self.inputs.params),
+            n_threads=self.inputs.n_threads, **registration_kwargs(self.inputs.params, to_first=True),
         )
         # an ITK text transform file reads back bit-identical (17 significant digits), JSON
         # floats too: SubjectSpace continues exactly as if it had registered the pair itself
@@ -207,6 +216,7 @@ class SubjectSpace(SimpleInterface):
             n_workers=self.inputs.n_workers,
             to_first=to_first,
             pyramids=pyramids,
+            to_first_symmetric=p.get("to_first_symmetric"),
             **registration_kwargs(p),
         )
         records = []
