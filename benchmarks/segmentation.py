@@ -31,12 +31,16 @@ Cases (``--cases``, comma-separated):
   N4 bias correction, ``[preprocessing]``), resampled into the common space with the reference
   affines, segmented jointly (two sessions) inside the data set's brain mask; the
   change = voxels lesion at exactly one time point; scored against the manual change mask
-  (recall of change voxels, false-positive change volume outside it, lesion-wise recall).
+  (recall of change voxels, false-positive change volume outside it, lesion-wise recall);
+* ``real-dwi``: the real healthy volunteer's DWI of ``dwi_philips_real`` (no lesion): restricted
+  and shine-through volume of the project's rule and of the ADC baseline on its native grid
+  (:func:`healthy_dwi_masks`), i.e. their false positives on real noise and real grey matter.
 
 Usage::
 
     python benchmarks/segmentation.py                       # everything, 20 phantom subjects
     python benchmarks/segmentation.py --cases real-mni      # seconds
+    python benchmarks/segmentation.py --cases real-dwi      # seconds
     python benchmarks/segmentation.py --cases phantom --subjects 3 --workdir /tmp/seg
     python benchmarks/segmentation.py --pipeline-out OUT    # existing pipeline derivatives
 
@@ -61,16 +65,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import common as C
 from benchmarks.tracking import run_pipeline, simulate
 from pipeline.config import Config, load_config
+from pipeline.core import dwi as core_dwi
 from pipeline.core import metrics as M
 from pipeline.core import preprocess as core_pre
+from pipeline.core import restricted as rd
 from pipeline.core import segmentation as seg
+from pipeline.io import nib_to_sitk
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 ADC_BASELINE_UM2_S = 620.0  #: absolute ADC threshold of the restricted-diffusion baseline
 CEILING = "ceiling: truth at the DWI grid"  #: method label of :func:`dwi_grid_ceiling` rows
 CEILING_SAMPLE_MM = 1.5  #: sub-sample spacing (at most) of a DWI voxel for its lesion fraction
-CASES = ("phantom", "real-mni", "real-long")
+CASES = ("phantom", "real-mni", "real-long", "real-dwi")
 TARGETS = {
     "phantom FLAIR Dice (pooled, lesion subjects)": ">= 0.90",
     "phantom restricted Dice (pooled, seed case)": ">= 0.90",
@@ -203,6 +210,83 @@ def real_mni(config: Config, baseline_z: float) -> pd.DataFrame:
         for method, pred in (("project", proj), (f"baseline FLAIR z > {baseline_z:g}", base)):
             rows.append({"case": pdir.name, "method": method, **scores(truth, pred, spacing),
                          "seconds": sec if method == "project" else np.nan})
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# real-dwi
+
+
+def healthy_dwi_masks(dwi4d: np.ndarray, bvals: np.ndarray, affine: np.ndarray,
+                      config: Config) -> dict:
+    """Restricted masks of one DWI series without FLAIR, on its own grid (arrays z, y, x).
+
+    trace, b0 and ADC as the pipeline's session node computes them (``[inputs]``); brain =
+    :func:`pipeline.core.preprocess.brain_mask` of the mean b0 (``[preprocessing]``); NAWM
+    reference = :func:`pipeline.core.restricted.nawm_reference_from` on the brain voxels with a
+    valid, not CSF-like ADC (``reference_csf_adc_min_um2_s``), eroded by ``nawm_erosion_mm``:
+    without a FLAIR it is the pipeline's NAWM without the FLAIR's deep-parenchyma and
+    FLAIR-mode conditions (so it may hold grey matter whose ADC lies near the mode). Returns
+    ``brain``, ``project`` (:class:`pipeline.core.restricted.RestrictedResult`),
+    ``baseline`` (:func:`adc_baseline` mask) and ``spacing`` (mm, array order).
+    """
+    inp, s, d = config.inputs, config.segmentation, config.dynamics
+    b0 = core_dwi.mean_b0(dwi4d, bvals, inp.b0_threshold_s_mm2)
+    trace, b_value = core_dwi.trace_dwi(dwi4d, bvals, inp.b0_threshold_s_mm2,
+                                        shell_tolerance=inp.shell_tolerance)
+    adc = core_dwi.adc_from_signals(b0, trace, b_value, adc_max_um2_s=inp.adc_max_um2_s)
+    ref = nib_to_sitk(np.asarray(b0, np.float32), affine)
+    pre = config.preprocessing
+    brain = sitk.GetArrayFromImage(core_pre.brain_mask(
+        ref, closing_mm=pre.brain_mask_closing_mm, erosion_mm=pre.brain_mask_erosion_mm,
+        smoothing_mm=pre.brain_mask_smoothing_mm,
+        threshold_method=pre.brain_mask_threshold)) > 0
+    trace, adc = (np.ascontiguousarray(np.asarray(a, np.float32).T) for a in (trace, adc))
+    spacing = _zyx_spacing(ref)
+    cand = brain & np.isfinite(adc) & (adc > 0) & (adc < s.reference_csf_adc_min_um2_s)
+    nawm = rd.nawm_reference_from(adc, rd.candidate_erosions(cand, d.nawm_erosion_mm, spacing),
+                                  np.ones(brain.shape, bool), trim_sd=s.nawm_adc_trim_sd)
+    project = rd.segment_restricted(
+        trace, adc, brain, nawm, restricted_below=d.restricted_below,
+        dwi_hyperintense_ratio=s.dwi_hyperintense_ratio,
+        min_lesion_volume_mm3=s.min_lesion_volume_mm3, csf_adc_min_um2_s=s.csf_adc_min_um2_s,
+        spacing_mm=spacing, edge_mm=d.restricted_edge_mm, edge_ring_mm=d.restricted_edge_ring_mm)
+    baseline = adc_baseline(adc, brain, s.min_lesion_volume_mm3, spacing)
+    return {"brain": brain, "project": project, "baseline": baseline, "spacing": spacing}
+
+
+def _components(mask: np.ndarray, voxel_ml: float) -> tuple[int, float]:
+    """Number of 26-connected components and the largest one's volume (mL)."""
+    lab, n = ndimage.label(mask, ndimage.generate_binary_structure(3, 3))
+    sizes = np.bincount(lab.ravel())[1:]
+    return int(n), float(sizes.max() * voxel_ml) if n else 0.0
+
+
+def real_dwi(config: Config) -> pd.DataFrame:
+    """False positives on a healthy volunteer's real DWI (:func:`healthy_dwi_masks`)."""
+    folder = DATA / "dwi_philips_real"
+    nii = folder / "DTI_Biobank_2mm_MB3S2_EPI_701.nii.gz"
+    bval = folder / "DTI_Biobank_2mm_MB3S2_EPI_701.bval"
+    if not nii.exists() or not bval.exists():
+        raise SystemExit(f"real-dwi: {nii} or {bval} not found (snapshots under /tmp need the "
+                         "symlink /tmp/shared -> /work/shared), or leave it out of --cases")
+    img = nib.load(str(nii))
+    res = healthy_dwi_masks(np.asarray(img.dataobj, np.float32), np.loadtxt(bval), img.affine,
+                            config)
+    voxel_ml = float(np.prod(res["spacing"])) / 1000.0
+    proj = res["project"]
+    rows = []
+    for method, mask in (("project", proj.restricted),
+                         (f"baseline ADC < {ADC_BASELINE_UM2_S:g}", res["baseline"])):
+        n, largest = _components(mask, voxel_ml)
+        rows.append({"case": nii.name, "method": method,
+                     "brain_ml": float(res["brain"].sum() * voxel_ml),
+                     "restricted_ml": float(mask.sum() * voxel_ml), "components": n,
+                     "largest_ml": largest,
+                     "shine_through_ml": (float(proj.shine_through.sum() * voxel_ml)
+                                          if method == "project" else np.nan),
+                     "nawm_adc_um2_s": (proj.reference_adc.median_um2_s
+                                        if method == "project" else np.nan)})
     return pd.DataFrame(rows)
 
 
@@ -512,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown case(s) {sorted(bad)}; choose from {CASES}")
     config = load_config(args.config)
     machine = C.machine_info(args.commit)
-    timings, ph, st, mni, lon, info = {}, None, None, None, None, {}
+    timings, ph, st, mni, lon, info, rdwi = {}, None, None, None, None, {}, None
     pd.set_option("display.width", 250)
     pd.set_option("display.max_columns", 30)
     if "real-mni" in cases:
@@ -525,6 +609,11 @@ def main(argv: list[str] | None = None) -> int:
         lon = real_long(config, args.baseline_z)
         timings["real-long"] = time.perf_counter() - t0
         print(lon.round(3).to_string(index=False))
+    if "real-dwi" in cases:
+        t0 = time.perf_counter()
+        rdwi = real_dwi(config)
+        timings["real-dwi"] = time.perf_counter() - t0
+        print(rdwi.round(3).to_string(index=False))
     if "phantom" in cases:
         t0 = time.perf_counter()
         ph, st, info = phantom(args, config)
@@ -534,12 +623,12 @@ def main(argv: list[str] | None = None) -> int:
     table = summary(ph, st, mni)
     print(table.to_string())
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report(args, machine, timings, table, ph, st, mni, lon, info))
+    args.out.write_text(report(args, machine, timings, table, ph, st, mni, lon, info, rdwi))
     print(f"wrote {args.out}")
     return 0
 
 
-def report(args, machine, timings, table, ph, st, mni, lon, info) -> str:
+def report(args, machine, timings, table, ph, st, mni, lon, info, rdwi=None) -> str:
     cmd = "python benchmarks/segmentation.py " + " ".join(sys.argv[1:])
     lines = [
         "# Segmentation benchmark", "",
@@ -567,6 +656,14 @@ def report(args, machine, timings, table, ph, st, mni, lon, info) -> str:
                   "into voxels called lesion at both time points (missed_both_ml) and at neither "
                   "(missed_neither_ml)."), "",
                   C.markdown(lon, index=False), ""]
+    if rdwi is not None:
+        lines += ["## Real healthy DWI (dwi_philips_real): false positives", "",
+                  ("A volunteer without lesions (12 directions at b = 1000 s/mm^2, 2 mm, a 64 mm "
+                   "slab): every restricted voxel is a false positive. trace / ADC as the "
+                   "pipeline computes them, brain = the pipeline's brain mask of the mean b0, "
+                   "native grid; no FLAIR, so the NAWM reference is the eroded brain's ADC mode "
+                   "(`healthy_dwi_masks`)."), "",
+                  C.markdown(rdwi, index=False), ""]
     if ph is not None and len(ph):
         presets = ", ".join(f"{k}: {v}" for k, v in info["presets"].items())
         lines += ["## Phantom", "",

@@ -1,5 +1,6 @@
 """The restricted-diffusion resolution ceiling of ``benchmarks/segmentation.py``
-(:func:`dwi_grid_ceiling`): the truth as a coarse DWI grid can hold it."""
+(:func:`dwi_grid_ceiling`): the truth as a coarse DWI grid can hold it; and the ``real-dwi``
+case's masks of a DWI series alone (:func:`healthy_dwi_masks`)."""
 
 from __future__ import annotations
 
@@ -38,3 +39,47 @@ def test_half_volume_rule_and_thin_shell_loss():
     out = dwi_grid_ceiling(truth, truth_aff, dwi, (10, 10, 10))
     assert out[8:12, 8:12, 8:12].all() and out.sum() == 64
     assert not out[20:32, 20:32, 20:32].any()
+
+
+def _synthetic_dwi(blob: bool, seed: int = 0):
+    """A 2 mm 'head' (ellipsoid, S0 1000, ADC 800 um^2/s) with 6 b = 1000 directions and a
+    b0, 1 % Gaussian noise; with ``blob`` a 3-voxel-radius ball of ADC 400 (rADC 0.5)."""
+    shape = (48, 48, 24)
+    idx = np.indices(shape).astype(float)
+    centre = [(n - 1) / 2 for n in shape]
+    head = (((idx[0] - centre[0]) / 18) ** 2 + ((idx[1] - centre[1]) / 18) ** 2
+            + ((idx[2] - centre[2]) / 9) ** 2) <= 1
+    adc = np.where(head, 800.0, 0.0)
+    ball = ((idx[0] - centre[0] - 6) ** 2 + (idx[1] - centre[1]) ** 2
+            + (idx[2] - centre[2]) ** 2) <= 9
+    if blob:
+        adc[ball] = 400.0
+    s0 = np.where(head, 1000.0, 0.0)
+    bvals = np.array([0.0] + [1000.0] * 6)
+    rng = np.random.default_rng(seed)
+    vols = [s0 * np.exp(-b * adc * 1e-6) for b in bvals]
+    dwi = np.stack(vols, axis=-1) + rng.normal(0, 10.0, shape + (len(bvals),))
+    return np.clip(dwi, 1.0, None).astype(np.float32), bvals, ball
+
+
+def test_healthy_dwi_masks_find_a_restricted_ball_and_nothing_in_noise():
+    """``real-dwi``'s measure: the project's restricted mask on a DWI series alone holds a
+    restricted ball (about its volume) and nothing when the tissue is uniform."""
+    from benchmarks.segmentation import healthy_dwi_masks
+    from pipeline.config import load_config
+
+    config = load_config(None)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    for blob in (True, False):
+        dwi, bvals, ball = _synthetic_dwi(blob)
+        res = healthy_dwi_masks(dwi, bvals, affine, config)
+        restricted = res["project"].restricted
+        assert res["spacing"] == (2.0, 2.0, 2.0)
+        assert abs(res["project"].reference_adc.median_um2_s - 800) < 20
+        if blob:
+            ball_zyx = ball.T  # the masks are in (z, y, x) array order
+            assert restricted[ball_zyx].mean() > 0.9
+            assert 0.7 < restricted.sum() / ball.sum() < 2.0
+        else:
+            assert not restricted.any()
+            assert not res["baseline"].any()
