@@ -658,7 +658,7 @@ def report(args, machine, timings, table, ph, st, mni, lon, info, rdwi=None) -> 
                   C.markdown(lon, index=False), ""]
     if rdwi is not None:
         lines += ["## Real healthy DWI (dwi_philips_real): false positives", "",
-                  ("A volunteer without lesions (12 directions at b = 1000 s/mm^2, 2 mm, a 64 mm "
+                  ("A volunteer without lesions (12 volumes at b = 1000 s/mm^2, 2 mm, a 64 mm "
                    "slab): every restricted voxel is a false positive. trace / ADC as the "
                    "pipeline computes them, brain = the pipeline's brain mask of the mean b0, "
                    "native grid; no FLAIR, so the NAWM reference is the eroded brain's ADC mode "
