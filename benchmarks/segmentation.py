@@ -250,7 +250,8 @@ def healthy_dwi_masks(dwi4d: np.ndarray, bvals: np.ndarray, affine: np.ndarray,
         trace, adc, brain, nawm, restricted_below=d.restricted_below,
         dwi_hyperintense_ratio=s.dwi_hyperintense_ratio,
         min_lesion_volume_mm3=s.min_lesion_volume_mm3, csf_adc_min_um2_s=s.csf_adc_min_um2_s,
-        spacing_mm=spacing, edge_mm=d.restricted_edge_mm, edge_ring_mm=d.restricted_edge_ring_mm)
+        spacing_mm=spacing, edge_mm=d.restricted_edge_mm, edge_ring_mm=d.restricted_edge_ring_mm,
+        core_sd=d.restricted_core_sd)
     baseline = adc_baseline(adc, brain, s.min_lesion_volume_mm3, spacing)
     return {"brain": brain, "project": project, "baseline": baseline, "spacing": spacing}
 

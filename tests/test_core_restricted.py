@@ -150,3 +150,61 @@ def test_half_contrast_edge_is_that_of_the_grid_embedded_in_a_larger_one():
         # face-neighbour of the cut lesion (at most ~0.86), so all of them are taken
         assert grown[ndimage.binary_dilation(cut) & ~cut].all()
         assert np.array_equal(grown, big[inner]) and not big[~np.pad(allowed, pad)].any()
+
+
+def _noisy_diffusion(sd_radc, sd_dwi, seed):
+    """Trace DWI and ADC of the synthetic brain with multiplicative white-matter-relative noise
+    of the given SDs (rADC, DWI ratio), the ADC of test_core_segmentation's tissues."""
+    _, adc, brain, csf = _brain(seed=seed)
+    rng = np.random.default_rng(seed)
+    adc = np.where(brain & ~csf, ADC_I["wm"] * (1 + rng.normal(0, sd_radc, adc.shape)), adc)
+    trace = np.where(brain, 100.0 * (1 + rng.normal(0, sd_dwi, adc.shape)), 0.0)
+    trace[csf] = 20.0
+    nawm = brain & ~csf
+    return trace.astype(np.float32), adc.astype(np.float32), brain, nawm
+
+
+def _blob(center):
+    box = np.zeros((56, 60, 52), bool)
+    z, y, x = center
+    box[z:z + 3, y:y + 3, x:x + 2] = True  # 18 voxels, above min_lesion_volume_mm3
+    return box
+
+
+@pytest.mark.parametrize("core_sd", [0.0, 4.0])
+def test_restricted_core_drops_noise_specks_and_keeps_a_lesion(core_sd):
+    """At real-scan spreads (NAWM rADC SD 0.12, DWI ratio SD 0.2) specks just past both cut-offs
+    (rADC 0.70, DWI ratio 1.3: what noise and ringing reach) are labelled by the cut-offs alone;
+    the significant core (4 SD from NAWM on both maps: rADC < 0.52, DWI ratio > 1.8) drops
+    them and keeps a lesion with a restricted core (rADC 0.45, DWI ratio 2.0)."""
+    trace, adc, brain, nawm = _noisy_diffusion(0.12, 0.2, seed=11)
+    lesion = _sphere((28, 38, 20), 4)
+    specks = [_blob((20, 20, 30)), _blob((34, 22, 34)), _blob((26, 40, 36))]
+    adc[lesion], trace[lesion] = 0.45 * ADC_I["wm"], 200.0
+    for s in specks:
+        adc[s], trace[s] = 0.70 * ADC_I["wm"], 130.0
+    nawm = nawm & ~lesion & ~np.logical_or.reduce(specks)
+    res = rd.segment_restricted(
+        trace, adc, brain, nawm, restricted_below=0.75, dwi_hyperintense_ratio=1.15,
+        min_lesion_volume_mm3=10.0, csf_adc_min_um2_s=2000.0, spacing_mm=SP, core_sd=core_sd)
+    lab, _ = ndimage.label(res.restricted, np.ones((3, 3, 3)))
+    assert dice(lesion, res.restricted & lesion) > 0.9
+    kept = [bool(res.restricted[s].all()) for s in specks]
+    if core_sd == 0:
+        assert all(kept)
+    else:
+        assert not any(kept)
+        assert set(np.unique(lab[res.restricted])) == set(np.unique(lab[lesion & res.restricted]))
+
+
+def test_restricted_core_margin_shrinks_with_the_noise():
+    """On a clean scan (rADC SD 0.02, DWI ratio SD 0.03, the phantom's order) a faint lesion just
+    past both cut-offs (rADC 0.68, DWI ratio 1.3) is kept: 4 SD of this NAWM lie inside the
+    cut-offs, which then bind; the margin is in the session's own SDs, not a stricter cut-off."""
+    trace, adc, brain, nawm = _noisy_diffusion(0.02, 0.03, seed=12)
+    lesion = _sphere((28, 38, 20), 3)
+    adc[lesion], trace[lesion] = 0.68 * ADC_I["wm"], 130.0
+    res = rd.segment_restricted(
+        trace, adc, brain, nawm & ~lesion, restricted_below=0.75, dwi_hyperintense_ratio=1.15,
+        min_lesion_volume_mm3=10.0, csf_adc_min_um2_s=2000.0, spacing_mm=SP, core_sd=4.0)
+    assert dice(lesion, res.restricted) > 0.9

@@ -176,7 +176,8 @@ class SegmentSessions(SimpleInterface):
                 dwi_hyperintense_ratio=s["dwi_hyperintense_ratio"],
                 min_lesion_volume_mm3=s["min_lesion_volume_mm3"],
                 csf_adc_min_um2_s=s["csf_adc_min_um2_s"], spacing_mm=spacing,
-                edge_mm=d["restricted_edge_mm"], edge_ring_mm=d["restricted_edge_ring_mm"])
+                edge_mm=d["restricted_edge_mm"], edge_ring_mm=d["restricted_edge_ring_mm"],
+                core_sd=d["restricted_core_sd"])
 
         # first pass: away from the FLAIR lesions (which lie in the brain, so in `inner`)
         away_flair = lesion_free([m[inner] for m in lesions])
