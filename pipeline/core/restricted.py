@@ -18,6 +18,7 @@ from pipeline.core.boxes import bounding_box
 from pipeline.core.distance import edt_mm
 from pipeline.core.segmentation import (
     _check_spacing,
+    _median_sd,
     farther_than,
     mode_reference,
     nawm_mask,
@@ -182,16 +183,6 @@ def segment_restricted(
     return RestrictedResult(restricted, shine, ref_adc, ref_dwi, dwi_ratio, radc)
 
 
-def robust_sd(values: np.ndarray) -> float:
-    """Robust SD of ``values`` (finite ones): interquartile range / 1.349 (the Gaussian's)."""
-    v = np.asarray(values, np.float64)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return float("nan")
-    q25, q75 = np.percentile(v, [25, 75])
-    return float(q75 - q25) / 1.349
-
-
 def significant_core(dwi_ratio: np.ndarray, radc: np.ndarray, nawm: np.ndarray, *,
                      restricted_below: float, dwi_hyperintense_ratio: float,
                      core_sd: float) -> np.ndarray:
@@ -199,7 +190,8 @@ def significant_core(dwi_ratio: np.ndarray, radc: np.ndarray, nawm: np.ndarray, 
 
     rADC below ``min(restricted_below, m_r - core_sd * sd_r)`` AND DWI ratio above
     ``max(dwi_hyperintense_ratio, m_d + core_sd * sd_d)``, with ``m_*`` the medians and ``sd_*``
-    the robust SDs (:func:`robust_sd`) of rADC and DWI ratio over ``nawm``: the voxel is
+    MAD-based SDs (:func:`pipeline.core.segmentation.robust_reference`'s) of rADC and DWI ratio
+    over ``nawm``: the voxel is
     beyond the clinical cut-offs AND ``core_sd`` SDs of normal white matter away from it on
     both maps. A multiple-comparison bound: a brain holds ~1e5 independent DWI voxels
     (~1.2 L of 2 x 2 x 4 mm), and a NAWM voxel passes one map's 4 SD bound with probability
@@ -217,8 +209,9 @@ def significant_core(dwi_ratio: np.ndarray, radc: np.ndarray, nawm: np.ndarray, 
     if rv.size == 0 or dv.size == 0:
         raise ValueError("no normal-appearing white-matter voxel with a finite rADC and DWI "
                          "ratio for the restricted core's noise scale")
-    r_max = min(restricted_below, float(np.median(rv)) - core_sd * robust_sd(rv))
-    d_min = max(dwi_hyperintense_ratio, float(np.median(dv)) + core_sd * robust_sd(dv))
+    (m_r, sd_r), (m_d, sd_d) = _median_sd(rv.astype(np.float64)), _median_sd(dv.astype(np.float64))
+    r_max = min(restricted_below, m_r - core_sd * sd_r)
+    d_min = max(dwi_hyperintense_ratio, m_d + core_sd * sd_d)
     with np.errstate(invalid="ignore"):
         return (r < r_max) & (d > d_min)
 
