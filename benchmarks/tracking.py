@@ -198,10 +198,12 @@ def resegment(src: Path, dst: Path, sub: str, config: Config, nprocs: int) -> No
     out = dst / f"sub-{sub}"
     if out.exists():
         shutil.rmtree(out)
+    # "_label-lesion_desc-": the subject-space masks are written again below; the native-space
+    # masks would need the native_masks node and are left out rather than linked stale
     regenerated = ("_space-subject_desc-flair_dseg.", "_space-subject_desc-restricted_dseg.",
-                   "_space-subject_desc-relative_ADC.", "_desc-sessions_timeseries.",
-                   "_desc-events.", "_desc-lesions_timeseries.", "_desc-lesions_summary.",
-                   "_desc-lineage.")
+                   "_space-subject_desc-relative_ADC.", "_label-lesion_desc-",
+                   "_desc-sessions_timeseries.", "_desc-events.", "_desc-lesions_timeseries.",
+                   "_desc-lesions_summary.", "_desc-lineage.")
     for f in base.rglob("*"):
         if f.is_file() and not any(r in f.name for r in regenerated):
             (out / f.relative_to(base)).parent.mkdir(parents=True, exist_ok=True)
@@ -233,6 +235,9 @@ def resegment(src: Path, dst: Path, sub: str, config: Config, nprocs: int) -> No
             for kind, folder in (("flair", "anat"), ("restricted", "dwi")):
                 copy_to_derivative(getattr(trk, f"{kind}_dseg")[i], out / f"ses-{ses}" / folder /
                                    f"sub-{sub}_ses-{ses}_space-subject_desc-{kind}_dseg.nii.gz")
+                mask = seg.flair_lesion[i] if kind == "flair" else seg.restricted[i]
+                copy_to_derivative(mask, out / f"ses-{ses}" / folder / f"sub-{sub}_ses-{ses}"
+                                   f"_space-subject_label-lesion_desc-{kind}_mask.nii.gz")
             copy_to_derivative(seg.radc[i], out / f"ses-{ses}" / "dwi" /
                                f"sub-{sub}_ses-{ses}_space-subject_desc-relative_ADC.nii.gz")
         for name, table in (("sessions_timeseries", trk.sessions_table),

@@ -331,3 +331,27 @@ def test_pool_concatenates_dumped_chunks(tmp_path):
     assert commands == [f"python benchmarks/tracking.py --only {s}" for s in ("01", "02")]
     with pytest.raises(SystemExit, match="no dumped tables"):
         load_dumps([tmp_path])
+
+
+def test_resegment_rewrites_the_lesion_masks_it_changes(sample_run, tmp_path):
+    """benchmarks.tracking.resegment re-runs segment + track on a finished run's subject-space
+    images: the subject-space lesion masks it writes are its own (benchmarks/segmentation.py
+    scores them), here equal to the pipeline's (same code, same images) and to its dseg > 0; the
+    native-space masks, which it does not recompute, are not linked in stale."""
+    import nibabel as nib
+
+    from benchmarks.tracking import resegment
+
+    assert sample_run["status"] == 0
+    src, sub = sample_run["out"], "01"
+    resegment(src, tmp_path, sub, CONFIG, 1)
+    masks = sorted((tmp_path / f"sub-{sub}").rglob("*_label-lesion_desc-*_mask.nii.gz"))
+    assert masks and all("_space-subject_" in m.name for m in masks)
+    assert len(masks) == len(list((src / f"sub-{sub}").rglob(
+        "*_space-subject_label-lesion_desc-*_mask.nii.gz")))
+    for m in masks:
+        assert not m.is_symlink()
+        dseg = Path(str(m).replace("_label-lesion_desc-", "_desc-").replace("_mask.", "_dseg."))
+        new = np.asarray(nib.load(m).dataobj) > 0
+        assert np.array_equal(new, np.asarray(nib.load(dseg).dataobj) > 0)
+        assert np.array_equal(new, np.asarray(nib.load(src / m.relative_to(tmp_path)).dataobj) > 0)
