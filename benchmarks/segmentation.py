@@ -534,18 +534,20 @@ def summary(ph: pd.DataFrame | None, st: pd.DataFrame | None,
         les = ph[ph["preset"] != "control"]
         get = lambda kind, meth, col, sel=les: pooled(
             sel[(sel["kind"] == kind) & (sel["method"] == meth)], ["kind"])[col].iloc[0]
-        put("phantom FLAIR Dice (pooled, lesion subjects)",
-            fmt(get("flair", "project", "dice_pooled")), fmt(get("flair", "baseline", "dice_pooled")))
-        seed_case = ph[ph["preset"] == "seed-case"]
-        if len(seed_case):
-            put("phantom restricted Dice (pooled, seed case)",
-                fmt(get("restricted", "project", "dice_pooled", seed_case))
-                + f" ({CEILING}: {fmt(get('restricted', CEILING, 'dice_pooled', seed_case))})",
-                fmt(get("restricted", "baseline", "dice_pooled", seed_case)))
-        put("phantom FLAIR lesion F1 (pooled)", fmt(get("flair", "project", "f1_mean")),
-            fmt(get("flair", "baseline", "f1_mean")))
-        put("phantom FLAIR AVD", fmt(get("flair", "project", "avd_pct_mean")) + " %",
-            fmt(get("flair", "baseline", "avd_pct_mean")) + " %")
+        if len(les):  # a control-only run (--only) has no lesion to score
+            put("phantom FLAIR Dice (pooled, lesion subjects)",
+                fmt(get("flair", "project", "dice_pooled")),
+                fmt(get("flair", "baseline", "dice_pooled")))
+            seed_case = ph[ph["preset"] == "seed-case"]
+            if len(seed_case):
+                put("phantom restricted Dice (pooled, seed case)",
+                    fmt(get("restricted", "project", "dice_pooled", seed_case))
+                    + f" ({CEILING}: {fmt(get('restricted', CEILING, 'dice_pooled', seed_case))})",
+                    fmt(get("restricted", "baseline", "dice_pooled", seed_case)))
+            put("phantom FLAIR lesion F1 (pooled)", fmt(get("flair", "project", "f1_mean")),
+                fmt(get("flair", "baseline", "f1_mean")))
+            put("phantom FLAIR AVD", fmt(get("flair", "project", "avd_pct_mean")) + " %",
+                fmt(get("flair", "baseline", "avd_pct_mean")) + " %")
         ctl = ph[ph["preset"] == "control"]
         if len(ctl):
             def fp(meth):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ is not installed
@@ -83,3 +84,20 @@ def test_healthy_dwi_masks_find_a_restricted_ball_and_nothing_in_noise():
         else:
             assert not restricted.any()
             assert not res["baseline"].any()
+
+
+def test_summary_of_control_subjects_only_reports_their_false_positives():
+    """``--only`` with control subjects alone: no lesion row to pool, the summary still reports
+    the controls' false positives (it raised KeyError 'dice_pooled' before)."""
+    from benchmarks.segmentation import summary
+
+    rows = [{"subject": "03", "session": ses, "preset": "control", "kind": kind,
+             "method": method, "t_vox": 0, "tp_vox": 0, "p_vox": p, "dice": np.nan,
+             "f1": np.nan, "avd_pct": np.nan, "hd95_mm": np.nan, "fp_ml": p * 0.001,
+             "pred_ml": p * 0.001}
+            for ses in ("01", "02") for kind in ("flair", "restricted")
+            for method, p in (("project", 0), ("baseline", 300))]
+    table = summary(pd.DataFrame(rows), None, None)
+    assert list(table.index) == ["phantom control false positives per session"]
+    assert table.loc[table.index[0], "project"].startswith("max 0 mL")
+    assert table.loc[table.index[0], "baseline"].startswith("max 0.6 mL")
