@@ -1257,7 +1257,7 @@ def build_subject_space(
         (:class:`Pyramid`); the results are the same.
     to_first_symmetric
         ``symmetric`` of step 1's registrations when ``template_iterations >= 1``
-        (:func:`to_first_symmetric`; ``None`` = ``reg_params``'s).
+        (:func:`step1_symmetric`; ``None`` = ``reg_params``'s).
     **reg_params
         Passed to :func:`register_rigid` (metric, shrink_factors, ..., n_threads, seed);
         ``transform_type`` is forced to ``"rigid"``.

@@ -190,10 +190,9 @@ def significant_core(dwi_ratio: np.ndarray, radc: np.ndarray, nawm: np.ndarray, 
 
     rADC below ``min(restricted_below, m_r - core_sd * sd_r)`` AND DWI ratio above
     ``max(dwi_hyperintense_ratio, m_d + core_sd * sd_d)``, with ``m_*`` the medians and ``sd_*``
-    MAD-based SDs (:func:`pipeline.core.segmentation.robust_reference`'s) of rADC and DWI ratio
-    over ``nawm``: the voxel is
-    beyond the clinical cut-offs AND ``core_sd`` SDs of normal white matter away from it on
-    both maps. A multiple-comparison bound: a brain holds ~1e5 independent DWI voxels
+    the MAD-based SDs (those of :func:`pipeline.core.segmentation.robust_reference`) of rADC and
+    DWI ratio over ``nawm``: the voxel is beyond the clinical cut-offs AND ``core_sd`` SDs of
+    normal white matter away from it on both maps. A multiple-comparison bound: a brain holds ~1e5 independent DWI voxels
     (~1.2 L of 2 x 2 x 4 mm), and a NAWM voxel passes one map's 4 SD bound with probability
     Phi(-4) = 3e-5 under Gaussian noise, both maps (independent noise) ~1e-9. The spreads are
     the session's own (noise, bias field, b0/DWI misalignment): on a clean scan
@@ -209,7 +208,7 @@ def significant_core(dwi_ratio: np.ndarray, radc: np.ndarray, nawm: np.ndarray, 
     if rv.size == 0 or dv.size == 0:
         raise ValueError("no normal-appearing white-matter voxel with a finite rADC and DWI "
                          "ratio for the restricted core's noise scale")
-    (m_r, sd_r), (m_d, sd_d) = _median_sd(rv.astype(np.float64)), _median_sd(dv.astype(np.float64))
+    (m_r, sd_r), (m_d, sd_d) = (_median_sd(v.astype(np.float64)) for v in (rv, dv))
     r_max = min(restricted_below, m_r - core_sd * sd_r)
     d_min = max(dwi_hyperintense_ratio, m_d + core_sd * sd_d)
     with np.errstate(invalid="ignore"):

@@ -143,7 +143,8 @@ class RegisterToFirst(SimpleInterface):
             mask(self.inputs.first_mask), mask(self.inputs.mask),
             first_pyramid=_pyramid(self.inputs.first_pyramid),
             pyramid=_pyramid(self.inputs.pyramid),
-            n_threads=self.inputs.n_threads, **registration_kwargs(self.inputs.params, to_first=True),
+            n_threads=self.inputs.n_threads,
+            **registration_kwargs(self.inputs.params, to_first=True),
         )
         # an ITK text transform file reads back bit-identical (17 significant digits), JSON
         # floats too: SubjectSpace continues exactly as if it had registered the pair itself
