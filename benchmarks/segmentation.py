@@ -222,7 +222,7 @@ def healthy_dwi_masks(dwi4d: np.ndarray, bvals: np.ndarray, affine: np.ndarray,
     """Restricted masks of one DWI series without FLAIR, on its own grid (arrays z, y, x).
 
     trace, b0 and ADC as the pipeline's session node computes them (``[inputs]``); brain =
-    :func:`pipeline.core.preprocess.brain_mask` of the mean b0 (``[preprocessing]``); NAWM
+    the brain mask of :func:`pipeline.core.preprocess.prepare_image` of the mean b0; NAWM
     reference = :func:`pipeline.core.restricted.nawm_reference_from` on the brain voxels with a
     valid, not CSF-like ADC (``reference_csf_adc_min_um2_s``), eroded by ``nawm_erosion_mm``:
     without a FLAIR it is the pipeline's NAWM without the FLAIR's deep-parenchyma and
@@ -236,22 +236,17 @@ def healthy_dwi_masks(dwi4d: np.ndarray, bvals: np.ndarray, affine: np.ndarray,
                                         shell_tolerance=inp.shell_tolerance)
     adc = core_dwi.adc_from_signals(b0, trace, b_value, adc_max_um2_s=inp.adc_max_um2_s)
     ref = nib_to_sitk(np.asarray(b0, np.float32), affine)
-    pre = config.preprocessing
-    brain = sitk.GetArrayFromImage(core_pre.brain_mask(
-        ref, closing_mm=pre.brain_mask_closing_mm, erosion_mm=pre.brain_mask_erosion_mm,
-        smoothing_mm=pre.brain_mask_smoothing_mm,
-        threshold_method=pre.brain_mask_threshold)) > 0
+    cfg = config.to_dict()
+    _, mask = core_pre.prepare_image(ref, cfg["preprocessing"], bias_correct=False)
+    brain = sitk.GetArrayFromImage(mask) > 0
     trace, adc = (np.ascontiguousarray(np.asarray(a, np.float32).T) for a in (trace, adc))
     spacing = _zyx_spacing(ref)
     cand = brain & np.isfinite(adc) & (adc > 0) & (adc < s.reference_csf_adc_min_um2_s)
     nawm = rd.nawm_reference_from(adc, rd.candidate_erosions(cand, d.nawm_erosion_mm, spacing),
                                   np.ones(brain.shape, bool), trim_sd=s.nawm_adc_trim_sd)
     project = rd.segment_restricted(
-        trace, adc, brain, nawm, restricted_below=d.restricted_below,
-        dwi_hyperintense_ratio=s.dwi_hyperintense_ratio,
-        min_lesion_volume_mm3=s.min_lesion_volume_mm3, csf_adc_min_um2_s=s.csf_adc_min_um2_s,
-        spacing_mm=spacing, edge_mm=d.restricted_edge_mm, edge_ring_mm=d.restricted_edge_ring_mm,
-        core_sd=d.restricted_core_sd)
+        trace, adc, brain, nawm, spacing_mm=spacing,
+        **rd.restricted_settings(cfg["segmentation"], cfg["dynamics"]))
     baseline = adc_baseline(adc, brain, s.min_lesion_volume_mm3, spacing)
     return {"brain": brain, "project": project, "baseline": baseline, "spacing": spacing}
 

@@ -1314,14 +1314,13 @@ def build_subject_space(
 
 
 def _build_subject_space(images, mask_list, pool, have_masks, *, spacing_mm, template_iterations,
-                         template_spacing_mm, margin_mm, reg_params, to_first_params=None,
+                         template_spacing_mm, margin_mm, reg_params, to_first_params,
                          to_first=None, pyramids=None):
     """:func:`build_subject_space` with the registrations of each step mapped over ``pool``."""
     n = len(images)
     pyramids = pyramids if pyramids is not None else [None] * n
     ident = sitk.Euler3DTransform()
     results: list[RegistrationResult | None] = [None] * n
-    to_first_params = reg_params if to_first_params is None else to_first_params
 
     def pairwise(i: int) -> RegistrationResult:
         return register_to_first(images[0], images[i], mask_list[0], mask_list[i],

@@ -183,6 +183,18 @@ def segment_restricted(
     return RestrictedResult(restricted, shine, ref_adc, ref_dwi, dwi_ratio, radc)
 
 
+def restricted_settings(segmentation: dict, dynamics: dict) -> dict:
+    """The keywords of :func:`segment_restricted` from the ``[segmentation]`` and ``[dynamics]``
+    settings (dicts of the config's keys): the one place that maps the config onto the rule."""
+    return {"restricted_below": dynamics["restricted_below"],
+            "dwi_hyperintense_ratio": segmentation["dwi_hyperintense_ratio"],
+            "min_lesion_volume_mm3": segmentation["min_lesion_volume_mm3"],
+            "csf_adc_min_um2_s": segmentation["csf_adc_min_um2_s"],
+            "edge_mm": dynamics["restricted_edge_mm"],
+            "edge_ring_mm": dynamics["restricted_edge_ring_mm"],
+            "core_sd": dynamics["restricted_core_sd"]}
+
+
 def significant_core(dwi_ratio: np.ndarray, radc: np.ndarray, nawm: np.ndarray, *,
                      restricted_below: float, dwi_hyperintense_ratio: float,
                      core_sd: float) -> np.ndarray:

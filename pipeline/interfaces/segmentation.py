@@ -172,12 +172,7 @@ class SegmentSessions(SimpleInterface):
             nawm = rd.nawm_reference_from(adc_i, cands[i], away, trim_sd=s["nawm_adc_trim_sd"])
             return nawm, rd.segment_restricted(
                 image(self.inputs.trace[i])[inner], adc_i, brains[i][inner], nawm,
-                restricted_below=d["restricted_below"],
-                dwi_hyperintense_ratio=s["dwi_hyperintense_ratio"],
-                min_lesion_volume_mm3=s["min_lesion_volume_mm3"],
-                csf_adc_min_um2_s=s["csf_adc_min_um2_s"], spacing_mm=spacing,
-                edge_mm=d["restricted_edge_mm"], edge_ring_mm=d["restricted_edge_ring_mm"],
-                core_sd=d["restricted_core_sd"])
+                spacing_mm=spacing, **rd.restricted_settings(s, d))
 
         # first pass: away from the FLAIR lesions (which lie in the brain, so in `inner`)
         away_flair = lesion_free([m[inner] for m in lesions])
