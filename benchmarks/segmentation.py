@@ -226,7 +226,8 @@ def healthy_dwi_masks(dwi4d: np.ndarray, bvals: np.ndarray, affine: np.ndarray,
     trace, b0 and ADC as the pipeline's session node computes them (``[inputs]``); brain =
     the brain mask of :func:`pipeline.core.preprocess.prepare_image` of the mean b0; NAWM
     reference = :func:`pipeline.core.restricted.nawm_reference_from` on the brain voxels with a
-    valid, not CSF-like ADC (``reference_csf_adc_min_um2_s``), eroded by ``nawm_erosion_mm``:
+    valid, not CSF-like ADC (``reference_csf_adc_min_um2_s``), eroded by ``nawm_erosion_mm``
+    (or less, ``nawm_min_volume_ml``):
     without a FLAIR it is the pipeline's NAWM without the FLAIR's deep-parenchyma and
     FLAIR-mode conditions (so it may hold grey matter whose ADC lies near the mode). Returns
     ``brain``, ``project`` (:class:`pipeline.core.restricted.RestrictedResult`),
@@ -245,7 +246,8 @@ def healthy_dwi_masks(dwi4d: np.ndarray, bvals: np.ndarray, affine: np.ndarray,
     spacing = _zyx_spacing(ref)
     cand = brain & np.isfinite(adc) & (adc > 0) & (adc < s.reference_csf_adc_min_um2_s)
     nawm = rd.nawm_reference_from(adc, rd.candidate_erosions(cand, d.nawm_erosion_mm, spacing),
-                                  np.ones(brain.shape, bool), trim_sd=s.nawm_adc_trim_sd)
+                                  np.ones(brain.shape, bool), trim_sd=s.nawm_adc_trim_sd,
+                                  min_voxels=rd.voxels_of(d.nawm_min_volume_ml, spacing))
     project = rd.segment_restricted(
         trace, adc, brain, nawm, spacing_mm=spacing,
         **rd.restricted_settings(cfg["segmentation"], cfg["dynamics"]))

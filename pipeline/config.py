@@ -136,6 +136,7 @@ class Tracking:
 @dataclass(frozen=True)
 class Dynamics:
     nawm_erosion_mm: float = _rng(0, 20)
+    nawm_min_volume_ml: float = _rng(0, 1000)
     nawm_lesion_margin_mm: float = _rng(0, 50)
     restricted_below: float = _rng(0, 2, lo_open=True)
     elevated_above: float = _rng(0, 5, lo_open=True)

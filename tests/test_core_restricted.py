@@ -101,6 +101,32 @@ def test_nawm_reference_erosion_keeps_the_core_of_a_blurred_white_matter():
     assert rd.nawm_reference_mask(adc, slab, [restr], erosion_mm=4.0, **kw).sum() > 100
 
 
+def test_nawm_reference_of_a_speckled_white_matter_tries_smaller_erosions():
+    """Real FLAIRs: the candidates (white matter at most its FLAIR mode) are the darker half of
+    noisy white matter, a speckle that the 4 mm erosion wipes out; with ``min_voxels`` the
+    reference comes from a smaller erosion, large enough to trust, and is computed only as far
+    as needed."""
+    flair, adc, brain, csf = _brain(seed=8)
+    rng = np.random.default_rng(8)
+    wm = seg.deep_parenchyma(brain, csf, csf_margin_mm=1.0, surface_margin_mm=4.0, spacing_mm=SP)
+    speckle = wm & (rng.random(wm.shape) < 0.5)
+    restr = _sphere((28, 38, 26), 3)
+    adc[restr] = 400.0
+    kw = dict(lesion_margin_mm=3.0, trim_sd=2.5, spacing_mm=SP)
+    assert rd.erosion_radii(4.0, SP) == [4.0, 2.0, 1.0, 0.0]
+    tiny = rd.nawm_reference_mask(adc, speckle, [restr], erosion_mm=4.0, **kw)  # >= 10 voxels
+    need = rd.voxels_of(2.0, SP)  # 2 mL
+    ample = rd.nawm_reference_mask(adc, speckle, [restr], erosion_mm=4.0, min_voxels=need, **kw)
+    assert tiny.sum() < need <= ample.sum()
+    assert not (ample & restr).any() and not (ample & ~speckle).any()
+    assert abs(np.median(adc[ample]) - ADC_I["wm"]) < 15
+    # the levels are eroded lazily: a compact candidate set needs only the first
+    levels = rd.candidate_erosions(wm, 4.0, SP)
+    away = np.ones(wm.shape, bool)
+    rd.nawm_reference_from(adc, levels, away, trim_sd=2.5, min_voxels=need)
+    assert list(levels._masks) == [0]
+    assert rd.voxels_of(0.001, (1.0, 1.0, 1.0)) == 1 and rd.voxels_of(5.0, (2.0, 2.0, 4.0)) == 313
+
 def test_half_contrast_edge_restores_a_blurred_lesion_and_stays_pseudonormal_free():
     """A lesion of rADC 0.55 in tissue of rADC 1.0, blurred like a coarse DWI voxel: the fixed
     cut-off 0.75 cuts inside the half-contrast contour, the edge step restores the volume; the

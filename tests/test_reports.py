@@ -36,7 +36,8 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-component-update", "--disable-sync", "--hide-scrollbars",
                   "--disable-dev-shm-usage",
                   "--window-size=1400,3000", "--enable-logging=stderr", "--v=0")
-CONFIG = {"dynamics": {"restricted_below": 0.75, "elevated_above": 1.15},
+CONFIG = {"dynamics": {"restricted_below": 0.75, "elevated_above": 1.15,
+                       "nawm_min_volume_ml": 5.0},
           "registration": {"max_rotation_deg": 20.0, "max_translation_mm": 40.0}}
 
 
@@ -78,9 +79,9 @@ def _tsv(path: Path, rows: list[dict]) -> None:
 def _tables(sub_dir: Path) -> None:
     _tsv(sub_dir / "sub-01_desc-sessions_timeseries.tsv", [
         {"session": "a", "day": 0, "flair_volume_ml": 0.2, "restricted_volume_ml": 0.2,
-         "radc_mean_restricted": 0.6, "pseudonormalized_fraction": 0.0},
+         "radc_mean_restricted": 0.6, "pseudonormalized_fraction": 0.0, "nawm_volume_ml": 31.0},
         {"session": "b", "day": 5, "flair_volume_ml": 0.5, "restricted_volume_ml": 0.4,
-         "radc_mean_restricted": 0.8, "pseudonormalized_fraction": 0.5}])
+         "radc_mean_restricted": 0.8, "pseudonormalized_fraction": 0.5, "nawm_volume_ml": 0.45}])
     events = [{"lesion_id": 1, "kind": kind, "from_session": "a", "to_session": "b",
                "from_day": 0, "to_day": 5, "event": "stable"} for kind in ("flair", "restricted")]
     events += [{"lesion_id": 2, "kind": kind, "from_session": "a", "to_session": "b",
@@ -190,6 +191,9 @@ def test_warnings_name_units_qc_and_missing_contrasts(fake_output):
     assert "rotation 25.0 deg exceeds" in text
     assert "ses-b: no DWI" in text
     assert "ses-a: no DWI" not in text
+    # a NAWM reference below [dynamics] nawm_min_volume_ml is named, an ample one is not
+    assert "ses-b: the NAWM ADC reference holds only 0.45 mL" in text
+    assert "ses-a: the NAWM" not in text
 
 
 def test_methods_quote_the_recorded_config(fake_output):

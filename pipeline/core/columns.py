@@ -29,6 +29,13 @@ SESSION_COLUMNS: dict[str, dict[str, str]] = {
     },
     "adc_nawm_um2_s": {"Description": "Median ADC of normal-appearing white matter (reference)", "Units": "um^2/s"},
     "adc_nawm_iqr_um2_s": {"Description": "Interquartile range of NAWM ADC", "Units": "um^2/s"},
+    "nawm_volume_ml": {
+        "Description": (
+            "Volume of the NAWM reference region the ADC reference is measured in; below "
+            "[dynamics] nawm_min_volume_ml the report warns that this session's rADC rests on "
+            "few voxels"),
+        "Units": "mL",
+    },
     "adc_mean_restricted_um2_s": {"Description": "Mean ADC in the restricted-diffusion mask", "Units": "um^2/s"},
     "adc_median_restricted_um2_s": {"Description": "Median ADC in the restricted-diffusion mask", "Units": "um^2/s"},
     "radc_mean_restricted": {"Description": "Mean rADC (ADC / NAWM ADC) in the restricted-diffusion mask", "Units": "ratio"},

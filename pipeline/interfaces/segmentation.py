@@ -162,6 +162,8 @@ class SegmentSessions(SimpleInterface):
             of a pass."""
             return rd.lesion_free(exclude, inner_shape, d["nawm_lesion_margin_mm"], spacing)
 
+        min_nawm = rd.voxels_of(d["nawm_min_volume_ml"], spacing)
+
         def restricted_session(i, away):
             """NAWM mask and :class:`RestrictedResult` of session ``i`` (None without DWI);
             ``away``: :func:`lesion_free` of the lesions the NAWM keeps away from
@@ -169,7 +171,8 @@ class SegmentSessions(SimpleInterface):
             if not has_dwi[i]:
                 return None
             adc_i = image(self.inputs.adc[i])[inner]
-            nawm = rd.nawm_reference_from(adc_i, cands[i], away, trim_sd=s["nawm_adc_trim_sd"])
+            nawm = rd.nawm_reference_from(adc_i, cands[i], away, trim_sd=s["nawm_adc_trim_sd"],
+                                          min_voxels=min_nawm)
             return nawm, rd.segment_restricted(
                 image(self.inputs.trace[i])[inner], adc_i, brains[i][inner], nawm,
                 spacing_mm=spacing, **rd.restricted_settings(s, d))

@@ -52,6 +52,21 @@ def _registration_warnings(subject: SubjectDerivatives) -> list[str]:
     return messages
 
 
+def _reference_warnings(subject: SubjectDerivatives) -> list[str]:
+    """Sessions whose NAWM ADC reference region is smaller than [dynamics] nawm_min_volume_ml
+    (the segmentation already tried smaller erosions down to none)."""
+    least = subject.config.get("dynamics", {}).get("nawm_min_volume_ml")
+    table = subject.tables.get("sessions")
+    if least is None or table is None or "nawm_volume_ml" not in table:
+        return []
+    return [f"ses-{row['session']}: the NAWM ADC reference holds only {row['nawm_volume_ml']:.2g} "
+            f"mL (less than nawm_min_volume_ml = {least:g} mL even without erosion): the rADC and "
+            "restricted-diffusion calls of this session rest on few voxels; check that its DWI "
+            "and FLAIR (or b0) cover the deep white matter"
+            for _, row in table.iterrows()
+            if pd.notna(row["nawm_volume_ml"]) and row["nawm_volume_ml"] < least]
+
+
 def input_notes(subject: SubjectDerivatives) -> pd.DataFrame:
     """Per session: how the ADC unit was decided and how many loading warnings there were."""
     inputs = subject.qc.get("inputs") or {}
@@ -65,7 +80,8 @@ def input_notes(subject: SubjectDerivatives) -> pd.DataFrame:
 
 
 def collect_warnings(subject: SubjectDerivatives) -> list[str]:
-    """Everything a reader should not miss: input warnings, QC failures, missing contrasts.
+    """Everything a reader should not miss: input warnings, QC failures, missing contrasts, a
+    NAWM reference too small to trust.
 
     Parameters
     ----------
@@ -90,6 +106,7 @@ def collect_warnings(subject: SubjectDerivatives) -> list[str]:
                 messages.append(f"ses-{session.label}: no {name} image in the subject space "
                                 "(missing contrast)")
     messages += _registration_warnings(subject)
+    messages += _reference_warnings(subject)
     for key in ("sessions", "events", "lesions"):
         if not subject.table_path(key).exists():
             messages.append(f"table {subject.table_path(key).name} is missing")
