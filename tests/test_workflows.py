@@ -61,6 +61,26 @@ def test_subject_workflow_expands(tmp_path, n_sessions):
                            staging_dir=tmp_path / "stage").get_node("subject_report") is None
 
 
+def test_report_chain_first_after_segment(tmp_path):
+    """MultiProc gives free processors to ready nodes in the order Nipype numbers them (the
+    topological sort of the expanded graph, as in Workflow.run): when the segment node ends,
+    the two chains to the run's last node (track and report_views, both before
+    subject_report) come before native_masks and the compression, which feed only
+    write_derivatives."""
+    from copy import deepcopy
+
+    from nipype.pipeline.engine.utils import generate_expanded_graph, topological_sort
+
+    (subject,) = discover(make_skeleton(tmp_path / "bids", sessions=["day0", "day3", "day8"]))
+    wf = init_subject_wf(subject=subject, config=load_config(), staging_dir=tmp_path / "stage",
+                         report=subject_report_node, report_views=report_views_node)
+    procs, _ = topological_sort(generate_expanded_graph(deepcopy(wf._create_flat_graph())))
+    order = [node.name for node in procs]
+    for late in ("native_masks", "compress_segmented"):
+        assert order.index("track") < order.index(late)
+        assert order.index("report_views") < order.index(late)
+
+
 def test_affine_dwi_to_flair_from_config(tmp_path):
     (subject,) = discover(make_skeleton(tmp_path / "bids", sessions=["day0"]))
     config = load_config().replace("registration", dwi_to_flair="affine")

@@ -317,6 +317,28 @@ def init_subject_wf(
         (resampled["adc"], track, [("out", "adc")]),
     ])
 
+    views = None
+    if report is not None and report_views is not None:
+        # the slices and the QC figure need no tracking: drawn beside the track node. Made
+        # before the nodes below that also wait only for the segment node: MultiProc gives a
+        # free processor to the ready node it numbered first (Nipype numbers a node's
+        # successors in the order they were connected), and this one starts the report's
+        # chain (report_views -> subject_report), the run's last node; native_masks and the
+        # compression feed only write_derivatives (benchmarks/results/end_to_end.md,
+        # session 14 P)
+        view_files = [(resampled[field], [("out", field)])
+                      for field in ("flair", "trace", "adc", "brain_mask")]
+        view_files.append((segment, [("flair_lesion", "flair_lesion"),
+                                     ("restricted", "restricted")]))
+        views = pe.Node(
+            niu.Function(function=report_views, output_names=["views"],
+                         input_names=["subject", "labels", "days",
+                                      *(dest for _, pairs in view_files for _, dest in pairs)]),
+            name="report_views", mem_gb=1.0, overwrite=True,
+        )
+        views.inputs.trait_set(subject=subject.subject, labels=labels, days=days)
+        workflow.connect([(src, views, pairs) for src, pairs in view_files])
+
     native = pe.Node(NativeMasks(), name="native_masks", mem_gb=1.0)
     workflow.connect([
         (segment, native, [("flair_lesion", "flair_lesion"), ("restricted", "restricted")]),
@@ -390,19 +412,6 @@ def init_subject_wf(
         node.inputs.trait_set(subject=subject.subject, labels=labels, config=cfg,
                               day_source=subject.day_source)
         workflow.connect([(src, node, list(pairs)) for src, pairs in subject_files])
-        if report_views is not None:
-            # the slices and the QC figure need no tracking: drawn beside the track node
-            view_files = [(resampled[field], [("out", field)])
-                          for field in ("flair", "trace", "adc", "brain_mask")]
-            view_files.append((segment, [("flair_lesion", "flair_lesion"),
-                                         ("restricted", "restricted")]))
-            views = pe.Node(
-                niu.Function(function=report_views, output_names=["views"],
-                             input_names=["subject", "labels", "days",
-                                          *(dest for _, pairs in view_files for _, dest in pairs)]),
-                name="report_views", mem_gb=1.0, overwrite=True,
-            )
-            views.inputs.trait_set(subject=subject.subject, labels=labels, days=days)
-            workflow.connect([(src, views, pairs) for src, pairs in view_files])
+        if views is not None:
             workflow.connect(views, "views", node, "views")
     return workflow
