@@ -151,6 +151,27 @@ def test_derivative_gzip_gives_back_the_work_file(tmp_path, kind):
     assert len(raw) < len(src.read_bytes()) / (2 if kind != "float" else 1)
 
 
+def test_derivative_gzip_streams_the_file_in_chunks(tmp_path, monkeypatch):
+    """The work file is read chunk by chunk into one buffer: a file of many chunks (and a last
+    partial one) gives the bytes of compressing its chunks one after the other, and gunzips
+    to the file."""
+    import gzip
+
+    from pipeline.interfaces import outputs
+
+    monkeypatch.setattr(outputs, "_GZIP_CHUNK", 4096)
+    rng = np.random.default_rng(2)
+    src = _nifti(tmp_path, rng.normal(size=(41, 30, 20)).astype(np.float32), "big.nii")
+    data = src.read_bytes()
+    assert len(data) % 4096 and len(data) > 20 * 4096
+    dst = tmp_path / "big.nii.gz"
+    outputs.copy_to_derivative(str(src), dst)
+    ref = outputs.isal_zlib.compressobj(outputs.ISAL_LEVEL, outputs.isal_zlib.DEFLATED, 31)
+    expected = b"".join(ref.compress(data[i:i + 4096]) for i in range(0, len(data), 4096))
+    assert dst.read_bytes() == expected + ref.flush()
+    assert gzip.decompress(dst.read_bytes()) == data
+
+
 def test_derivative_gzip_refuses_a_truncated_work_file(tmp_path):
     from pipeline.interfaces import outputs
 
