@@ -160,7 +160,9 @@ def run_once(bids: Path, out: Path, work: Path, plugin_args: list[str]) -> tuple
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     tree_peak = max((s[2] for s in sampler.samples), default=float("nan"))
-    return ({"wall_s": wall, "cpu_s": cpu, "peak_rss_gb": after.ru_maxrss / 1024**2,
+    return ({"wall_s": wall, "cpu_s": cpu, "sys_s": after.ru_stime - before.ru_stime,
+             "minor_faults_k": (after.ru_minflt - before.ru_minflt) / 1000,
+             "peak_rss_gb": after.ru_maxrss / 1024**2,
              "peak_tree_rss_gb": tree_peak, "load_1min": load, "start": epoch,
              "end": epoch + wall},
             [(t, root) for t, root, _ in sampler.samples])
@@ -204,6 +206,8 @@ def bench(n_sessions: int, grid: str, nprocs: int, data: Path, root: Path,
                 "multiproc_before_first_node_s": min(r["start"] for r in records) - multi["start"],
                 "multiproc_after_last_node_s": multi["end"] - max(r["end"] for r in records)})
     row.update({"multiproc_wall_s": multi["wall_s"], "multiproc_cpu_s": multi["cpu_s"],
+                "multiproc_sys_s": multi["sys_s"],
+                "multiproc_minor_faults_k": multi["minor_faults_k"],
                 "multiproc_peak_rss_gb": multi["peak_rss_gb"],
                 "multiproc_tree_rss_gb": multi["peak_tree_rss_gb"],
                 "multiproc_load_1min": multi["load_1min"]})
@@ -339,7 +343,9 @@ def main() -> int:
         "own work between nodes (hashing, pickling results, scheduling). "
         "`multiproc_idle_s` = MultiProc wall - CPU / nprocs: the wall time lost to idle cores; "
         "`multiproc_before_first_node_s` / `multiproc_after_last_node_s`: the same run's "
-        "start-up and tail outside the nodes."),
+        "start-up and tail outside the nodes. `multiproc_sys_s`: the system (kernel) part of its "
+        "CPU time, mostly page faults of fresh memory; `multiproc_minor_faults_k`: those faults "
+        "(thousands, all processes of the run)."),
         ("`peak_rss_gb`: largest single process; `multiproc_tree_rss_gb`: largest sum over the "
         "MultiProc process tree (upper bound, shared pages counted per worker)."),
         "",
