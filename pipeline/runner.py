@@ -367,39 +367,9 @@ def _wait_for_jobs(token: str, poll_s: float) -> None:
 #: longest wait of an idle MultiProc scheduling round for a node's end (see _multiproc_plugin)
 _IDLE_ROUND_S = 1.0
 
-#: Rough CPU seconds of one node of a 4-session clinical-grid run (benchmarks/results/
-#: end_to_end.md, time per stage over its nodes; resample_NN nodes count as "resample"). Only
-#: their order matters (see critical_path_s); a node not listed counts _OTHER_NODE_S.
-_NODE_COST_S = {"load": 0.3, "prep_flair": 2.7, "prep_dwi": 0.3, "dwi_to_flair": 2.0,
-                "to_first": 1.0, "subject_space": 6.6, "resample": 2.6, "segment": 8.0,
-                "compress_resampled": 1.6, "track": 3.5, "native_masks": 0.6,
-                "report_views": 2.8, "compress_segmented": 0.5, "write_derivatives": 0.8,
-                "subject_report": 1.5}
-_OTHER_NODE_S = 0.5
-
-
-def node_cost_s(node) -> float:
-    """Rough CPU seconds of a Nipype node (:data:`_NODE_COST_S`; 0 for a bookkeeping node
-    this process runs itself)."""
-    if node.run_without_submitting:
-        return 0.0
-    stage = "resample" if node.name.startswith("resample_") else node.name
-    return _NODE_COST_S.get(stage, _OTHER_NODE_S)
-
-
-def critical_path_s(graph, procs: list) -> dict[int, float]:
-    """Per index into ``procs`` (the graph's nodes in topological order): the node's cost plus
-    the costliest chain of nodes that depend on it (s, :func:`node_cost_s`)."""
-    index = {node: i for i, node in enumerate(procs)}
-    chain: dict[int, float] = {}
-    for node in reversed(procs):  # every successor comes first
-        after = max((chain[index[s]] for s in graph.successors(node)), default=0.0)
-        chain[index[node]] = node_cost_s(node) + after
-    return chain
-
 
 def _multiproc_plugin(plugin_args: dict):
-    """Nipype's MultiProc plugin with four changes to how it schedules, none to what a node
+    """Nipype's MultiProc plugin with three changes to how it schedules, none to what a node
     computes (when a node runs changes none of its results):
 
     - A node running several workers (an interface input ``n_workers`` above 1: the subject
@@ -414,13 +384,6 @@ def _multiproc_plugin(plugin_args: dict):
     - The bookkeeping nodes this process runs itself (``run_without_submitting``: merges,
       selects) claim no processor and come after the nodes sent to the workers in a
       scheduling round: a processor that frees is given its next node first.
-    - Of the ready nodes, the one with the costliest chain of work after it goes first
-      (critical-path list scheduling, :func:`critical_path_s`): stock MultiProc sends them in
-      Nipype's numbering, so in a 4-session run the last DWI -> FLAIR registration (which only
-      the resampling needs) took the processor before the subject space, which then ran alone
-      for ~4 s. A simulation of a quiet run's schedule with its node times (session 14 P,
-      benchmarks/results/end_to_end.md): 53.2 s in Nipype's order, 51.2 s in critical-path
-      order, 51.0-51.9 s with node costs off by up to 2x.
     - A scheduling round follows as soon as a node ends, instead of every
       ``poll_sleep_duration`` (0.05 s): stock MultiProc noticed a node's end 25 ms late on
       average, and its idle rounds (each sums the dependency matrix twice, ~1 ms of this
@@ -463,15 +426,9 @@ def _multiproc_plugin(plugin_args: dict):
                 elif isinstance(workers, int) and workers > 1:
                     node.n_procs = max(1, node.n_procs - max(1, node.n_procs // workers))
 
-        def _generate_dependency_list(self, graph):
-            super()._generate_dependency_list(graph)
-            self._chain_s = critical_path_s(graph, self.procs)
-
         def _sort_jobs(self, jobids, scheduler="tsort"):
             jobids = super()._sort_jobs(jobids, scheduler=scheduler)
-            chain = getattr(self, "_chain_s", {})
-            return sorted(jobids, key=lambda j: (bool(self.procs[j].run_without_submitting),
-                                                 -chain.get(j, 0.0)))
+            return sorted(jobids, key=lambda j: bool(self.procs[j].run_without_submitting))
 
         def _async_callback(self, args):  # in the pool's thread, when a node has ended
             try:

@@ -219,40 +219,6 @@ def test_multiproc_counts_a_multi_worker_node_one_worker_short():
     assert order == ["space", "space2", "segment", "space4", "one", "load", "merge"]
 
 
-def test_multiproc_sends_the_ready_node_with_the_costliest_chain_first():
-    """Of the ready nodes, the one with the most work after it goes first (critical path): when
-    the last session's registration to the first ends, the subject space (-> resampling ->
-    segmentation -> ...) goes before that session's DWI -> FLAIR registration, which Nipype
-    numbers first and which only the resampling needs."""
-    import networkx as nx
-    from nipype.interfaces import utility as niu
-    from nipype.pipeline import engine as pe
-
-    def node(name, bookkeeping=False):
-        return pe.Node(niu.IdentityInterface(fields=["x"]), name=name,
-                       run_without_submitting=bookkeeping)
-
-    dwi, to_first, merge = node("dwi_to_flair"), node("to_first"), node("merge_xfm", True)
-    space, resample, segment = node("subject_space"), node("resample_04"), node("segment")
-    graph = nx.DiGraph([(to_first, merge), (merge, space), (space, resample),
-                        (dwi, resample), (resample, segment)])
-    plugin = runner._multiproc_plugin({"n_procs": 2, "memory_gb": 1.0,
-                                       "raise_insufficient": False})
-    try:
-        plugin._generate_dependency_list(graph)
-        chain = runner.critical_path_s(graph, plugin.procs)
-        cost = {n.name: chain[i] for i, n in enumerate(plugin.procs)}
-        assert cost["segment"] == runner.node_cost_s(segment) == 8.0
-        assert cost["subject_space"] == pytest.approx(6.6 + 2.6 + 8.0)
-        assert cost["to_first"] == cost["subject_space"] + 1.0  # through the merge (0 s)
-        assert cost["dwi_to_flair"] == pytest.approx(2.0 + 2.6 + 8.0)
-        ready = [plugin.procs.index(n) for n in (dwi, merge, space)]
-        order = [plugin.procs[j].name for j in plugin._sort_jobs(ready)]
-    finally:
-        plugin.pool.shutdown()
-    assert order == ["subject_space", "dwi_to_flair", "merge_xfm"]
-
-
 def _add_one(x):
     return x + 1
 
