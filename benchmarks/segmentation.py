@@ -35,8 +35,10 @@ Cases (``--cases``, comma-separated):
   scored against the manual change mask (recall of change voxels, false-positive change
   volume outside it, lesion-wise recall);
 * ``real-dwi``: the real healthy volunteer's DWI of ``dwi_philips_real`` (no lesion): restricted
-  and shine-through volume of the project's rule and of the ADC baseline on its native grid
-  (:func:`healthy_dwi_masks`), i.e. their false positives on real noise and real grey matter.
+  and shine-through volume of the project's rule (with the NAWM reference of the brain's ADC
+  mode, and with the NAWM a DWI-only session gets in the pipeline) and of the ADC baseline on its
+  native grid (:func:`healthy_dwi_masks`), i.e. their false positives on real noise and real
+  grey matter.
 
 Usage::
 
@@ -231,6 +233,8 @@ def healthy_dwi_masks(dwi4d: np.ndarray, bvals: np.ndarray, affine: np.ndarray,
     without a FLAIR it is the pipeline's NAWM without the FLAIR's deep-parenchyma and
     FLAIR-mode conditions (so it may hold grey matter whose ADC lies near the mode). Returns
     ``brain``, ``project`` (:class:`pipeline.core.restricted.RestrictedResult`),
+    ``dwi_only`` (the same with the NAWM a session without FLAIR gets in the pipeline's segment
+    node: :meth:`pipeline.core.segmentation.FlairMaps.nawm_candidates` of the b0's maps),
     ``baseline`` (:func:`adc_baseline` mask) and ``spacing`` (mm, array order).
     """
     inp, s, d = config.inputs, config.segmentation, config.dynamics
@@ -244,15 +248,25 @@ def healthy_dwi_masks(dwi4d: np.ndarray, bvals: np.ndarray, affine: np.ndarray,
     brain = sitk.GetArrayFromImage(mask) > 0
     trace, adc = (np.ascontiguousarray(np.asarray(a, np.float32).T) for a in (trace, adc))
     spacing = _zyx_spacing(ref)
-    cand = brain & np.isfinite(adc) & (adc > 0) & (adc < s.reference_csf_adc_min_um2_s)
-    nawm = rd.nawm_reference_from(adc, rd.candidate_erosions(cand, d.nawm_erosion_mm, spacing),
-                                  np.ones(brain.shape, bool), trim_sd=s.nawm_adc_trim_sd,
-                                  min_voxels=rd.voxels_of(d.nawm_min_volume_ml, spacing))
-    project = rd.segment_restricted(
-        trace, adc, brain, nawm, spacing_mm=spacing,
-        **rd.restricted_settings(cfg["segmentation"], cfg["dynamics"]))
+    maps = seg.flair_session_maps(
+        np.ascontiguousarray(np.asarray(b0, np.float32).T), brain, adc,
+        csf_adc_min_um2_s=s.reference_csf_adc_min_um2_s, csf_flair_max_ratio=s.csf_flair_max_ratio,
+        reference_csf_margin_mm=s.reference_csf_margin_mm, reference_depth_mm=s.reference_depth_mm,
+        cortex_rim_mm=s.cortex_rim_mm, csf_rim_mm=s.csf_rim_mm, spacing_mm=spacing)
+    results = {}
+    for key, cand in (
+            ("project", brain & np.isfinite(adc) & (adc > 0)
+             & (adc < s.reference_csf_adc_min_um2_s)),
+            ("dwi_only", maps.nawm_candidates(s.nawm_flair_z_max))):
+        nawm = rd.nawm_reference_from(
+            adc, rd.candidate_erosions(cand, d.nawm_erosion_mm, spacing),
+            np.ones(brain.shape, bool), trim_sd=s.nawm_adc_trim_sd,
+            min_voxels=rd.voxels_of(d.nawm_min_volume_ml, spacing))
+        results[key] = rd.segment_restricted(
+            trace, adc, brain, nawm, spacing_mm=spacing,
+            **rd.restricted_settings(cfg["segmentation"], cfg["dynamics"]))
     baseline = adc_baseline(adc, brain, s.min_lesion_volume_mm3, spacing)
-    return {"brain": brain, "project": project, "baseline": baseline, "spacing": spacing}
+    return {"brain": brain, **results, "baseline": baseline, "spacing": spacing}
 
 
 def _components(mask: np.ndarray, voxel_ml: float) -> tuple[int, float]:
@@ -274,19 +288,23 @@ def real_dwi(config: Config) -> pd.DataFrame:
     res = healthy_dwi_masks(np.asarray(img.dataobj, np.float32), np.loadtxt(bval), img.affine,
                             config)
     voxel_ml = float(np.prod(res["spacing"])) / 1000.0
-    proj = res["project"]
     rows = []
-    for method, mask in (("project", proj.restricted),
-                         (f"baseline ADC < {ADC_BASELINE_UM2_S:g}", res["baseline"])):
+    for method, key in (("project", "project"),
+                        ("project, NAWM of a DWI-only session (from the b0)", "dwi_only"),
+                        (f"baseline ADC < {ADC_BASELINE_UM2_S:g}", "baseline")):
+        proj = res[key] if key != "baseline" else None
+        mask = proj.restricted if proj is not None else res["baseline"]
         n, largest = _components(mask, voxel_ml)
         rows.append({"case": nii.name, "method": method,
                      "brain_ml": float(res["brain"].sum() * voxel_ml),
                      "restricted_ml": float(mask.sum() * voxel_ml), "components": n,
                      "largest_ml": largest,
                      "shine_through_ml": (float(proj.shine_through.sum() * voxel_ml)
-                                          if method == "project" else np.nan),
+                                          if proj is not None else np.nan),
                      "nawm_adc_um2_s": (proj.reference_adc.median_um2_s
-                                        if method == "project" else np.nan)})
+                                        if proj is not None else np.nan),
+                     "nawm_ml": (proj.reference_adc.n_voxels * voxel_ml
+                                 if proj is not None else np.nan)})
     return pd.DataFrame(rows)
 
 
@@ -679,7 +697,9 @@ def report(args, machine, timings, table, ph, st, mni, lon, info, rdwi=None) -> 
                    "slab): every restricted voxel is a false positive. trace / ADC as the "
                    "pipeline computes them, brain = the pipeline's brain mask of the mean b0, "
                    "native grid; no FLAIR, so the NAWM reference is the eroded brain's ADC mode "
-                   "(`healthy_dwi_masks`)."), "",
+                   "(`healthy_dwi_masks`); the second project row takes the NAWM a session "
+                   "without FLAIR gets in the pipeline (its b0's darkest deep tissue), i.e. what "
+                   "a user of a DWI-only session gets."), "",
                   C.markdown(rdwi, index=False), ""]
     if ph is not None and len(ph):
         presets = ", ".join(f"{k}: {v}" for k, v in info["presets"].items())

@@ -336,6 +336,11 @@ class FlairMaps:
     #: ``cortex_rim_mm``); lesions grown from the domain may enter it (``rim_z_grow``)
     rim: np.ndarray | None = None
 
+    def nawm_candidates(self, flair_z_max: float) -> np.ndarray:
+        """Candidate NAWM (bool): deep parenchyma at most ``flair_z_max`` deep-tissue SDs above
+        its mode (white matter is the darkest non-CSF tissue on FLAIR, and on a b0)."""
+        return self.deep & (self.z_wm <= flair_z_max)
+
 
 def flair_session_maps(
     flair: np.ndarray,

@@ -131,9 +131,8 @@ class SegmentSessions(SimpleInterface):
                 # edt holds the GIL: the sessions' transforms run one at a time, each on the
                 # node's threads
                 threads=workers)
-            # NAWM candidates from the same maps: deep parenchyma at most nawm_flair_z_max
-            # above its FLAIR mode (white matter is the darkest non-CSF tissue on FLAIR).
-            cand = m.deep & (m.z_wm <= s["nawm_flair_z_max"])
+            # NAWM candidates from the same maps
+            cand = m.nawm_candidates(s["nawm_flair_z_max"])
             # the joint step reads z, z_gm, domain and rim only; both restricted passes share
             # the candidates' erosion (on their box, see `inner` below)
             return seg.joint_step_maps(m), rd.candidate_erosions(
