@@ -97,9 +97,7 @@ class CandidateErosions(Sequence):
     def __len__(self) -> int:
         return len(self.radii_mm)
 
-    def __getitem__(self, k):
-        if isinstance(k, slice):
-            return [self[i] for i in range(len(self))[k]]
+    def __getitem__(self, k: int) -> np.ndarray:
         k = range(len(self))[k]  # negative indices, IndexError past the end
         if k not in self._masks:
             self._masks[k] = nawm_mask(self._candidates, [], erosion_mm=self.radii_mm[k],
@@ -260,9 +258,10 @@ def significant_core(dwi_ratio: np.ndarray, radc: np.ndarray, nawm: np.ndarray, 
     ``max(dwi_hyperintense_ratio, m_d + core_sd * sd_d)``, with ``m_*`` the medians and ``sd_*``
     the MAD-based SDs (those of :func:`pipeline.core.segmentation.robust_reference`) of rADC and
     DWI ratio over ``nawm``: the voxel is beyond the clinical cut-offs AND ``core_sd`` SDs of
-    normal white matter away from it on both maps. A multiple-comparison bound: a brain holds ~1e5 independent DWI voxels
-    (~1.2 L of 2 x 2 x 4 mm), and a NAWM voxel passes one map's 4 SD bound with probability
-    Phi(-4) = 3e-5 under Gaussian noise, both maps (independent noise) ~1e-9. The spreads are
+    normal white matter away from it on both maps. A multiple-comparison bound: a brain holds
+    ~1e5 independent DWI voxels (~1.2 L of 2 x 2 x 4 mm), and a NAWM voxel passes one map's 4 SD
+    bound with probability Phi(-4) = 3e-5 under Gaussian noise, both maps (independent noise)
+    ~1e-9. The spreads are
     the session's own (noise, bias field, b0/DWI misalignment): on a clean scan
     (phantom small grid: sd_r 0.04, 1 - 4 x 0.04 = 0.84 > 0.75) the cut-offs bind and nothing
     changes. Real healthy DWI (dwi_philips_real, 2 mm): sd_r 0.116 and sd_d 0.193 put the fixed
