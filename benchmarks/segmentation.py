@@ -20,10 +20,12 @@ Cases (``--cases``, comma-separated):
 
 * ``phantom``: ``lesionlapse simulate --preset mixed`` (seed case, MS-like, control), the
   ``lesionlapse`` CLI run on it (or ``--pipeline-out`` derivatives); FLAIR is segmented again
-  from the pipeline's subject-space images with the current code (``--resegment``, default) or
-  read from the pipeline's masks; every mask is mapped into the truth space (nearest neighbour,
-  the pipeline's and the phantom's transforms) and scored per session, per preset (pooled) and
-  for false positives in controls; lesions whose truth volume does not change keep their volume;
+  from the pipeline's subject-space images with the current code (``--resegment``, default;
+  with each native FLAIR's slab edge mapped by the pipeline's from-FLAIR_to-subject transform,
+  :func:`fov_edge`, as the resample node does) or read from the pipeline's masks; every mask
+  is mapped into the truth space (nearest neighbour, the pipeline's and the phantom's
+  transforms) and scored per session, per preset (pooled) and for false positives in controls;
+  lesions whose truth volume does not change keep their volume;
 * ``real-mni``: the real 1 mm MS FLAIR of ``ms_flair_mni`` and its 3-rater consensus mask
   (brain = FLAIR > 0; no ADC): Dice, HD95, AVD, lesion-wise F1 (runs in seconds, for iterating);
 * ``real-long``: the two real MS pairs of ``ms_flair_longitudinal``: both raw FLAIRs prepared
@@ -31,7 +33,9 @@ Cases (``--cases``, comma-separated):
   N4 bias correction, ``[preprocessing]``), resampled into the common space with the reference
   affines, segmented jointly (two sessions) inside the data set's brain mask, and (the project
   once more) inside the pipeline's own brain mask of each raw FLAIR (nearest neighbour), i.e.
-  what a user of the pipeline gets; the change = voxels lesion at exactly one time point;
+  what a user of the pipeline gets; no seed near either raw FLAIR's slab edge (:func:`fov_edge`
+  with the reference affine; ``real-mni`` is skull-stripped MNI, its FOV unknown: no zone);
+  the change = voxels lesion at exactly one time point;
   scored against the manual change mask (recall of change voxels, false-positive change
   volume outside it, lesion-wise recall);
 * ``real-dwi``: the real healthy volunteer's DWI of ``dwi_philips_real`` (no lesion): restricted
@@ -72,6 +76,7 @@ from pipeline.config import Config, load_config
 from pipeline.core import dwi as core_dwi
 from pipeline.core import metrics as M
 from pipeline.core import preprocess as core_pre
+from pipeline.core import registration as core_reg
 from pipeline.core import restricted as rd
 from pipeline.core import segmentation as seg
 from pipeline.io import nib_to_sitk
@@ -100,9 +105,16 @@ TARGETS = {
 
 def flair_project(flairs: list[np.ndarray], brains: list[np.ndarray],
                   adcs: list[np.ndarray | None], spacing: tuple[float, ...],
-                  config: Config) -> list[np.ndarray]:
-    """The project's FLAIR lesions: the calls of ``interfaces.segmentation.SegmentSessions``."""
+                  config: Config,
+                  fov_edges: list[np.ndarray | None] | None = None) -> list[np.ndarray]:
+    """The project's FLAIR lesions: the calls of ``interfaces.segmentation.SegmentSessions``.
+
+    ``fov_edges``: per session the through-plane distance (mm) to the native FLAIR's slab edge
+    on the arrays' grid (:func:`fov_edge`), as the pipeline's resample node writes it; None:
+    the field of view is not known (no no-seed zone)."""
     s = config.segmentation
+    zones = (None if fov_edges is None else
+             [seg.fov_seed_zone(f, s.flair_fov_edge_no_seed_mm) for f in fov_edges])
     maps = [seg.flair_session_maps(
         f, b, a, csf_adc_min_um2_s=s.reference_csf_adc_min_um2_s,
         csf_flair_max_ratio=s.csf_flair_max_ratio,
@@ -116,7 +128,17 @@ def flair_project(flairs: list[np.ndarray], brains: list[np.ndarray],
         edge_percentile=s.flair_edge_percentile, rim_z_grow=s.flair_rim_z_grow,
         change_sd=s.flair_change_sd, change_smooth_mm=s.flair_change_smooth_mm,
         edge_level_all_sessions=s.flair_edge_level_all_sessions,
-        edge_level_floor=s.flair_edge_level_floor)
+        edge_level_floor=s.flair_edge_level_floor, seed_zones=zones)
+
+
+def fov_edge(native: sitk.Image, reference: sitk.Image, transform: sitk.Transform,
+             config: Config) -> np.ndarray:
+    """Through-plane distance (mm, array z, y, x) from each voxel of ``reference`` to the slab
+    edge of the native FLAIR ``native`` (``transform``: reference points to native points), as
+    the pipeline's ``ResampleSession`` computes it (``core.registration.fov_edge_distance``)."""
+    return sitk.GetArrayFromImage(core_reg.fov_edge_distance(
+        native, reference, transform,
+        min_slice_mm=config.segmentation.flair_fov_edge_min_slice_mm))
 
 
 def flair_baseline(flair: np.ndarray, brain: np.ndarray, z: float, min_mm3: float,
@@ -337,13 +359,14 @@ def real_long(config: Config, baseline_z: float) -> pd.DataFrame:
         brain = sitk.GetArrayFromImage(sitk.ReadImage(
             str(pdir / "brainmask_common_space.nii.gz"))) > 0
         spacing = _zyx_spacing(ref)
-        flairs, own = [], []
+        flairs, own, fovs = [], [], []
         for k in (1, 2):
             raw, mask = prepare_like_pipeline(
                 sitk.ReadImage(str(pdir / f"study{k}_FLAIR_raw.nii.gz")), config)
             tx = sitk.ReadTransform(str(pdir / f"study{k}_FLAIR_to_common_space.txt"))
             flairs.append(sitk.GetArrayFromImage(
                 sitk.Resample(raw, ref, tx, sitk.sitkLinear, 0.0, sitk.sitkFloat32)))
+            fovs.append(fov_edge(raw, ref, tx, config))  # the raw scan's slab edge
             own.append(sitk.GetArrayFromImage(
                 sitk.Resample(mask, ref, tx, sitk.sitkNearestNeighbor, 0)) > 0)
         brains = [brain & (f > 0) for f in flairs]
@@ -352,11 +375,11 @@ def real_long(config: Config, baseline_z: float) -> pd.DataFrame:
         own = [m & (f > 0) for m, f in zip(own, flairs)]
         min_mm3 = config.segmentation.min_lesion_volume_mm3
         t0 = time.perf_counter()
-        proj = flair_project(flairs, brains, [None, None], spacing, config)
+        proj = flair_project(flairs, brains, [None, None], spacing, config, fovs)
         sec = time.perf_counter() - t0
         base = [flair_baseline(f, b, baseline_z, min_mm3, spacing) for f, b in zip(flairs, brains)]
         t0 = time.perf_counter()
-        proj_own = flair_project(flairs, own, [None, None], spacing, config)
+        proj_own = flair_project(flairs, own, [None, None], spacing, config, fovs)
         sec_own = time.perf_counter() - t0
         vox = float(np.prod(spacing))
         for method, mask_name, (m1, m2), s in (
@@ -433,8 +456,19 @@ def phantom_subject(out: Path, truth: C.Truth, config: Config, baseline_z: float
     imgs = [subject_images(out, truth.sub, ses) for ses in truth.sessions]
     spacing = _zyx_spacing(imgs[0].reference)
     if resegment:
+        # the native FLAIRs' slab edges in the subject space, as the resample node writes them
+        # (None: a session without FLAIR, whose FOV the segment node does not read)
+        anat = truth.root.parents[2] / f"sub-{truth.sub}"
+        fovs = []
+        for ses, im in zip(truth.sessions, imgs):
+            native = anat / f"ses-{ses}" / "anat" / f"sub-{truth.sub}_ses-{ses}_FLAIR.nii.gz"
+            fovs.append(fov_edge(
+                sitk.ReadImage(str(native)), im.reference, core_reg.read_transform(
+                    C.pipeline_file(out, truth.sub, ses,
+                                    "*_from-FLAIR_to-subject_mode-image_xfm.txt")), config)
+                if native.exists() else None)
         flair_proj = flair_project([i.flair for i in imgs], [i.brain for i in imgs],
-                                   [i.adc for i in imgs], spacing, config)
+                                   [i.adc for i in imgs], spacing, config, fovs)
     else:
         flair_proj = [i.flair_mask for i in imgs]
     truth_spacing = tuple(float(x) for x in nib.affines.voxel_sizes(truth.affine))

@@ -111,6 +111,8 @@ class Segmentation:
     flair_change_smooth_mm: float = _rng(0, 20)
     flair_edge_level_all_sessions: bool = field()
     flair_edge_level_floor: float = _rng(0, 1)
+    flair_fov_edge_no_seed_mm: float = _rng(0, 200)
+    flair_fov_edge_min_slice_mm: float = _rng(0, 50, lo_open=True)
     dwi_hyperintense_ratio: float = _rng(0, 100, lo_open=True)
     min_lesion_volume_mm3: float = _rng(0, 1e6)
     cortex_rim_mm: float = _rng(0, 20)

@@ -571,3 +571,51 @@ def test_registration_kwargs_of_the_dwi_step_and_step1():
             first_sym if t_iter else True)
         kw = registration_kwargs(params, dwi=True)
         assert "dwi_symmetric" not in kw and "to_first_symmetric" not in kw
+
+
+def test_fov_edge_distance_follows_the_native_slab():
+    """Through-plane distance to the native slab's end faces on another grid: half a slice at
+    an end slice's centre, 0 beyond the slab; oblique slices through their direction cosines
+    (the slice index resampled linearly agrees); a displacement field gives the linear result;
+    no slice axis (isotropic, or thinner than min_slice_mm): +inf everywhere."""
+    native = sitk.Image(20, 22, 10, sitk.sitkFloat32)
+    native.SetSpacing((1.0, 1.0, 4.0))
+    native.SetOrigin((-10.0, -11.0, -20.0))  # slab from z = -22 to 18 mm
+    ref = sitk.Image(20, 22, 44, sitk.sitkFloat32)
+    ref.SetOrigin((-10.0, -11.0, -23.5))
+    d = sitk.GetArrayFromImage(reg.fov_edge_distance(native, ref, None, min_slice_mm=2.0))
+    assert d.dtype == np.float32 and d.shape == (44, 22, 20)
+    expect = np.clip(np.minimum(np.arange(44) - 1.5, 41.5 - np.arange(44)), 0, None)
+    np.testing.assert_allclose(d[:, 5, 7], expect, atol=1e-5)
+    assert (d == d[:, :1, :1]).all()  # the in-plane extent plays no part
+    # oblique native slices, the subject grid moved by a rigid transform
+    rot = sitk.Euler3DTransform()
+    rot.SetRotation(0.3, 0.1, 0.2)
+    oblique = sitk.Image(native)
+    oblique.SetDirection(rot.GetMatrix())
+    move = sitk.Euler3DTransform()
+    move.SetRotation(0.05, -0.1, 0.0)
+    move.SetTranslation((2.0, -1.0, 3.0))
+    got = sitk.GetArrayFromImage(reg.fov_edge_distance(oblique, ref, [move], min_slice_mm=2.0))
+    index = sitk.GetImageFromArray(np.broadcast_to(
+        np.arange(10, dtype=np.float32)[:, None, None], (10, 22, 20)).copy())
+    index.CopyInformation(oblique)
+    c = sitk.GetArrayFromImage(sitk.Resample(index, ref, move, sitk.sitkLinear, -99.0))
+    inner = (c > 0) & (c < 9)  # linear interpolation is exact between the end slices' centres
+    assert inner.sum() > 1000
+    np.testing.assert_allclose(got[inner], ((np.minimum(c, 9 - c) + 0.5) * 4.0)[inner],
+                               atol=1e-3)
+    field = sitk.TransformToDisplacementField(move, sitk.sitkVectorFloat64, ref.GetSize(),
+                                              ref.GetOrigin(), ref.GetSpacing(),
+                                              ref.GetDirection())
+    warp = sitk.DisplacementFieldTransform(field)
+    assert not warp.IsLinear()
+    np.testing.assert_allclose(
+        sitk.GetArrayFromImage(reg.fov_edge_distance(oblique, ref, [warp], min_slice_mm=2.0)),
+        got, atol=1e-4)
+    assert reg.slice_axis(native, 2.0) == 2 and reg.slice_axis(native, 5.0) is None
+    for spacing in ((1.0, 1.0, 1.0), (4.0, 1.0, 4.0)):
+        native.SetSpacing(spacing)
+        assert reg.slice_axis(native, 0.5) is None
+        assert np.isinf(sitk.GetArrayFromImage(
+            reg.fov_edge_distance(native, ref, None, min_slice_mm=0.5))).all()

@@ -690,3 +690,32 @@ def test_temporal_consistency_keeps_a_thirty_percent_shrink():
     assert true_change < -0.3
     assert vol_on[2] / vol_on[1] - 1.0 < -0.25  # still shrinking with the step
     assert abs(vol_on[2] / vol_on[1] - vol_off[2] / vol_off[1]) < 0.05
+
+
+def test_no_seed_at_the_fov_edge_but_growth_into_it():
+    """Field-of-view rule: a bright blob within ``no_seed_mm`` of the native FLAIR's slab edge
+    seeds nothing, the same blob mid-FOV is found, and a lesion seeded beyond the zone still
+    grows into it."""
+    edge = _sphere((12, 30, 26), 3)  # 5.5-11.5 mm from the slab's lower edge
+    mid = _sphere((34, 22, 36), 3)
+    column = np.zeros(SHAPE, bool)  # from 8.5 to 22.5 mm: seeds beyond 15 mm, grows below
+    column[12:27] = _sphere((0, 38, 26), 2.5, shape=(1,) + SHAPE[1:])[0]
+    flair, _, brain, _ = _brain(lesions=[edge, mid, column], noise=2.0)
+    # the native slab starts 3.5 voxels (1 mm) below the grid: distance of each z plane
+    fov = np.broadcast_to(np.clip(np.arange(SHAPE[0]) - 3.5, 0, None)[:, None, None], SHAPE)
+    zone = seg.fov_seed_zone(fov, 15.0)
+    assert zone.dtype == bool and not zone[:19].any() and zone[19:].all()
+    maps = _flair_maps([flair], [brain])
+    hp = _hysteresis_params()
+    off = seg.hysteresis_series(maps, [brain], spacing_mm=SP, **hp)[0]
+    on = seg.hysteresis_series(maps, [brain], spacing_mm=SP, seed_zones=[zone], **hp)[0]
+    assert (off & edge).sum() > 0.9 * edge.sum()  # without the rule the edge blob is a lesion
+    assert not (on & edge).any()
+    assert np.array_equal(on & mid, off & mid) and (on & mid).sum() > 0.9 * mid.sum()
+    assert np.array_equal(on & column, off & column)
+    assert (on & column & ~zone).sum() > 0.9 * (column & ~zone).sum()  # grown into the zone
+    # unknown FOV (inf: no slice axis) or the rule off: no zone, the same masks as without
+    assert seg.fov_seed_zone(None, 15.0) is None and seg.fov_seed_zone(fov, 0.0) is None
+    assert seg.fov_seed_zone(np.full(SHAPE, np.inf, np.float32), 15.0).all()
+    with pytest.raises(ValueError, match="seed_zones"):
+        seg.hysteresis_series(maps, [brain], spacing_mm=SP, seed_zones=[zone, zone], **hp)

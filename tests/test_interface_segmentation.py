@@ -88,3 +88,47 @@ def test_segment_sessions_without_brain_voxels_says_so(tmp_path):
         iseg.SegmentSessions(**files, labels=["a", "b", "c"], n_workers=2,
                              segmentation=cfg["segmentation"],
                              dynamics=cfg["dynamics"]).run(cwd=str(tmp_path))
+
+
+def test_fov_edge_from_resample_session_to_the_segment_node(tmp_path):
+    """ResampleSession writes the FLAIR slab's edge distance (the test grid's 2 mm slices are
+    its slice axis) and SegmentSessions seeds only beyond flair_fov_edge_no_seed_mm of it: the
+    lesion (36-38 mm from the edge) stays at 15 mm and goes at 40 mm (beyond the slab's
+    half-width: no seed anywhere); without the input the masks are those of 15 mm."""
+    from pipeline.interfaces.registration import ResampleSession
+
+    files = _subject(tmp_path, np.random.default_rng(5))
+    cfg = load_config().to_dict()
+    fov = []
+    for t, (flair, mask) in enumerate(zip(files["flair"], files["brain_mask"])):
+        (tmp_path / f"rs{t}").mkdir()
+        out = ResampleSession(reference=flair, flair=flair, flair_mask=mask,
+                              fov_min_slice_mm=2.0).run(cwd=str(tmp_path / f"rs{t}")).outputs
+        fov.append(out.flair_fov_edge)
+    d = sitk.GetArrayFromImage(read_image(fov[0]))
+    np.testing.assert_allclose(d[:, 30, 40], (np.minimum(np.arange(40), 39 - np.arange(40))
+                                              + 0.5) * 2.0)
+    (tmp_path / "rs_off").mkdir()
+    off = ResampleSession(reference=files["flair"][0], flair=files["flair"][0],
+                          flair_mask=files["brain_mask"][0]).run(cwd=str(tmp_path / "rs_off"))
+    assert str(off.outputs.flair_fov_edge) == "<undefined>"
+
+    def lesions(name, no_seed_mm, **fov_input):
+        (tmp_path / name).mkdir()
+        seg = {**cfg["segmentation"], "flair_fov_edge_no_seed_mm": no_seed_mm}
+        out = iseg.SegmentSessions(**files, **fov_input, labels=["a", "b", "c"],
+                                   segmentation=seg, dynamics=cfg["dynamics"]
+                                   ).run(cwd=str(tmp_path / name)).outputs
+        return [sitk.GetArrayFromImage(read_image(f)) for f in out.flair_lesion]
+
+    without = lesions("without", 15.0)
+    kept = lesions("kept", 15.0, flair_fov_edge=fov)
+    gone = lesions("gone", 40.0, flair_fov_edge=fov)
+    assert all(m.any() for m in without)
+    for a, b in zip(without, kept):
+        np.testing.assert_array_equal(a, b)
+    assert not any(m.any() for m in gone)
+    import pytest
+
+    with pytest.raises(ValueError, match="flair_fov_edge: 2 entries for 3 sessions"):
+        lesions("short", 15.0, flair_fov_edge=fov[:2])

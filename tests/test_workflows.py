@@ -226,3 +226,29 @@ def test_item_takes_a_one_item_output_as_its_item():
     assert _item("/work/xfm_00.txt", 0) == "/work/xfm_00.txt"
     with pytest.raises(IndexError):
         _item("/work/xfm_00.txt", 1)
+
+
+@pytest.mark.parametrize("no_seed_mm", [15.0, 0.0])
+def test_fov_edge_reaches_the_segment_node(tmp_path, no_seed_mm):
+    # each resample node writes its FLAIR's slab edge in the subject space (told which grids
+    # have one), the segment node gets them in session order; with the rule off nothing is made
+    root = make_skeleton(tmp_path / "bids", sessions=["day0", "day3", "day8"])
+    (subject,) = discover(root)
+    config = load_config().replace("segmentation", flair_fov_edge_no_seed_mm=no_seed_mm,
+                                   flair_fov_edge_min_slice_mm=2.5)
+    wf = init_subject_wf(subject=subject, config=config, staging_dir=tmp_path / "stage")
+    graph = wf._create_flat_graph()
+    nodes = {n.fullname.split(".", 1)[1]: n for n in graph.nodes}
+    into_segment = {dest: src.name for src, _, data in graph.in_edges(nodes["segment"], data=True)
+                    for _, dest in data["connect"]}
+    if not no_seed_mm:
+        assert "flair_fov_edge" not in into_segment and "merge_std_flair_fov_edge" not in nodes
+        assert str(nodes["resample_day0"].inputs.fov_min_slice_mm) == "<undefined>"
+        return
+    assert into_segment["flair_fov_edge"] == "merge_std_flair_fov_edge"
+    for i, ses in enumerate(("day0", "day3", "day8"), start=1):
+        assert nodes[f"resample_{ses}"].inputs.fov_min_slice_mm == 2.5
+        (edge,) = [data["connect"] for src, _, data
+                   in graph.in_edges(nodes["merge_std_flair_fov_edge"], data=True)
+                   if src is nodes[f"resample_{ses}"]]
+        assert edge == [("flair_fov_edge", f"in{i}")]

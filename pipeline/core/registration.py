@@ -403,6 +403,91 @@ def resample_to_reference(
     )
 
 
+def slice_axis(image: sitk.Image, min_slice_mm: float) -> int | None:
+    """The through-plane (slice) axis of a 2D multi-slice grid, in SimpleITK index order (0, 1,
+    2 = i, j, k), or None.
+
+    It is the axis of the largest voxel spacing when that spacing is unique (strictly larger
+    than both others) and at least ``min_slice_mm``. Grids whose largest spacing is shared
+    (isotropic, or two thick axes) or thinner than ``min_slice_mm`` (3D acquisitions, images
+    resampled to ~1 mm) have no slice axis: their slab or grid edge is not told apart from the
+    in-plane edges, and the field-of-view rules leave them alone. Oblique slices need nothing
+    more: the axis is the grid's own (its direction cosines are followed by
+    :func:`fov_edge_distance`).
+    """
+    spacing = np.asarray(image.GetSpacing(), float)
+    if spacing.size != 3:
+        raise ValueError(f"slice_axis needs a 3D image, got {spacing.size}D")
+    k = int(np.argmax(spacing))
+    others = np.delete(spacing, k)
+    if spacing[k] < min_slice_mm or not np.all(spacing[k] > others):
+        return None
+    return k
+
+
+def fov_edge_distance(
+    native: sitk.Image,
+    reference: sitk.Image,
+    transforms: Sequence[sitk.Transform] | sitk.Transform | None = None,
+    *,
+    min_slice_mm: float,
+) -> sitk.Image:
+    """Through-plane distance (mm) from each voxel of ``reference`` to the nearer end of the
+    slab of ``native`` (its field of view along its slice axis), on the grid of ``reference``.
+
+    The slab spans continuous slice indices -0.5 .. n - 0.5 (the outer faces of the end
+    slices); a voxel whose point maps to continuous slice index ``c`` is
+    ``min(c + 0.5, n - 0.5 - c) x slice spacing`` from the edge (an end slice's centre: half a
+    slice), and 0 beyond the slab. The in-plane extent is not looked at. The point mapping is
+    the one :func:`resample_to_reference` uses (``transforms`` in ITK composite order, a
+    reference point to a point of ``native``); exact for linear transforms, otherwise through
+    their displacement field.
+
+    Returns float32; ``+inf`` everywhere when ``native`` has no slice axis
+    (:func:`slice_axis` with ``min_slice_mm``): the edge is not known, so nothing is near it.
+    """
+    axis = slice_axis(native, min_slice_mm)
+    size = reference.GetSize()
+    if axis is None:
+        out = sitk.GetImageFromArray(np.full(size[::-1], np.inf, np.float32))
+        out.CopyInformation(reference)
+        return out
+    if transforms is None:
+        transforms = []
+    elif isinstance(transforms, sitk.Transform):
+        transforms = [transforms]
+    tx = compose_transforms(*transforms) if transforms else sitk.Transform(3, sitk.sitkIdentity)
+    # continuous index of `native` along `axis` as a function of a native point q:
+    # c = w . (q - origin), w = row `axis` of inv(direction @ diag(spacing))
+    nd = np.array(native.GetDirection(), float).reshape(3, 3)
+    w = np.linalg.inv(nd @ np.diag(native.GetSpacing()))[axis]
+    w0 = -float(w @ np.array(native.GetOrigin(), float))
+    # reference index (i, j, k) -> reference point p = rd @ (idx * spacing) + origin
+    rd = np.array(reference.GetDirection(), float).reshape(3, 3) @ np.diag(reference.GetSpacing())
+    ro = np.array(reference.GetOrigin(), float)
+    if tx.IsLinear():
+        # c is affine in the reference index: three 1D ramps broadcast over (z, y, x)
+        a, b = affine_parameters(tx)
+        g = w @ a @ rd  # d c / d (i, j, k)
+        c0 = float(w @ (a @ ro + b)) + w0
+        i, j, k = (np.arange(n, dtype=np.float64) for n in size)
+        c = (c0 + g[0] * i[None, None, :] + g[1] * j[None, :, None] + g[2] * k[:, None, None])
+    else:
+        field = sitk.TransformToDisplacementField(
+            tx, sitk.sitkVectorFloat64, size, reference.GetOrigin(), reference.GetSpacing(),
+            reference.GetDirection())
+        disp = sitk.GetArrayFromImage(field)  # (z, y, x, 3)
+        idx = np.stack(np.meshgrid(*(np.arange(n, dtype=np.float64) for n in size[::-1]),
+                                   indexing="ij")[::-1], axis=-1)  # (z, y, x, 3) = (i, j, k)
+        q = idx @ rd.T + ro + disp
+        c = q @ w + w0
+    n = native.GetSize()[axis]
+    dist = np.clip(np.minimum(c + 0.5, n - 0.5 - c), 0.0, None) * native.GetSpacing()[axis]
+    out = sitk.GetImageFromArray(np.broadcast_to(dist, size[::-1]).astype(np.float32))
+    out.CopyInformation(reference)
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # registration
 

@@ -18,7 +18,8 @@ Method (FLAIR lesions)
    above ``z_grow`` and ``gm_z_grow`` connected in space or in time (adjacent sessions);
    CSF, ``csf_rim_mm`` around it and ``cortex_rim_mm`` inside the brain surface excluded,
    except that growth continues into that CSF rim where ``z > rim_z_grow`` (periventricular
-   lesions keep their part against the ventricle; the rim alone never seeds). Before it,
+   lesions keep their part against the ventricle; the rim alone never seeds); no seed within
+   ``flair_fov_edge_no_seed_mm`` of the native FLAIR's slab edge (:func:`fov_seed_zone`). Before it,
    :func:`temporally_consistent`: where a voxel's z did not change between consecutive
    sessions (smoothed subtraction within ``change_sd`` robust SDs), those sessions share its
    mean z, so unchanged lesions keep one outline. Each
@@ -414,6 +415,22 @@ def joint_step_maps(m: FlairMaps) -> FlairMaps:
     return dataclasses.replace(m, z_wm=None, csf=None, deep=None)
 
 
+def fov_seed_zone(fov_edge_mm: np.ndarray | None, no_seed_mm: float) -> np.ndarray | None:
+    """Where a FLAIR lesion may seed (bool): farther than ``no_seed_mm`` from the edge of the
+    native FLAIR's field of view, given its through-plane distance ``fov_edge_mm`` (mm,
+    :func:`pipeline.core.registration.fov_edge_distance`; ``+inf`` where the edge is not known).
+    None (seeds anywhere) when ``fov_edge_mm`` is None or ``no_seed_mm`` is 0.
+
+    The end slices of a 2D multi-slice FLAIR are bright as a whole (an acquisition effect:
+    benchmarks/results/segmentation.md, session 14 E), and there the medulla, pons and lower
+    cerebellum pass the seed gates; growth from seeds elsewhere may still enter the zone.
+    """
+    if fov_edge_mm is None or not no_seed_mm > 0:
+        return None
+    with np.errstate(invalid="ignore"):
+        return np.asarray(fov_edge_mm) > no_seed_mm
+
+
 def hysteresis_series(
     maps: list[FlairMaps],
     brain_masks: list[np.ndarray],
@@ -431,6 +448,7 @@ def hysteresis_series(
     change_smooth_mm: float = 1.0,
     edge_level_all_sessions: bool = False,
     edge_level_floor: float = 1.0,
+    seed_zones: list[np.ndarray | None] | None = None,
     workers: int = 1,
 ) -> list[np.ndarray]:
     """Spatio-temporal hysteresis on the stacked z-maps of :func:`flair_session_maps`.
@@ -453,6 +471,10 @@ def hysteresis_series(
     rim keeps its part against the ventricle, while the thin bright ependymal rim alone never
     starts a lesion (``inf``: the rim is excluded).
 
+    Field-of-view rule (``seed_zones``, per session a bool mask or None, :func:`fov_seed_zone`):
+    a session's seeds lie inside its zone (away from its native FLAIR's slab edge); growth,
+    in space and time, is not limited by it.
+
     ``workers``: threads for the per-session steps (:func:`per_session`); the result does not
     depend on it.
     """
@@ -460,6 +482,8 @@ def hysteresis_series(
     n = len(maps)
     if n == 0:
         return []
+    if seed_zones is not None and len(seed_zones) != n:
+        raise ValueError(f"seed_zones: {len(seed_zones)} entries for {n} sessions")
     sp = _check_spacing(spacing_mm, maps[0].z.ndim)
     # Memory: besides the input maps, only bool volumes (seeds, growth mask), the maps' values
     # where a run mean is taken (:class:`RunMeans`) and, for the edge step, one float z-map per
@@ -472,6 +496,8 @@ def hysteresis_series(
     def seed(t):
         m = maps[t]
         seeds[t] = (_grow_z(m, gm_z_grow, rim_z_grow) > z_seed) & m.domain & (m.z_gm > gm_z_seed)
+        if seed_zones is not None and seed_zones[t] is not None:
+            seeds[t] &= seed_zones[t]
 
     per_session(seed, n, workers)
     runs = (unchanged_runs(maps, change_sd=change_sd, smooth_mm=change_smooth_mm, spacing_mm=sp,

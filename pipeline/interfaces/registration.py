@@ -249,6 +249,9 @@ class _ResampleSessionInputSpec(BaseInterfaceInputSpec):
     trace = File(exists=True)
     adc = File(exists=True)
     dwi_mask = File(exists=True)
+    fov_min_slice_mm = traits.Float(
+        desc="also write flair_fov_edge: the FLAIR slab's edge is known when its grid's unique "
+        "largest spacing is at least this (mm; [segmentation] flair_fov_edge_min_slice_mm)")
 
 
 class _ResampleSessionOutputSpec(TraitedSpec):
@@ -257,6 +260,10 @@ class _ResampleSessionOutputSpec(TraitedSpec):
     b0 = File()
     trace = File()
     adc = File()
+    flair_fov_edge = File(desc="float32, subject space: through-plane distance (mm) to the "
+                          "native FLAIR's slab edge, 0 beyond it, +inf where not known "
+                          "(core.registration.fov_edge_distance; of the placeholder's grid in "
+                          "a session without FLAIR, which the segment node does not read)")
 
 
 class ResampleSession(SimpleInterface):
@@ -272,15 +279,21 @@ class ResampleSession(SimpleInterface):
         # ITK composite order (core.registration.resample_to_reference): last applied first
         dwi_chain = ([sitk.ReadTransform(ins.dwi_to_flair)] if isdefined(ins.dwi_to_flair) else []) + chain
 
-        def resample(path, transforms, name, interpolator="linear", dtype=np.float32):
+        def resample(source, transforms, name, interpolator="linear", dtype=np.float32):
             img = core_reg.resample_to_reference(
-                read(path), reference, transforms, interpolator=interpolator
+                read(source) if isinstance(source, str) else source, reference, transforms,
+                interpolator=interpolator
             )
             self._results[name] = save(img, runtime, f"{name}.nii.gz", dtype=dtype)
 
         if isdefined(ins.flair):
-            resample(ins.flair, chain, "flair", "bspline")
+            flair = read(ins.flair)
+            resample(flair, chain, "flair", "bspline")
             resample(ins.flair_mask, chain, "brain_mask", "nearest", np.uint8)
+            if isdefined(ins.fov_min_slice_mm):
+                fov = core_reg.fov_edge_distance(flair, reference, chain,
+                                                 min_slice_mm=ins.fov_min_slice_mm)
+                self._results["flair_fov_edge"] = save(fov, runtime, "flair_fov_edge.nii.gz")
         elif isdefined(ins.dwi_mask):
             resample(ins.dwi_mask, dwi_chain, "brain_mask", "nearest", np.uint8)
         for name in ("b0", "trace", "adc"):

@@ -31,6 +31,10 @@ class _SegmentSessionsInputSpec(BaseInterfaceInputSpec):
     adc = InputMultiObject(File(exists=True), mandatory=True, desc="ADC (um^2/s) per session")
     b0 = InputMultiObject(File(exists=True),
                           desc="b0 per session: reference regions of sessions without FLAIR")
+    flair_fov_edge = InputMultiObject(
+        File(exists=True), desc="per session: through-plane distance (mm) to the native FLAIR's "
+        "slab edge (ResampleSession's flair_fov_edge): no FLAIR lesion seeds within "
+        "flair_fov_edge_no_seed_mm of it; not given: seeds anywhere")
     has_flair = traits.List(traits.Bool, desc="per session: FLAIR present (default: all)")
     has_dwi = traits.List(traits.Bool, desc="per session: diffusion present (default: all)")
     labels = traits.List(traits.Str, mandatory=True)
@@ -58,6 +62,10 @@ class SegmentSessions(SimpleInterface):
     every lesion of every session: a first pass excludes the FLAIR lesions, a second pass also
     the restricted tissue found by the first.
 
+    With ``flair_fov_edge`` (per session, ResampleSession's distance to the native FLAIR's slab
+    edge) no FLAIR lesion seeds within ``flair_fov_edge_no_seed_mm`` of that edge
+    (:func:`pipeline.core.segmentation.fov_seed_zone`); growth may still enter it.
+
     Sessions may lack a contrast (``has_flair`` / ``has_dwi``):
 
     * FLAIR lesions come from the sessions with a FLAIR, segmented jointly; where diffusion is
@@ -81,6 +89,10 @@ class SegmentSessions(SimpleInterface):
                             ("trace", self.inputs.trace), ("adc", self.inputs.adc)):
             if len(value) != n:
                 raise ValueError(f"{name}: {len(value)} entries for {n} sessions")
+        fov_files = (list(self.inputs.flair_fov_edge) if isdefined(self.inputs.flair_fov_edge)
+                     else None)
+        if fov_files is not None and len(fov_files) != n:
+            raise ValueError(f"flair_fov_edge: {len(fov_files)} entries for {n} sessions")
         if not all(has_flair) and len(b0_files) != n:
             raise ValueError("sessions without FLAIR need the b0 of every session (input b0)")
         ref_img = read(self.inputs.flair[0])
@@ -141,6 +153,11 @@ class SegmentSessions(SimpleInterface):
         maps, cands = map(list, zip(*seg.per_session(session_maps, n, workers)))
         with_flair = [i for i in range(n) if has_flair[i]]
         lesions = [np.zeros(brains[i].shape, bool) for i in range(n)]
+        # where seeds may start: away from each FLAIR's native slab edge (bool, on the box; the
+        # distance was taken on the whole grid, so the box's own edge plays no part)
+        zones = None if fov_files is None else [
+            seg.fov_seed_zone(image(fov_files[i]), s["flair_fov_edge_no_seed_mm"])
+            for i in with_flair]
         joint = seg.hysteresis_series(
             [maps[i] for i in with_flair], [brains[i] for i in with_flair],
             z_seed=s["flair_z_seed"], z_grow=s["flair_z_grow"],
@@ -150,8 +167,8 @@ class SegmentSessions(SimpleInterface):
             rim_z_grow=s["flair_rim_z_grow"], change_sd=s["flair_change_sd"],
             change_smooth_mm=s["flair_change_smooth_mm"],
             edge_level_all_sessions=s["flair_edge_level_all_sessions"],
-            edge_level_floor=s["flair_edge_level_floor"], workers=workers)
-        del maps
+            edge_level_floor=s["flair_edge_level_floor"], seed_zones=zones, workers=workers)
+        del maps, zones
         for i, mask in zip(with_flair, joint):
             lesions[i] = mask
         del joint

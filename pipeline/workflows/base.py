@@ -277,8 +277,14 @@ def init_subject_wf(
     # FLAIR (its reference regions); it is not a derivative: resampled only when needed
     fields = RESAMPLED if not all(has_flair) else tuple(f for f in RESAMPLED if f != "b0")
     resampled = {field: _merge(f"merge_std_{field}", n) for field in fields}
+    # the native FLAIR's slab edge in the subject space, for the segment node's no-seed zone
+    # (a work file, not a derivative); not made when the rule is off
+    fov = config.segmentation.flair_fov_edge_no_seed_mm > 0
+    fov_kw = {"fov_min_slice_mm": config.segmentation.flair_fov_edge_min_slice_mm} if fov else {}
+    fov_edges = _merge("merge_std_flair_fov_edge", n) if fov else None
     for i, swf in enumerate(session_wfs):
-        resample = pe.Node(ResampleSession(), name=f"resample_{sessions[i].session}", mem_gb=1.0)
+        resample = pe.Node(ResampleSession(**fov_kw), name=f"resample_{sessions[i].session}",
+                           mem_gb=1.0)
         workflow.connect([
             # the session's transform picked from the list on the edge (a connection
             # function), not by a Select node run between the two
@@ -293,6 +299,8 @@ def init_subject_wf(
             workflow.connect(swf, "outputnode.b0", resample, "b0")
         for field in fields:
             workflow.connect(resample, field, resampled[field], f"in{i + 1}")
+        if fov:
+            workflow.connect(resample, "flair_fov_edge", fov_edges, f"in{i + 1}")
 
     # numpy/scipy run one thread per call: the segment node threads over sessions instead
     seg_workers = max(1, min(n, config.resources.nprocs))
@@ -304,6 +312,8 @@ def init_subject_wf(
     )
     for field in fields:
         workflow.connect(resampled[field], "out", segment, field)
+    if fov:
+        workflow.connect(fov_edges, "out", segment, "flair_fov_edge")
 
     track = pe.Node(
         TrackLesions(tracking=cfg["tracking"], dynamics=cfg["dynamics"], labels=labels,
