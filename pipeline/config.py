@@ -58,6 +58,7 @@ class Preprocessing:
     brain_mask_erosion_mm: float = _rng(0, 50)
     brain_mask_smoothing_mm: float = _rng(0, 20)
     brain_mask_threshold: Literal["otsu", "li", "triangle", "huang"] = field()
+    dwi_bias_correct: bool = field()
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,7 @@ class Dynamics:
     restricted_edge_ring_mm: float = _rng(0, 50, lo_open=True)
     restricted_core_sd: float = _rng(0, 20)
     radc_core_depth_mm: float = _rng(0, 50)
+    shine_through_in_flair_lesion: bool = field()
 
 
 @dataclass(frozen=True)

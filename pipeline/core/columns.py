@@ -20,7 +20,7 @@ SESSION_COLUMNS: dict[str, dict[str, str]] = {
         "Units": "mL",
     },
     "shine_through_volume_ml": {
-        "Description": "Volume that is DWI hyperintense but has a normal ADC (T2 shine-through); not counted as restricted",
+        "Description": "Volume of T2 shine-through: lesion tissue that is DWI hyperintense (trace above dwi_hyperintense_ratio x the NAWM median) with rADC not below the restriction cut-off; not counted as restricted. The pipeline looks for it inside the session's FLAIR lesions only (dynamics.shine_through_in_flair_lesion): normal grey matter, DWI-brighter than white matter, is not shine-through; n/a in a session without FLAIR",
         "Units": "mL",
     },
     "ever_restricted_volume_ml": {

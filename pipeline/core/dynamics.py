@@ -24,7 +24,7 @@ VOXEL_CLASS_LABELS = {
     PSEUDONORMAL: ("pseudonormal", "rADC from restricted_below up to elevated_above"),
     ELEVATED: ("elevated", "rADC above elevated_above"),
     SHINE_THROUGH: ("shinethrough", "T2 shine-through: DWI hyperintense, rADC not below "
-                    "restricted_below"),
+                    "restricted_below (inside a FLAIR lesion)"),
 }
 
 
@@ -255,6 +255,7 @@ def session_summary(
     diffusion_observed: bool = True,
     core_depth_mm: float | None = None,
     spacing_mm: tuple[float, ...] | None = None,
+    shine_through_needs_flair: bool = False,
 ) -> dict[str, float]:
     """One row of the per-session table (columns described in :mod:`pipeline.core.columns`).
 
@@ -264,7 +265,8 @@ def session_summary(
     mask (``core_depth_mm``, grid ``spacing_mm``; NaN when either is not given).
     A session without FLAIR (``flair_observed`` False) has NaN in the FLAIR columns, one
     without diffusion (``diffusion_observed`` False) NaN in every diffusion column: not
-    observed, not zero.
+    observed, not zero. With ``shine_through_needs_flair`` (shine-through looked for inside the
+    FLAIR lesions only) a session without FLAIR has NaN shine-through volume too.
     """
     flair_lesion, restricted = np.asarray(flair_lesion, bool), np.asarray(restricted, bool)
     ever = np.asarray(ever_restricted, bool)
@@ -301,7 +303,7 @@ def session_summary(
     }
     unobserved = (() if flair_observed else FLAIR_SESSION_COLUMNS) + (
         () if diffusion_observed else DIFFUSION_SESSION_COLUMNS
-    )
+    ) + (("shine_through_volume_ml",) if shine_through_needs_flair and not flair_observed else ())
     return {k: (float("nan") if k in unobserved else v) for k, v in row.items()}
 
 

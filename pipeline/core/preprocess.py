@@ -258,3 +258,46 @@ def prepare_image(
             spline_distance_mm=params["n4_spline_distance_mm"], n_threads=n_threads,
         )
     return image, mask
+
+
+def prepare_dwi(
+    b0: sitk.Image, trace: sitk.Image, params: dict, *, bias_correct: bool = True,
+    n_threads: int | None = None,
+) -> tuple[sitk.Image, sitk.Image, sitk.Image]:
+    """A session's mean b0 and trace DWI as the pipeline prepares them: the b0 as
+    :func:`prepare_image` does (float32, brain mask, with ``bias_correct`` N4 fitted on the b0
+    inside that mask) and the trace divided by the SAME field, evaluated on the trace's grid.
+
+    The receive-coil profile multiplies every volume of a DWI series alike, so one field fitted
+    on the b0 (the better-SNR, contrast-richer image) corrects both, and the ADC
+    ``ln(b0 / trace) / b`` is unchanged: the field cancels in the ratio. The trace's
+    non-positive or non-finite voxels stay as they are (no signal). Returns the b0, the trace
+    (float32) and the brain mask (uint8).
+
+    Raises
+    ------
+    ValueError
+        When the trace is not on the b0's grid.
+    """
+    b0 = sitk.Cast(b0, sitk.sitkFloat32)
+    trace = sitk.Cast(trace, sitk.sitkFloat32)
+    if (b0.GetSize() != trace.GetSize()
+            or not np.allclose(b0.GetSpacing(), trace.GetSpacing(), atol=1e-4)
+            or not np.allclose(b0.GetOrigin(), trace.GetOrigin(), atol=1e-3)
+            or not np.allclose(b0.GetDirection(), trace.GetDirection(), atol=1e-5)):
+        raise ValueError(f"prepare_dwi: the trace DWI (size {trace.GetSize()}) is not on the b0's "
+                         f"grid (size {b0.GetSize()}); both must come from the same DWI series")
+    b0, mask = prepare_image(b0, params, bias_correct=False)
+    if not bias_correct:
+        return b0, trace, mask
+    b0_corrected, bias = n4_bias_correct(
+        b0, mask, shrink_factor=params["n4_shrink_factor"], iterations=params["n4_iterations"],
+        convergence=params["n4_convergence"], spline_distance_mm=params["n4_spline_distance_mm"],
+        n_threads=n_threads,
+    )
+    field = sitk.GetArrayViewFromImage(bias)
+    t = sitk.GetArrayViewFromImage(trace)
+    ok = np.isfinite(t) & (t > 0)
+    out = sitk.GetImageFromArray(np.where(ok, t / field, t).astype(np.float32))
+    out.CopyInformation(trace)
+    return b0_corrected, out, mask

@@ -159,7 +159,8 @@ class RestrictedResult:
     """Output of :func:`segment_restricted`."""
 
     restricted: np.ndarray  #: bool, DWI hyperintense and rADC below the cut-off
-    shine_through: np.ndarray  #: bool, DWI hyperintense with rADC at or above the cut-off
+    #: bool, DWI hyperintense with rADC at or above the cut-off (inside ``shine_within``)
+    shine_through: np.ndarray
     reference_adc: dynamics.ReferenceADC  #: NAWM ADC summary (um^2/s)
     reference_dwi: float  #: NAWM median trace DWI (scanner units)
     dwi_ratio: np.ndarray  #: float32, trace / reference_dwi (NaN outside the brain)
@@ -180,6 +181,7 @@ def segment_restricted(
     edge_mm: float = 0.0,
     edge_ring_mm: float = 6.0,
     core_sd: float = 0.0,
+    shine_within: np.ndarray | None = None,
 ) -> RestrictedResult:
     """Restricted-diffusion and T2 shine-through masks.
 
@@ -195,6 +197,15 @@ def segment_restricted(
     ``edge_mm > 0`` each restricted lesion then grows by :func:`grow_to_half_contrast` (ring
     ``edge_mm`` to ``edge_ring_mm``) into DWI-hyperintense valid voxels, which leave the
     shine-through mask.
+
+    T2 shine-through is a finding of abnormal tissue: a lesion bright on DWI because of its long
+    T2, with normal or raised ADC. With ``shine_within`` (the session's FLAIR lesions, the
+    T2-hyperintense tissue) only those voxels can be shine-through; normal tissue that the
+    NAWM-relative DWI cut-off also passes (grey matter, which is brighter than white matter on a
+    b = 1000 trace, and the NAWM's own upper tail) is not. None: every DWI-hyperintense voxel
+    that is not restricted (real healthy DWI, dwi_philips_real, b0 bias field divided out: 153 mL
+    of a 1048 mL brain, 95 mL of it outer (cortical) parenchyma, 46 mL inside the NAWM
+    reference itself).
 
     Raises
     ------
@@ -233,7 +244,14 @@ def segment_restricted(
         restricted = grow_to_half_contrast(
             restricted, radc, (restricted | shine) & valid, ring_mm=(edge_mm, edge_ring_mm),
             max_mm=edge_mm, spacing_mm=sp)
-    shine = remove_small_components(shine & valid & ~restricted, min_lesion_volume_mm3, sp)
+    shine = shine & valid & ~restricted
+    if shine_within is not None:
+        within = np.asarray(shine_within, bool)
+        if within.shape != trace.shape:
+            raise ValueError(f"shine-through region shape {within.shape} differs from trace DWI "
+                             f"{trace.shape}")
+        shine &= within
+    shine = remove_small_components(shine, min_lesion_volume_mm3, sp)
     return RestrictedResult(restricted, shine, ref_adc, ref_dwi, dwi_ratio, radc)
 
 

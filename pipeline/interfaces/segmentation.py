@@ -74,6 +74,9 @@ class SegmentSessions(SimpleInterface):
       from its b0, which like FLAIR shows white matter as the darkest non-CSF tissue.
     * A session without diffusion has empty restricted / shine-through / NAWM masks, an
       all-NaN rADC and a NaN NAWM reference.
+    * T2 shine-through is looked for inside the session's FLAIR lesions only
+      (``[dynamics] shine_through_in_flair_lesion``): a session without FLAIR then has an
+      empty shine-through mask (its table column is NaN, not observed).
     """
 
     input_spec = _SegmentSessionsInputSpec
@@ -191,7 +194,14 @@ class SegmentSessions(SimpleInterface):
                                           min_voxels=min_nawm)
             return nawm, rd.segment_restricted(
                 image(self.inputs.trace[i])[inner], adc_i, brains[i][inner], nawm,
-                spacing_mm=spacing, **rd.restricted_settings(s, d))
+                spacing_mm=spacing, shine_within=shine_region(i), **rd.restricted_settings(s, d))
+
+        def shine_region(i):
+            """Where session ``i`` may have T2 shine-through: its FLAIR lesions
+            (``[dynamics] shine_through_in_flair_lesion``; none without a FLAIR), else None."""
+            if not d["shine_through_in_flair_lesion"]:
+                return None
+            return lesions[i][inner] if has_flair[i] else np.zeros(inner_shape, bool)
 
         # first pass: away from the FLAIR lesions (which lie in the brain, so in `inner`)
         away_flair = lesion_free([m[inner] for m in lesions])

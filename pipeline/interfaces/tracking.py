@@ -118,6 +118,7 @@ class TrackLesions(SimpleInterface):
                 voxel_volume_ml=voxel_ml, restricted_below=dyn["restricted_below"],
                 elevated_above=dyn["elevated_above"], flair_observed=has_flair[i], diffusion_observed=has_dwi[i],
                 core_depth_mm=dyn["radc_core_depth_mm"], spacing_mm=spacing,
+                shine_through_needs_flair=dyn["shine_through_in_flair_lesion"],
             ))
             rows.append(row)
         sessions = pd.DataFrame(rows)

@@ -101,17 +101,22 @@ def init_session_wf(*, session: SessionInputs, config: Config, name: str = "sess
                                       ("out_file", "anat"), ("mask", "anat_mask")]),
         ])
     if has_dwi:
-        prep_dwi = pe.Node(PrepareImage(params=pre, bias_correct=False, n_threads=threads,
+        # the b0's N4 field divides the trace too ([preprocessing] dwi_bias_correct): the ADC
+        # (LoadSession's) is unchanged
+        prep_dwi = pe.Node(PrepareImage(params=pre,
+                                        bias_correct=config.preprocessing.dwi_bias_correct,
+                                        n_threads=threads,
                                         **({} if has_flair else anat_registration)),
                            name="prep_dwi", n_procs=threads, mem_gb=0.5)
         workflow.connect([
-            (load, prep_dwi, [("b0", "in_file")]),
-            (prep_dwi, outputnode, [("mask", "dwi_mask")]),
+            (load, prep_dwi, [("b0", "in_file"), ("trace", "trace")]),
+            (prep_dwi, outputnode, [("mask", "dwi_mask"), ("out_file", "b0"),
+                                    ("trace_out", "trace")]),
         ])
-    # b0/trace/adc (and the FLAIR of a session without one) are LoadSession's all-NaN
-    # placeholders when the contrast is missing; masks then come from the present contrast.
-    workflow.connect(load, "b0", outputnode, "b0")
-    workflow.connect(load, "trace", outputnode, "trace")
+    else:
+        # b0/trace (and the FLAIR of a session without one) are LoadSession's all-NaN
+        # placeholders when the contrast is missing; masks then come from the present contrast.
+        workflow.connect([(load, outputnode, [("b0", "b0"), ("trace", "trace")])])
     workflow.connect(load, "adc", outputnode, "adc")
     if not has_flair:  # DWI/ADC only: the b0 is the anatomical reference
         workflow.connect([
