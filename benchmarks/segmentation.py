@@ -248,7 +248,9 @@ def healthy_dwi_masks(dwi4d: np.ndarray, bvals: np.ndarray, affine: np.ndarray,
     """Restricted masks of one DWI series without FLAIR, on its own grid (arrays z, y, x).
 
     trace, b0 and ADC as the pipeline's session node computes them (``[inputs]``); brain =
-    the brain mask of :func:`pipeline.core.preprocess.prepare_image` of the mean b0; NAWM
+    the brain mask of the mean b0, and b0 and trace bias-corrected, as the pipeline's
+    ``prep_dwi`` node does (:func:`pipeline.core.preprocess.prepare_dwi`,
+    ``[preprocessing] dwi_bias_correct``); NAWM
     reference = :func:`pipeline.core.restricted.nawm_reference_from` on the brain voxels with a
     valid, not CSF-like ADC (``reference_csf_adc_min_um2_s``), eroded by ``nawm_erosion_mm``
     (or less, ``nawm_min_volume_ml``):
@@ -257,7 +259,10 @@ def healthy_dwi_masks(dwi4d: np.ndarray, bvals: np.ndarray, affine: np.ndarray,
     ``brain``, ``project`` (:class:`pipeline.core.restricted.RestrictedResult`),
     ``dwi_only`` (the same with the NAWM a session without FLAIR gets in the pipeline's segment
     node: :meth:`pipeline.core.segmentation.FlairMaps.nawm_candidates` of the b0's maps),
-    ``baseline`` (:func:`adc_baseline` mask) and ``spacing`` (mm, array order).
+    ``baseline`` (:func:`adc_baseline` mask) and ``spacing`` (mm, array order). The
+    volunteer has no FLAIR: both project results are computed without the FLAIR-lesion gate of
+    shine-through (``shine_within``), i.e. their ``shine_through`` is every DWI-bright voxel that
+    is not restricted; :func:`real_dwi` reports what the pipeline would call shine-through.
     """
     inp, s, d = config.inputs, config.segmentation, config.dynamics
     b0 = core_dwi.mean_b0(dwi4d, bvals, inp.b0_threshold_s_mm2)
@@ -266,12 +271,15 @@ def healthy_dwi_masks(dwi4d: np.ndarray, bvals: np.ndarray, affine: np.ndarray,
     adc = core_dwi.adc_from_signals(b0, trace, b_value, adc_max_um2_s=inp.adc_max_um2_s)
     ref = nib_to_sitk(np.asarray(b0, np.float32), affine)
     cfg = config.to_dict()
-    _, mask = core_pre.prepare_image(ref, cfg["preprocessing"], bias_correct=False)
+    b0_img, trace_img, mask = core_pre.prepare_dwi(
+        ref, nib_to_sitk(np.asarray(trace, np.float32), affine), cfg["preprocessing"],
+        bias_correct=config.preprocessing.dwi_bias_correct)
     brain = sitk.GetArrayFromImage(mask) > 0
-    trace, adc = (np.ascontiguousarray(np.asarray(a, np.float32).T) for a in (trace, adc))
+    b0, trace = (sitk.GetArrayFromImage(i) for i in (b0_img, trace_img))  # z, y, x
+    adc = np.ascontiguousarray(np.asarray(adc, np.float32).T)
     spacing = _zyx_spacing(ref)
     maps = seg.flair_session_maps(
-        np.ascontiguousarray(np.asarray(b0, np.float32).T), brain, adc,
+        b0, brain, adc,
         csf_adc_min_um2_s=s.reference_csf_adc_min_um2_s, csf_flair_max_ratio=s.csf_flair_max_ratio,
         reference_csf_margin_mm=s.reference_csf_margin_mm, reference_depth_mm=s.reference_depth_mm,
         cortex_rim_mm=s.cortex_rim_mm, csf_rim_mm=s.csf_rim_mm, spacing_mm=spacing)
@@ -310,6 +318,7 @@ def real_dwi(config: Config) -> pd.DataFrame:
     res = healthy_dwi_masks(np.asarray(img.dataobj, np.float32), np.loadtxt(bval), img.affine,
                             config)
     voxel_ml = float(np.prod(res["spacing"])) / 1000.0
+    gate = config.dynamics.shine_through_in_flair_lesion
     rows = []
     for method, key in (("project", "project"),
                         ("project, NAWM of a DWI-only session (from the b0)", "dwi_only"),
@@ -321,8 +330,14 @@ def real_dwi(config: Config) -> pd.DataFrame:
                      "brain_ml": float(res["brain"].sum() * voxel_ml),
                      "restricted_ml": float(mask.sum() * voxel_ml), "components": n,
                      "largest_ml": largest,
-                     "shine_through_ml": (float(proj.shine_through.sum() * voxel_ml)
-                                          if proj is not None else np.nan),
+                     # the pipeline's shine-through: inside the FLAIR lesions
+                     # ([dynamics] shine_through_in_flair_lesion); the volunteer has no
+                     # FLAIR: none with a FLAIR free of lesions, n/a in a DWI-only session
+                     "shine_through_ml": (
+                         np.nan if proj is None or (key == "dwi_only" and gate)
+                         else 0.0 if gate else float(proj.shine_through.sum() * voxel_ml)),
+                     "dwi_bright_not_restricted_ml": (float(proj.shine_through.sum() * voxel_ml)
+                                                      if proj is not None else np.nan),
                      "nawm_adc_um2_s": (proj.reference_adc.median_um2_s
                                         if proj is not None else np.nan),
                      "nawm_ml": (proj.reference_adc.n_voxels * voxel_ml
@@ -733,7 +748,12 @@ def report(args, machine, timings, table, ph, st, mni, lon, info, rdwi=None) -> 
                    "native grid; no FLAIR, so the NAWM reference is the eroded brain's ADC mode "
                    "(`healthy_dwi_masks`); the second project row takes the NAWM a session "
                    "without FLAIR gets in the pipeline (its b0's darkest deep tissue), i.e. what "
-                   "a user of a DWI-only session gets."), "",
+                   "a user of a DWI-only session gets. b0 and trace bias-corrected as `prep_dwi` "
+                   "does (`[preprocessing] dwi_bias_correct`). dwi_bright_not_restricted_ml: "
+                   "DWI ratio above `dwi_hyperintense_ratio` with rADC not restricted, anywhere "
+                   "in the brain; shine_through_ml: what the pipeline reports, those voxels "
+                   "inside the FLAIR lesions (`[dynamics] shine_through_in_flair_lesion`): 0 "
+                   "with a lesion-free FLAIR, n/a without FLAIR."), "",
                   C.markdown(rdwi, index=False), ""]
     if ph is not None and len(ph):
         presets = ", ".join(f"{k}: {v}" for k, v in info["presets"].items())

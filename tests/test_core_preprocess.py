@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from pipeline.core.preprocess import brain_mask, n4_bias_correct
+from pipeline.core.preprocess import brain_mask, n4_bias_correct, prepare_dwi
 
 
 def _points(size, spacing):
@@ -81,6 +81,50 @@ def test_n4_removes_multiplicative_bias():
     cov_gm_before = v[gm].std() / v[gm].mean()
     cov_gm_after = out[gm].std() / out[gm].mean()
     assert cov_gm_after < 0.6 * cov_gm_before, (cov_gm_before, cov_gm_after)
+
+
+_PREP = {"n4_shrink_factor": 4, "n4_iterations": [50, 50], "n4_convergence": 0.001,
+         "n4_spline_distance_mm": 200.0, "brain_mask_closing_mm": 4.0,
+         "brain_mask_erosion_mm": 3.0, "brain_mask_smoothing_mm": 1.0,
+         "brain_mask_threshold": "otsu"}
+
+
+def test_prepare_dwi_divides_the_trace_by_the_b0_field_and_keeps_the_adc():
+    """One receive profile multiplies b0 and trace alike: after prepare_dwi the trace of one
+    tissue is flat (its DWI ratio no longer follows the coil), and ln(b0 / trace) is the same."""
+    spacing = (2.0, 2.0, 4.0)
+    p, origin = _points((96, 96, 30), spacing)
+    brain = _ell(p, (70, 80, 55))
+    wm = _ell(p, (40, 50, 35))
+    adc = np.where(wm, 0.7e-3, 0.85e-3)  # mm^2/s
+    s0 = np.where(brain, 1000.0, 0.0) * np.where(wm, 1.0, 1.25)
+    bias = np.exp(0.2 * p[..., 0] / 70.0 - 0.15 * p[..., 2] / 55.0 + 0.1 * p[..., 1] / 80.0)
+    rng = np.random.default_rng(3)
+    b0 = s0 * bias + rng.normal(0, 5.0, s0.shape)
+    trace = s0 * np.exp(-1000.0 * adc) * bias + rng.normal(0, 5.0, s0.shape)
+    b0, trace = np.clip(b0, 1, None), np.clip(trace, 1, None)
+    b0_c, trace_c, mask = prepare_dwi(_image(b0, spacing, origin), _image(trace, spacing, origin),
+                                      _PREP)
+    out_b0, out_tr = sitk.GetArrayFromImage(b0_c), sitk.GetArrayFromImage(trace_c)
+    assert trace_c.GetPixelID() == sitk.sitkFloat32 and mask.GetPixelID() == sitk.sitkUInt8
+    cov = lambda v: v[wm].std() / v[wm].mean()
+    assert cov(out_tr) < 0.5 * cov(trace), (cov(trace), cov(out_tr))
+    inside = brain & (trace > 1)
+    np.testing.assert_allclose(np.log(out_b0 / out_tr)[inside], np.log(b0 / trace)[inside],
+                               atol=1e-5)
+    # without the correction: the images as given (float32) and the same mask
+    b0_n, trace_n, mask_n = prepare_dwi(_image(b0, spacing, origin),
+                                        _image(trace, spacing, origin), _PREP,
+                                        bias_correct=False)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(trace_n), trace.astype(np.float32))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(mask_n), sitk.GetArrayFromImage(mask))
+
+
+def test_prepare_dwi_refuses_a_trace_on_another_grid():
+    img = _image(np.ones((8, 10, 12)), (2.0, 2.0, 4.0), (0.0, 0.0, 0.0))
+    other = _image(np.ones((8, 10, 11)), (2.0, 2.0, 4.0), (0.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="not on the b0's grid"):
+        prepare_dwi(img, other, _PREP)
 
 
 def test_brain_mask_cuts_corner_bridge_across_thick_slices():

@@ -234,3 +234,28 @@ def test_restricted_core_margin_shrinks_with_the_noise():
         trace, adc, brain, nawm & ~lesion, restricted_below=0.75, dwi_hyperintense_ratio=1.15,
         min_lesion_volume_mm3=10.0, csf_adc_min_um2_s=2000.0, spacing_mm=SP, core_sd=4.0)
     assert dice(lesion, res.restricted) > 0.9
+
+
+def test_shine_through_only_inside_the_given_lesions():
+    """With ``shine_within`` (the FLAIR lesions) DWI-bright tissue with a normal ADC outside
+    it (grey matter-like) is not shine-through; inside it, it is; restricted is unchanged."""
+    flair, adc, brain, csf = _brain(seed=1)
+    trace = np.where(brain, 100.0, 0).astype(np.float32)
+    trace[csf] = 20.0
+    restr = _sphere((28, 38, 20), 4)
+    lesion = _sphere((28, 38, 34), 4)  # T2 lesion: DWI bright, ADC normal
+    gm_like = _sphere((20, 20, 26), 4) & brain & ~csf  # normal tissue, DWI brighter than NAWM
+    adc[restr], trace[restr] = 400.0, 200.0
+    adc[lesion], trace[lesion] = 1100.0, 180.0
+    adc[gm_like], trace[gm_like] = 850.0, 125.0
+    nawm = brain & ~csf & ~restr & ~lesion & ~gm_like
+    kw = dict(restricted_below=0.75, dwi_hyperintense_ratio=1.15, min_lesion_volume_mm3=10.0,
+              csf_adc_min_um2_s=2000.0, spacing_mm=SP)
+    anywhere = rd.segment_restricted(trace, adc, brain, nawm, **kw)
+    gated = rd.segment_restricted(trace, adc, brain, nawm, shine_within=lesion, **kw)
+    assert (anywhere.shine_through & gm_like).sum() > 0.9 * gm_like.sum()
+    assert not (gated.shine_through & ~lesion).any()
+    assert dice(lesion, gated.shine_through) > 0.95
+    assert np.array_equal(gated.restricted, anywhere.restricted)
+    with pytest.raises(ValueError, match="shine-through region shape"):
+        rd.segment_restricted(trace, adc, brain, nawm, shine_within=lesion[1:], **kw)

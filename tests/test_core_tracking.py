@@ -486,6 +486,13 @@ def test_tables_say_not_observed():
     no_flair = dynamics.session_summary(**kwargs, flair_observed=False)
     assert np.isnan(no_flair["flair_volume_ml"]) and np.isnan(no_flair["radc_mean_flair"])
     assert no_flair["restricted_volume_ml"] == full["restricted_volume_ml"]
+    assert no_flair["shine_through_volume_ml"] == full["shine_through_volume_ml"]
+    # shine-through looked for inside the FLAIR lesions only: not observed without a FLAIR
+    gated = dynamics.session_summary(**kwargs, flair_observed=False,
+                                     shine_through_needs_flair=True)
+    assert np.isnan(gated["shine_through_volume_ml"])
+    assert gated["restricted_volume_ml"] == full["restricted_volume_ml"]
+    assert dynamics.session_summary(**kwargs, shine_through_needs_flair=True) == full
     no_dwi = dynamics.session_summary(**{**kwargs, "radc": radc[2]}, diffusion_observed=False)
     assert no_dwi["flair_volume_ml"] == full["flair_volume_ml"]
     for col in dynamics.DIFFUSION_SESSION_COLUMNS:

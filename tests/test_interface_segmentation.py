@@ -132,3 +132,55 @@ def test_fov_edge_from_resample_session_to_the_segment_node(tmp_path):
 
     with pytest.raises(ValueError, match="flair_fov_edge: 2 entries for 3 sessions"):
         lesions("short", 15.0, flair_fov_edge=fov[:2])
+
+
+def test_shine_through_lies_in_the_flair_lesions_and_is_empty_without_flair(tmp_path):
+    """T2 shine-through is looked for inside the session's FLAIR lesions
+    (``[dynamics] shine_through_in_flair_lesion``): a DWI-bright, ADC-normal region that is
+    not FLAIR-bright (grey matter-like) is not shine-through, and a session without FLAIR has
+    none; with the key off both are counted as before."""
+    rng = np.random.default_rng(7)
+    shape = (40, 70, 64)
+    zz, yy, xx = np.indices(shape)
+    brain = (((zz - 18) / 12.0) ** 2 + ((yy - 30) / 20.0) ** 2 + ((xx - 40) / 18.0) ** 2) < 1.0
+    lesion = (zz - 18) ** 2 + (yy - 30) ** 2 + (xx - 48) ** 2 < 5.0 ** 2
+    gm_like = (zz - 18) ** 2 + (yy - 30) ** 2 + (xx - 30) ** 2 < 5.0 ** 2
+    s0 = np.where(brain, 100.0, 0.0) * np.where(lesion, 1.6, 1.0) * np.where(gm_like, 1.5, 1.0)
+    adc = np.where(brain, np.where(lesion, 1000.0, np.where(gm_like, 850.0, 780.0)), 0.0)
+    files = {key: [] for key in ("flair", "brain_mask", "trace", "adc", "b0")}
+    for t, with_flair in enumerate((True, False)):
+        arrays = {
+            "flair": (np.where(brain, 100.0 + np.where(lesion, 70.0, 0.0), 5.0)
+                      + rng.normal(0.0, 3.0, shape)) if with_flair else np.full(shape, np.nan),
+            "brain_mask": brain.astype(float),
+            "adc": adc + rng.normal(0.0, 20.0, shape) * brain,
+            "b0": s0 + rng.normal(0.0, 2.0, shape) * brain,
+        }
+        arrays["trace"] = arrays["b0"] * np.exp(-1e-3 * arrays["adc"])
+        for key, arr in arrays.items():
+            img = sitk.GetImageFromArray(arr.astype(np.float32))
+            img.SetSpacing((1.0, 1.0, 2.0))
+            path = str(tmp_path / f"{key}{t}.nii.gz")
+            sitk.WriteImage(img, path)
+            files[key].append(path)
+    cfg = load_config().to_dict()
+
+    def run(gate):
+        cwd = tmp_path / f"gate{gate}"
+        cwd.mkdir()
+        out = iseg.SegmentSessions(**files, labels=["a", "b"], has_flair=[True, False],
+                                   segmentation=cfg["segmentation"],
+                                   dynamics={**cfg["dynamics"],
+                                             "shine_through_in_flair_lesion": gate},
+                                   ).run(cwd=str(cwd)).outputs
+        return ([sitk.GetArrayFromImage(read_image(f)) > 0 for f in out.shine_through],
+                [sitk.GetArrayFromImage(read_image(f)) > 0 for f in out.flair_lesion])
+
+    (shine_a, shine_b), (flair_a, _) = run(True)
+    assert (flair_a & lesion).sum() > 0.8 * lesion.sum()
+    assert (shine_a & lesion).sum() > 0.8 * lesion.sum()
+    assert not (shine_a & ~flair_a).any() and not (shine_a & gm_like).any()
+    assert not shine_b.any()
+    (open_a, open_b), _ = run(False)
+    assert (open_a & gm_like).sum() > 0.8 * gm_like.sum()
+    assert (open_b & gm_like).sum() > 0.8 * gm_like.sum()

@@ -181,6 +181,13 @@ def test_registrations_to_the_first_session_run_in_the_sessions(tmp_path, withou
     # and read by its DWI -> FLAIR registration (the FLAIR is the fixed image) too
     registration = load_config().to_dict()["registration"]
     for ses in sessions:
+        # the b0's bias field divides the trace too ([preprocessing] dwi_bias_correct): the
+        # resampled trace (and b0) are prep_dwi's, the ADC is LoadSession's
+        assert nodes[f"ses_{ses}_wf.prep_dwi"].inputs.bias_correct is True
+        assert (f"ses_{ses}_wf.load", "trace", "trace") in sources(f"ses_{ses}_wf.prep_dwi")
+        into = {dest: (src, out) for src, out, dest in sources(f"resample_{ses}")}
+        assert into["trace"] == (f"ses_{ses}_wf.prep_dwi", "trace_out")
+        assert into["adc"] == (f"ses_{ses}_wf.load", "adc")
         own = "prep_dwi" if without_flair and ses == "day8" else "prep_flair"
         assert nodes[f"ses_{ses}_wf.{own}"].inputs.registration == registration
         if own == "prep_flair":
