@@ -673,6 +673,9 @@ def test_partial_sessions_end_to_end(partial_run):
     assert np.isnan(table["adc_nawm_um2_s"].iloc[2])  # FLAIR-only: no ADC reference
     assert np.isnan(table["restricted_volume_ml"].iloc[2])
     assert np.isnan(table["flair_volume_ml"].iloc[1])  # DWI-only: FLAIR not observed (n/a, not 0)
+    # shine-through is looked for inside the FLAIR lesions: not observed without a FLAIR
+    assert np.isnan(table["shine_through_volume_ml"].iloc[1])
+    assert np.isfinite(table["shine_through_volume_ml"].iloc[0])
     assert table["restricted_volume_ml"].iloc[[0, 1]].gt(5).all()  # truth ~30 and ~55 mL
     assert np.isfinite(table["adc_nawm_um2_s"].iloc[[0, 1]]).all()
 
