@@ -138,7 +138,8 @@ def fov_edge(native: sitk.Image, reference: sitk.Image, transform: sitk.Transfor
     the pipeline's ``ResampleSession`` computes it (``core.registration.fov_edge_distance``)."""
     return sitk.GetArrayFromImage(core_reg.fov_edge_distance(
         native, reference, transform,
-        min_slice_mm=config.segmentation.flair_fov_edge_min_slice_mm))
+        min_slice_mm=config.segmentation.flair_fov_edge_min_slice_mm,
+        ends=config.segmentation.flair_fov_edge_ends))
 
 
 def flair_baseline(flair: np.ndarray, brain: np.ndarray, z: float, min_mm3: float,

@@ -114,6 +114,7 @@ class Segmentation:
     flair_edge_level_floor: float = _rng(0, 1)
     flair_fov_edge_no_seed_mm: float = _rng(0, 200)
     flair_fov_edge_min_slice_mm: float = _rng(0, 50, lo_open=True)
+    flair_fov_edge_ends: Literal["inferior", "both"] = field()
     dwi_hyperintense_ratio: float = _rng(0, 100, lo_open=True)
     min_lesion_volume_mm3: float = _rng(0, 1e6)
     cortex_rim_mm: float = _rng(0, 20)

@@ -583,9 +583,11 @@ def test_fov_edge_distance_follows_the_native_slab():
     native.SetOrigin((-10.0, -11.0, -20.0))  # slab from z = -22 to 18 mm
     ref = sitk.Image(20, 22, 44, sitk.sitkFloat32)
     ref.SetOrigin((-10.0, -11.0, -23.5))
-    d = sitk.GetArrayFromImage(reg.fov_edge_distance(native, ref, None, min_slice_mm=2.0))
+    d = sitk.GetArrayFromImage(reg.fov_edge_distance(native, ref, None, min_slice_mm=2.0,
+                                                     ends="both"))
     assert d.dtype == np.float32 and d.shape == (44, 22, 20)
-    expect = np.clip(np.minimum(np.arange(44) - 1.5, 41.5 - np.arange(44)), 0, None)
+    z = np.arange(44)
+    expect = np.clip(np.minimum(z - 1.5, 41.5 - z), 0, None)
     np.testing.assert_allclose(d[:, 5, 7], expect, atol=1e-5)
     assert (d == d[:, :1, :1]).all()  # the in-plane extent plays no part
     # oblique native slices, the subject grid moved by a rigid transform
@@ -596,7 +598,8 @@ def test_fov_edge_distance_follows_the_native_slab():
     move = sitk.Euler3DTransform()
     move.SetRotation(0.05, -0.1, 0.0)
     move.SetTranslation((2.0, -1.0, 3.0))
-    got = sitk.GetArrayFromImage(reg.fov_edge_distance(oblique, ref, [move], min_slice_mm=2.0))
+    got = sitk.GetArrayFromImage(reg.fov_edge_distance(oblique, ref, [move], min_slice_mm=2.0,
+                                                       ends="both"))
     index = sitk.GetImageFromArray(np.broadcast_to(
         np.arange(10, dtype=np.float32)[:, None, None], (10, 22, 20)).copy())
     index.CopyInformation(oblique)
@@ -611,11 +614,42 @@ def test_fov_edge_distance_follows_the_native_slab():
     warp = sitk.DisplacementFieldTransform(field)
     assert not warp.IsLinear()
     np.testing.assert_allclose(
-        sitk.GetArrayFromImage(reg.fov_edge_distance(oblique, ref, [warp], min_slice_mm=2.0)),
-        got, atol=1e-4)
+        sitk.GetArrayFromImage(reg.fov_edge_distance(oblique, ref, [warp], min_slice_mm=2.0,
+                                                     ends="both")), got, atol=1e-4)
     assert reg.slice_axis(native, 2.0) == 2 and reg.slice_axis(native, 5.0) is None
+    iso = sitk.Image(native)
     for spacing in ((1.0, 1.0, 1.0), (4.0, 1.0, 4.0)):
-        native.SetSpacing(spacing)
-        assert reg.slice_axis(native, 0.5) is None
+        iso.SetSpacing(spacing)
+        assert reg.slice_axis(iso, 0.5) is None
         assert np.isinf(sitk.GetArrayFromImage(
-            reg.fov_edge_distance(native, ref, None, min_slice_mm=0.5))).all()
+            reg.fov_edge_distance(iso, ref, None, min_slice_mm=0.5, ends="both"))).all()
+    with pytest.raises(ValueError, match="ends"):
+        reg.fov_edge_distance(native, ref, None, min_slice_mm=2.0, ends="top")
+
+
+def test_fov_edge_distance_inferior_end_of_an_axial_slab():
+    """``ends="inferior"``: the distance to the slab's face at the feet's end (LPS z lowest),
+    whichever way the slice index runs; 0 beyond the slab at both ends; a slab whose slice axis
+    is not mostly S-I (sagittal) has no inferior end: +inf."""
+    native = sitk.Image(20, 22, 10, sitk.sitkFloat32)
+    native.SetSpacing((1.0, 1.0, 4.0))
+    native.SetOrigin((-10.0, -11.0, -20.0))  # slab from z = -22 to 18 mm, index up = superior
+    ref = sitk.Image(20, 22, 44, sitk.sitkFloat32)
+    ref.SetOrigin((-10.0, -11.0, -23.5))
+    z = np.arange(44)
+    inside = (z >= 2) & (z <= 41)
+    up = sitk.GetArrayFromImage(reg.fov_edge_distance(native, ref, None, min_slice_mm=2.0,
+                                                      ends="inferior"))[:, 5, 7]
+    np.testing.assert_allclose(up, np.where(inside, z - 1.5, 0.0), atol=1e-5)
+    down = sitk.Image(native)  # the same slab, slice index running downwards
+    down.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, -1))
+    down.SetOrigin((-10.0, -11.0, 16.0))
+    got = sitk.GetArrayFromImage(reg.fov_edge_distance(down, ref, None, min_slice_mm=2.0,
+                                                       ends="inferior"))[:, 5, 7]
+    np.testing.assert_allclose(got, up, atol=1e-5)
+    sagittal = sitk.Image(10, 20, 22, sitk.sitkFloat32)
+    sagittal.SetSpacing((4.0, 1.0, 1.0))
+    assert np.isinf(sitk.GetArrayFromImage(
+        reg.fov_edge_distance(sagittal, ref, None, min_slice_mm=2.0, ends="inferior"))).all()
+    assert not np.isinf(sitk.GetArrayFromImage(
+        reg.fov_edge_distance(sagittal, ref, None, min_slice_mm=2.0, ends="both"))).any()

@@ -91,10 +91,10 @@ def test_segment_sessions_without_brain_voxels_says_so(tmp_path):
 
 
 def test_fov_edge_from_resample_session_to_the_segment_node(tmp_path):
-    """ResampleSession writes the FLAIR slab's edge distance (the test grid's 2 mm slices are
-    its slice axis) and SegmentSessions seeds only beyond flair_fov_edge_no_seed_mm of it: the
-    lesion (36-38 mm from the edge) stays at 15 mm and goes at 40 mm (beyond the slab's
-    half-width: no seed anywhere); without the input the masks are those of 15 mm."""
+    """ResampleSession writes the distance to the FLAIR slab's inferior edge (the test grid's
+    2 mm axial slices, index running upwards) and SegmentSessions seeds only beyond
+    flair_fov_edge_no_seed_mm of it: the lesion (29-45 mm from the edge) stays at 15 mm and goes
+    at 60 mm; without the input the masks are those of 15 mm."""
     from pipeline.interfaces.registration import ResampleSession
 
     files = _subject(tmp_path, np.random.default_rng(5))
@@ -106,8 +106,7 @@ def test_fov_edge_from_resample_session_to_the_segment_node(tmp_path):
                               fov_min_slice_mm=2.0).run(cwd=str(tmp_path / f"rs{t}")).outputs
         fov.append(out.flair_fov_edge)
     d = sitk.GetArrayFromImage(read_image(fov[0]))
-    np.testing.assert_allclose(d[:, 30, 40], (np.minimum(np.arange(40), 39 - np.arange(40))
-                                              + 0.5) * 2.0)
+    np.testing.assert_allclose(d[:, 30, 40], (np.arange(40) + 0.5) * 2.0)
     (tmp_path / "rs_off").mkdir()
     off = ResampleSession(reference=files["flair"][0], flair=files["flair"][0],
                           flair_mask=files["brain_mask"][0]).run(cwd=str(tmp_path / "rs_off"))
@@ -123,7 +122,7 @@ def test_fov_edge_from_resample_session_to_the_segment_node(tmp_path):
 
     without = lesions("without", 15.0)
     kept = lesions("kept", 15.0, flair_fov_edge=fov)
-    gone = lesions("gone", 40.0, flair_fov_edge=fov)
+    gone = lesions("gone", 60.0, flair_fov_edge=fov)
     assert all(m.any() for m in without)
     for a, b in zip(without, kept):
         np.testing.assert_array_equal(a, b)

@@ -242,7 +242,7 @@ def test_fov_edge_reaches_the_segment_node(tmp_path, no_seed_mm):
     root = make_skeleton(tmp_path / "bids", sessions=["day0", "day3", "day8"])
     (subject,) = discover(root)
     config = load_config().replace("segmentation", flair_fov_edge_no_seed_mm=no_seed_mm,
-                                   flair_fov_edge_min_slice_mm=2.5)
+                                   flair_fov_edge_min_slice_mm=2.5, flair_fov_edge_ends="both")
     wf = init_subject_wf(subject=subject, config=config, staging_dir=tmp_path / "stage")
     graph = wf._create_flat_graph()
     nodes = {n.fullname.split(".", 1)[1]: n for n in graph.nodes}
@@ -255,6 +255,7 @@ def test_fov_edge_reaches_the_segment_node(tmp_path, no_seed_mm):
     assert into_segment["flair_fov_edge"] == "merge_std_flair_fov_edge"
     for i, ses in enumerate(("day0", "day3", "day8"), start=1):
         assert nodes[f"resample_{ses}"].inputs.fov_min_slice_mm == 2.5
+        assert nodes[f"resample_{ses}"].inputs.fov_ends == "both"
         (edge,) = [data["connect"] for src, _, data
                    in graph.in_edges(nodes["merge_std_flair_fov_edge"], data=True)
                    if src is nodes[f"resample_{ses}"]]

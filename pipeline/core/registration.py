@@ -431,24 +431,34 @@ def fov_edge_distance(
     transforms: Sequence[sitk.Transform] | sitk.Transform | None = None,
     *,
     min_slice_mm: float,
+    ends: Literal["inferior", "both"],
 ) -> sitk.Image:
-    """Through-plane distance (mm) from each voxel of ``reference`` to the nearer end of the
-    slab of ``native`` (its field of view along its slice axis), on the grid of ``reference``.
+    """Through-plane distance (mm) from each voxel of ``reference`` to the edge of the slab of
+    ``native`` (its field of view along its slice axis), on the grid of ``reference``.
 
     The slab spans continuous slice indices -0.5 .. n - 0.5 (the outer faces of the end
-    slices); a voxel whose point maps to continuous slice index ``c`` is
-    ``min(c + 0.5, n - 0.5 - c) x slice spacing`` from the edge (an end slice's centre: half a
-    slice), and 0 beyond the slab. The in-plane extent is not looked at. The point mapping is
-    the one :func:`resample_to_reference` uses (``transforms`` in ITK composite order, a
-    reference point to a point of ``native``); exact for linear transforms, otherwise through
-    their displacement field.
+    slices); a voxel whose point maps to continuous slice index ``c`` is ``c + 0.5`` slices
+    from the low-index face and ``n - 0.5 - c`` from the other (an end slice's centre: half a
+    slice), times the slice spacing; 0 beyond the slab. The in-plane extent is not looked at.
+    ``ends``: ``"both"``, the nearer face; ``"inferior"``, the face at the feet's end, for an
+    axial slab only (its slice axis points mostly along the world S-I axis, LPS z); any other
+    slab has no inferior end and gets ``+inf``. The point mapping is the one
+    :func:`resample_to_reference` uses (``transforms`` in ITK composite order, a reference point
+    to a point of ``native``); exact for linear transforms, otherwise through their displacement
+    field.
 
     Returns float32; ``+inf`` everywhere when ``native`` has no slice axis
-    (:func:`slice_axis` with ``min_slice_mm``): the edge is not known, so nothing is near it.
+    (:func:`slice_axis` with ``min_slice_mm``) or, with ``"inferior"``, is not axial: the edge is
+    not known, so nothing is near it.
     """
+    if ends not in ("inferior", "both"):
+        raise ValueError(f"ends must be 'inferior' or 'both', got {ends!r}")
     axis = slice_axis(native, min_slice_mm)
     size = reference.GetSize()
-    if axis is None:
+    nd = np.array(native.GetDirection(), float).reshape(3, 3)
+    # world direction of increasing slice index (LPS; index 2 = superior)
+    up = nd[:, axis] if axis is not None else None
+    if axis is None or ends == "inferior" and int(np.argmax(np.abs(up))) != 2:
         out = sitk.GetImageFromArray(np.full(size[::-1], np.inf, np.float32))
         out.CopyInformation(reference)
         return out
@@ -459,7 +469,6 @@ def fov_edge_distance(
     tx = compose_transforms(*transforms) if transforms else sitk.Transform(3, sitk.sitkIdentity)
     # continuous index of `native` along `axis` as a function of a native point q:
     # c = w . (q - origin), w = row `axis` of inv(direction @ diag(spacing))
-    nd = np.array(native.GetDirection(), float).reshape(3, 3)
     w = np.linalg.inv(nd @ np.diag(native.GetSpacing()))[axis]
     w0 = -float(w @ np.array(native.GetOrigin(), float))
     # reference index (i, j, k) -> reference point p = rd @ (idx * spacing) + origin
@@ -482,7 +491,12 @@ def fov_edge_distance(
         q = idx @ rd.T + ro + disp
         c = q @ w + w0
     n = native.GetSize()[axis]
-    dist = np.clip(np.minimum(c + 0.5, n - 0.5 - c), 0.0, None) * native.GetSpacing()[axis]
+    low, high = c + 0.5, n - 0.5 - c  # slices from the low-index face, from the other
+    if ends == "both":
+        slices = np.minimum(low, high)
+    else:  # the inferior face: the low-index one when the index runs upwards
+        slices = np.where(high >= 0, low, -1.0) if up[2] > 0 else np.where(low >= 0, high, -1.0)
+    dist = np.clip(slices, 0.0, None) * native.GetSpacing()[axis]
     out = sitk.GetImageFromArray(np.broadcast_to(dist, size[::-1]).astype(np.float32))
     out.CopyInformation(reference)
     return out

@@ -252,6 +252,9 @@ class _ResampleSessionInputSpec(BaseInterfaceInputSpec):
     fov_min_slice_mm = traits.Float(
         desc="also write flair_fov_edge: the FLAIR slab's edge is known when its grid's unique "
         "largest spacing is at least this (mm; [segmentation] flair_fov_edge_min_slice_mm)")
+    fov_ends = traits.Enum("inferior", "both", usedefault=True,
+                           desc="the slab's inferior end (axial slabs only) or both ends "
+                           "([segmentation] flair_fov_edge_ends)")
 
 
 class _ResampleSessionOutputSpec(TraitedSpec):
@@ -261,7 +264,7 @@ class _ResampleSessionOutputSpec(TraitedSpec):
     trace = File()
     adc = File()
     flair_fov_edge = File(desc="float32, subject space: through-plane distance (mm) to the "
-                          "native FLAIR's slab edge, 0 beyond it, +inf where not known "
+                          "native FLAIR's slab edge (fov_ends), 0 beyond it, +inf where not known "
                           "(core.registration.fov_edge_distance; of the placeholder's grid in "
                           "a session without FLAIR, which the segment node does not read)")
 
@@ -292,7 +295,8 @@ class ResampleSession(SimpleInterface):
             resample(ins.flair_mask, chain, "brain_mask", "nearest", np.uint8)
             if isdefined(ins.fov_min_slice_mm):
                 fov = core_reg.fov_edge_distance(flair, reference, chain,
-                                                 min_slice_mm=ins.fov_min_slice_mm)
+                                                 min_slice_mm=ins.fov_min_slice_mm,
+                                                 ends=ins.fov_ends)
                 self._results["flair_fov_edge"] = save(fov, runtime, "flair_fov_edge.nii.gz")
         elif isdefined(ins.dwi_mask):
             resample(ins.dwi_mask, dwi_chain, "brain_mask", "nearest", np.uint8)

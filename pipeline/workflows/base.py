@@ -285,7 +285,8 @@ def init_subject_wf(
     # the native FLAIR's slab edge in the subject space, for the segment node's no-seed zone
     # (a work file, not a derivative); not made when the rule is off
     fov = config.segmentation.flair_fov_edge_no_seed_mm > 0
-    fov_kw = {"fov_min_slice_mm": config.segmentation.flair_fov_edge_min_slice_mm} if fov else {}
+    fov_kw = ({"fov_min_slice_mm": config.segmentation.flair_fov_edge_min_slice_mm,
+               "fov_ends": config.segmentation.flair_fov_edge_ends} if fov else {})
     fov_edges = _merge("merge_std_flair_fov_edge", n) if fov else None
     for i, swf in enumerate(session_wfs):
         resample = pe.Node(ResampleSession(**fov_kw), name=f"resample_{sessions[i].session}",
