@@ -295,7 +295,8 @@ def healthy_dwi_masks(dwi4d: np.ndarray, bvals: np.ndarray, affine: np.ndarray,
             min_voxels=rd.voxels_of(d.nawm_min_volume_ml, spacing))
         results[key] = rd.segment_restricted(
             trace, adc, brain, nawm, spacing_mm=spacing,
-            **rd.restricted_settings(cfg["segmentation"], cfg["dynamics"]))
+            **rd.restricted_settings(cfg["segmentation"], cfg["dynamics"],
+                                     dwi_inplane=rd.dwi_inplane_mm(spacing)))
     baseline = adc_baseline(adc, brain, s.min_lesion_volume_mm3, spacing)
     return {"brain": brain, **results, "baseline": baseline, "spacing": spacing}
 

@@ -181,11 +181,28 @@ def from_pipeline(out: Path, truth: C.Truth) -> Result:
                   tables["lesions_summary"], dseg, radc_means, adc_means, radc_maps, adc_maps)
 
 
-def resegment(src: Path, dst: Path, sub: str, config: Config, nprocs: int) -> None:
+def native_dwi_inplane(bids: Path, sub: str, ses: str) -> float:
+    """The in-plane voxel (mm) of the session's BIDS DWI (header only), as the pipeline's
+    resample node reads it from the native trace (:func:`pipeline.core.restricted.dwi_inplane_mm`)."""
+    from pipeline.core.restricted import dwi_inplane_mm
+
+    path = bids / f"sub-{sub}" / f"ses-{ses}" / "dwi" / f"sub-{sub}_ses-{ses}_dwi.nii.gz"
+    if not path.exists():
+        raise SystemExit(f"--resegment: {path} not found (the native DWI sets the restricted "
+                         "edge step's reach); pass the phantom's --workdir")
+    info = sitk.ImageFileReader()
+    info.SetFileName(str(path))
+    info.ReadImageInformation()
+    return dwi_inplane_mm(info.GetSpacing())
+
+
+def resegment(src: Path, dst: Path, sub: str, config: Config, nprocs: int,
+              bids: Path) -> None:
     """Re-run segmentation, tracking and dynamics of ``sub`` on the subject-space images of the
     derivatives in ``src`` (FLAIR, brain mask, trace DWI, ADC; the registration is kept) with
     this source tree, into a mirror ``dst`` that links every other file of ``src``. Measures a
-    change of the segment/track steps on a finished run without re-registering."""
+    change of the segment/track steps on a finished run without re-registering. ``bids``: the
+    dataset of that run (each session's native DWI grid, :func:`native_dwi_inplane`)."""
     from pipeline.interfaces.outputs import copy_to_derivative
     from pipeline.interfaces.segmentation import SegmentSessions
     from pipeline.interfaces.tracking import TrackLesions
@@ -221,6 +238,7 @@ def resegment(src: Path, dst: Path, sub: str, config: Config, nprocs: int) -> No
                 brain_mask=files("*_space-subject_desc-brain_mask.nii.gz"),
                 trace=files("*_space-subject_desc-trace_dwi.nii.gz"),
                 adc=files("*_space-subject_ADC.nii.gz"), labels=labels,
+                dwi_inplane_mm=[native_dwi_inplane(bids, sub, ses) for ses in labels],
                 segmentation=cfg["segmentation"], dynamics=cfg["dynamics"],
                 n_workers=nprocs).run().outputs
             trk = TrackLesions(
@@ -1128,7 +1146,7 @@ def main(argv=None) -> int:
             if args.resegment:
                 t0 = time.perf_counter()
                 for s in chain_subs:
-                    resegment(deriv, args.resegment.resolve(), s, config, args.nprocs)
+                    resegment(deriv, args.resegment.resolve(), s, config, args.nprocs, bids)
                 timings["re-segmentation"] = time.perf_counter() - t0
                 deriv = args.resegment.resolve()
         else:

@@ -144,7 +144,7 @@ class Dynamics:
     nawm_lesion_margin_mm: float = _rng(0, 50)
     restricted_below: float = _rng(0, 2, lo_open=True)
     elevated_above: float = _rng(0, 5, lo_open=True)
-    restricted_edge_mm: float = _rng(0, 20)
+    restricted_edge_dwi_voxels: float = _rng(0, 10)
     restricted_edge_ring_mm: float = _rng(0, 50, lo_open=True)
     restricted_core_sd: float = _rng(0, 20)
     radc_core_depth_mm: float = _rng(0, 50)

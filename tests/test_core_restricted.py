@@ -259,3 +259,36 @@ def test_shine_through_only_inside_the_given_lesions():
     assert np.array_equal(gated.restricted, anywhere.restricted)
     with pytest.raises(ValueError, match="shine-through region shape"):
         rd.segment_restricted(trace, adc, brain, nawm, shine_within=lesion[1:], **kw)
+
+
+def test_edge_reach_is_a_fraction_of_the_native_dwi_voxel():
+    """The edge step's reach is restricted_edge_dwi_voxels x the native DWI's in-plane voxel
+    (its finest spacing): the clinical 2 x 2 x 4 mm grid and the small 3.4 x 3.4 x 5.5 mm grid
+    give two reaches from one setting, and so two masks of a blurred lesion; 0 is off; a bad
+    spacing is refused."""
+    from pipeline.config import load_config
+
+    cfg = load_config().to_dict()
+    assert rd.dwi_inplane_mm((2.0, 2.0, 4.0)) == 2.0
+    assert rd.dwi_inplane_mm((5.5, 3.4, 3.6, 1.0)) == 3.4  # 4D: the first three, any order
+    with pytest.raises(ValueError, match="native DWI spacing"):
+        rd.dwi_inplane_mm((2.0, 0.0, 4.0))
+    d = {**cfg["dynamics"], "restricted_edge_dwi_voxels": 0.5}
+    clinical = rd.restricted_settings(cfg["segmentation"], d, dwi_inplane=2.0)
+    small = rd.restricted_settings(cfg["segmentation"], d, dwi_inplane=3.4)
+    assert clinical["edge_mm"] == pytest.approx(1.0) and small["edge_mm"] == pytest.approx(1.7)
+    off = rd.restricted_settings(cfg["segmentation"], {**d, "restricted_edge_dwi_voxels": 0.0},
+                                 dwi_inplane=float("nan"))
+    assert off["edge_mm"] == 0.0
+    with pytest.raises(ValueError, match="in-plane voxel"):
+        rd.restricted_settings(cfg["segmentation"], d, dwi_inplane=float("nan"))
+    # a blurred lesion on a 1 mm grid: the larger native voxel grows it farther
+    truth = _sphere((28, 30, 26), 7)
+    radc = ndimage.gaussian_filter(np.where(truth, 0.5, 1.4).astype(np.float32), 2.5)
+    radc = radc.astype(np.float32)
+    cut = radc < 0.75
+    allowed = np.ones(radc.shape, bool)
+    masks = [rd.grow_to_half_contrast(cut, radc, allowed, ring_mm=(s["edge_mm"], 6.0),
+                                      max_mm=s["edge_mm"], spacing_mm=(1.0, 1.0, 1.0))
+             for s in (clinical, small)]
+    assert cut.sum() < masks[0].sum() < masks[1].sum()

@@ -52,7 +52,7 @@ def test_segment_sessions_same_on_the_box_as_on_the_whole_grid(tmp_path, monkeyp
 
     def run(cwd):
         cwd.mkdir()
-        return iseg.SegmentSessions(**files, labels=["a", "b", "c"], n_workers=2,
+        return iseg.SegmentSessions(**files, labels=["a", "b", "c"], n_workers=2, dwi_inplane_mm=[2.0] * 3,
                                     segmentation=cfg["segmentation"],
                                     dynamics=cfg["dynamics"]).run(cwd=str(cwd)).outputs
 
@@ -85,7 +85,7 @@ def test_segment_sessions_without_brain_voxels_says_so(tmp_path):
         sitk.WriteImage(empty, path)
     cfg = load_config().to_dict()
     with pytest.raises(ValueError, match="fewer than 100 voxels"):
-        iseg.SegmentSessions(**files, labels=["a", "b", "c"], n_workers=2,
+        iseg.SegmentSessions(**files, labels=["a", "b", "c"], n_workers=2, dwi_inplane_mm=[2.0] * 3,
                              segmentation=cfg["segmentation"],
                              dynamics=cfg["dynamics"]).run(cwd=str(tmp_path))
 
@@ -115,7 +115,7 @@ def test_fov_edge_from_resample_session_to_the_segment_node(tmp_path):
     def lesions(name, no_seed_mm, **fov_input):
         (tmp_path / name).mkdir()
         seg = {**cfg["segmentation"], "flair_fov_edge_no_seed_mm": no_seed_mm}
-        out = iseg.SegmentSessions(**files, **fov_input, labels=["a", "b", "c"],
+        out = iseg.SegmentSessions(**files, **fov_input, labels=["a", "b", "c"], dwi_inplane_mm=[2.0] * 3,
                                    segmentation=seg, dynamics=cfg["dynamics"]
                                    ).run(cwd=str(tmp_path / name)).outputs
         return [sitk.GetArrayFromImage(read_image(f)) for f in out.flair_lesion]
@@ -167,7 +167,7 @@ def test_shine_through_lies_in_the_flair_lesions_and_is_empty_without_flair(tmp_
     def run(gate):
         cwd = tmp_path / f"gate{gate}"
         cwd.mkdir()
-        out = iseg.SegmentSessions(**files, labels=["a", "b"], has_flair=[True, False],
+        out = iseg.SegmentSessions(**files, labels=["a", "b"], has_flair=[True, False], dwi_inplane_mm=[2.0] * 2,
                                    segmentation=cfg["segmentation"],
                                    dynamics={**cfg["dynamics"],
                                              "shine_through_in_flair_lesion": gate},
@@ -183,3 +183,44 @@ def test_shine_through_lies_in_the_flair_lesions_and_is_empty_without_flair(tmp_
     (open_a, open_b), _ = run(False)
     assert (open_a & gm_like).sum() > 0.8 * gm_like.sum()
     assert (open_b & gm_like).sum() > 0.8 * gm_like.sum()
+
+
+def test_native_dwi_voxel_from_resample_session_to_the_segment_node(tmp_path):
+    """ResampleSession reads the native trace's in-plane voxel (its finest spacing; the test
+    grid's 1 x 1 x 2 mm) and SegmentSessions' restricted edge step reaches
+    restricted_edge_dwi_voxels of each session's value: a blurred restricted lesion grows
+    farther with a larger native voxel; a list of the wrong length is refused."""
+    import pytest
+    from scipy import ndimage
+
+    from pipeline.interfaces.registration import ResampleSession
+
+    files = _subject(tmp_path, np.random.default_rng(5))
+    (tmp_path / "rs").mkdir()
+    out = ResampleSession(reference=files["flair"][0], trace=files["trace"][0]).run(
+        cwd=str(tmp_path / "rs")).outputs
+    assert out.dwi_inplane_mm == 1.0
+    # the ADC of every session blurred like a coarse DWI voxel (the trace follows it)
+    for a, t in zip(files["adc"], files["trace"]):
+        img = read_image(a)
+        arr = ndimage.gaussian_filter(sitk.GetArrayFromImage(img), (0.75, 1.5, 1.5))
+        brain = sitk.GetArrayFromImage(img) > 0
+        arr = np.where(brain, arr, 0.0).astype(np.float32)
+        for path, values in ((a, arr), (t, np.where(brain, 100.0 * np.exp(-1e-3 * arr), 0.0))):
+            new = sitk.GetImageFromArray(values.astype(np.float32))
+            new.CopyInformation(img)
+            sitk.WriteImage(new, path)
+    cfg = load_config().to_dict()
+
+    def restricted(name, inplane):
+        (tmp_path / name).mkdir()
+        out = iseg.SegmentSessions(**files, labels=["a", "b", "c"], dwi_inplane_mm=inplane,
+                                   segmentation=cfg["segmentation"], dynamics=cfg["dynamics"]
+                                   ).run(cwd=str(tmp_path / name)).outputs
+        return [int((sitk.GetArrayFromImage(read_image(f)) > 0).sum()) for f in out.restricted]
+
+    near, far = restricted("near", [1.0] * 3), restricted("far", [2.0, 6.0, 2.0])
+    assert all(v > 0 for v in near)
+    assert far[1] > near[1] and far[0] >= near[0]
+    with pytest.raises(ValueError, match="dwi_inplane_mm: 2 entries for 3 sessions"):
+        restricted("short", [1.0] * 2)

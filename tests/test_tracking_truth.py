@@ -344,7 +344,7 @@ def test_resegment_rewrites_the_lesion_masks_it_changes(sample_run, tmp_path):
 
     assert sample_run["status"] == 0
     src, sub = sample_run["out"], "01"
-    resegment(src, tmp_path, sub, CONFIG, 1)
+    resegment(src, tmp_path, sub, CONFIG, 1, sample_run["bids"])
     masks = sorted((tmp_path / f"sub-{sub}").rglob("*_label-lesion_desc-*_mask.nii.gz"))
     assert masks and all("_space-subject_" in m.name for m in masks)
     assert len(masks) == len(list((src / f"sub-{sub}").rglob(

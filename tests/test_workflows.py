@@ -260,3 +260,21 @@ def test_fov_edge_reaches_the_segment_node(tmp_path, no_seed_mm):
                    in graph.in_edges(nodes["merge_std_flair_fov_edge"], data=True)
                    if src is nodes[f"resample_{ses}"]]
         assert edge == [("flair_fov_edge", f"in{i}")]
+
+
+def test_native_dwi_voxel_reaches_the_segment_node(tmp_path):
+    # each resample node reads its native trace's in-plane voxel; the segment node gets them in
+    # session order (the reach of its restricted edge step)
+    root = make_skeleton(tmp_path / "bids", sessions=["day0", "day3", "day8"])
+    (subject,) = discover(root)
+    wf = init_subject_wf(subject=subject, config=load_config(), staging_dir=tmp_path / "stage")
+    graph = wf._create_flat_graph()
+    nodes = {n.fullname.split(".", 1)[1]: n for n in graph.nodes}
+    into_segment = {dest: src.name for src, _, data in graph.in_edges(nodes["segment"], data=True)
+                    for _, dest in data["connect"]}
+    assert into_segment["dwi_inplane_mm"] == "merge_dwi_inplane"
+    for i, ses in enumerate(("day0", "day3", "day8"), start=1):
+        (edge,) = [data["connect"] for src, _, data
+                   in graph.in_edges(nodes["merge_dwi_inplane"], data=True)
+                   if src is nodes[f"resample_{ses}"]]
+        assert edge == [("dwi_inplane_mm", f"in{i}")]

@@ -255,14 +255,45 @@ def segment_restricted(
     return RestrictedResult(restricted, shine, ref_adc, ref_dwi, dwi_ratio, radc)
 
 
-def restricted_settings(segmentation: dict, dynamics: dict) -> dict:
+def dwi_inplane_mm(spacing_mm) -> float:
+    """In-plane voxel size (mm) of a native DWI grid: the smaller of its two finer spacings,
+    i.e. its finest (the first three values of a 4D grid's spacing; any axis order).
+
+    Raises
+    ------
+    ValueError
+        When fewer than three spacings are given or one is not a positive number.
+    """
+    sp = [float(s) for s in tuple(spacing_mm)[:3]]
+    if len(sp) != 3 or not all(np.isfinite(s) and s > 0 for s in sp):
+        raise ValueError(f"native DWI spacing must be three positive numbers (mm), got "
+                         f"{spacing_mm}")
+    return sorted(sp)[0]
+
+
+def edge_reach_mm(edge_dwi_voxels: float, dwi_inplane: float) -> float:
+    """Reach (mm) of the restricted edge step (:func:`grow_to_half_contrast`): ``edge_dwi_voxels``
+    x the native DWI's in-plane voxel ``dwi_inplane`` (mm, :func:`dwi_inplane_mm`). The step
+    recovers the partial-volume blur of the native DWI voxel, whose reach scales with that
+    voxel (0 = off)."""
+    if not edge_dwi_voxels > 0:
+        return 0.0
+    if not (np.isfinite(dwi_inplane) and dwi_inplane > 0):
+        raise ValueError(f"native DWI in-plane voxel must be a positive number (mm), got "
+                         f"{dwi_inplane}")
+    return float(edge_dwi_voxels) * float(dwi_inplane)
+
+
+def restricted_settings(segmentation: dict, dynamics: dict, *, dwi_inplane: float) -> dict:
     """The keywords of :func:`segment_restricted` from the ``[segmentation]`` and ``[dynamics]``
-    settings (dicts of the config's keys): the one place that maps the config onto the rule."""
+    settings (dicts of the config's keys) and the session's native DWI in-plane voxel
+    ``dwi_inplane`` (mm, :func:`dwi_inplane_mm`): the one place that maps the config onto the
+    rule."""
     return {"restricted_below": dynamics["restricted_below"],
             "dwi_hyperintense_ratio": segmentation["dwi_hyperintense_ratio"],
             "min_lesion_volume_mm3": segmentation["min_lesion_volume_mm3"],
             "csf_adc_min_um2_s": segmentation["csf_adc_min_um2_s"],
-            "edge_mm": dynamics["restricted_edge_mm"],
+            "edge_mm": edge_reach_mm(dynamics["restricted_edge_dwi_voxels"], dwi_inplane),
             "edge_ring_mm": dynamics["restricted_edge_ring_mm"],
             "core_sd": dynamics["restricted_core_sd"]}
 

@@ -18,6 +18,7 @@ from nipype.interfaces.base import (
 )
 
 from pipeline.core import registration as core_reg
+from pipeline.core import restricted as core_rd
 from pipeline.interfaces.base import load_json, out_path, read, save, save_json
 
 # [registration] keys that are not parameters of core.registration.register_rigid
@@ -263,6 +264,9 @@ class _ResampleSessionOutputSpec(TraitedSpec):
     b0 = File()
     trace = File()
     adc = File()
+    dwi_inplane_mm = traits.Float(desc="the native trace DWI's in-plane voxel (mm, "
+                                  "core.restricted.dwi_inplane_mm; of the placeholder's grid in "
+                                  "a session without DWI, which the segment node does not read)")
     flair_fov_edge = File(desc="float32, subject space: through-plane distance (mm) to the "
                           "native FLAIR's slab edge (fov_ends), 0 beyond it, +inf where not known "
                           "(core.registration.fov_edge_distance; of the placeholder's grid in "
@@ -300,6 +304,11 @@ class ResampleSession(SimpleInterface):
                 self._results["flair_fov_edge"] = save(fov, runtime, "flair_fov_edge.nii.gz")
         elif isdefined(ins.dwi_mask):
             resample(ins.dwi_mask, dwi_chain, "brain_mask", "nearest", np.uint8)
+        if isdefined(ins.trace):  # the header only: the blur the restricted edge step undoes
+            info = sitk.ImageFileReader()
+            info.SetFileName(ins.trace)
+            info.ReadImageInformation()
+            self._results["dwi_inplane_mm"] = core_rd.dwi_inplane_mm(info.GetSpacing())
         for name in ("b0", "trace", "adc"):
             if isdefined(getattr(ins, name)):
                 resample(getattr(ins, name), dwi_chain, name)

@@ -35,6 +35,11 @@ class _SegmentSessionsInputSpec(BaseInterfaceInputSpec):
         File(exists=True), desc="per session: through-plane distance (mm) to the native FLAIR's "
         "slab edge (ResampleSession's flair_fov_edge): no FLAIR lesion seeds within "
         "flair_fov_edge_no_seed_mm of it; not given: seeds anywhere")
+    dwi_inplane_mm = traits.List(
+        traits.Float, mandatory=True,
+        desc="per session: the native DWI's in-plane voxel (mm; ResampleSession's "
+        "dwi_inplane_mm): the restricted edge step reaches [dynamics] "
+        "restricted_edge_dwi_voxels of it (read only where has_dwi)")
     has_flair = traits.List(traits.Bool, desc="per session: FLAIR present (default: all)")
     has_dwi = traits.List(traits.Bool, desc="per session: diffusion present (default: all)")
     labels = traits.List(traits.Str, mandatory=True)
@@ -61,6 +66,10 @@ class SegmentSessions(SimpleInterface):
     :func:`pipeline.core.restricted.nawm_reference_mask`), away from
     every lesion of every session: a first pass excludes the FLAIR lesions, a second pass also
     the restricted tissue found by the first.
+
+    The restricted edge step of each session reaches ``[dynamics] restricted_edge_dwi_voxels``
+    of that session's native DWI in-plane voxel (``dwi_inplane_mm``,
+    :func:`pipeline.core.restricted.edge_reach_mm`).
 
     With ``flair_fov_edge`` (per session, ResampleSession's distance to the native FLAIR's slab
     edge) no FLAIR lesion seeds within ``flair_fov_edge_no_seed_mm`` of that edge
@@ -92,6 +101,9 @@ class SegmentSessions(SimpleInterface):
                             ("trace", self.inputs.trace), ("adc", self.inputs.adc)):
             if len(value) != n:
                 raise ValueError(f"{name}: {len(value)} entries for {n} sessions")
+        dwi_inplane = list(self.inputs.dwi_inplane_mm)
+        if len(dwi_inplane) != n:
+            raise ValueError(f"dwi_inplane_mm: {len(dwi_inplane)} entries for {n} sessions")
         fov_files = (list(self.inputs.flair_fov_edge) if isdefined(self.inputs.flair_fov_edge)
                      else None)
         if fov_files is not None and len(fov_files) != n:
@@ -194,7 +206,8 @@ class SegmentSessions(SimpleInterface):
                                           min_voxels=min_nawm)
             return nawm, rd.segment_restricted(
                 image(self.inputs.trace[i])[inner], adc_i, brains[i][inner], nawm,
-                spacing_mm=spacing, shine_within=shine_region(i), **rd.restricted_settings(s, d))
+                spacing_mm=spacing, shine_within=shine_region(i),
+                **rd.restricted_settings(s, d, dwi_inplane=dwi_inplane[i]))
 
         def shine_region(i):
             """Where session ``i`` may have T2 shine-through: its FLAIR lesions

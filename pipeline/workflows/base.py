@@ -288,6 +288,8 @@ def init_subject_wf(
     fov_kw = ({"fov_min_slice_mm": config.segmentation.flair_fov_edge_min_slice_mm,
                "fov_ends": config.segmentation.flair_fov_edge_ends} if fov else {})
     fov_edges = _merge("merge_std_flair_fov_edge", n) if fov else None
+    # each session's native DWI in-plane voxel: the reach of the restricted edge step
+    dwi_inplane = _merge("merge_dwi_inplane", n)
     for i, swf in enumerate(session_wfs):
         resample = pe.Node(ResampleSession(**fov_kw), name=f"resample_{sessions[i].session}",
                            mem_gb=1.0)
@@ -307,6 +309,7 @@ def init_subject_wf(
             workflow.connect(resample, field, resampled[field], f"in{i + 1}")
         if fov:
             workflow.connect(resample, "flair_fov_edge", fov_edges, f"in{i + 1}")
+        workflow.connect(resample, "dwi_inplane_mm", dwi_inplane, f"in{i + 1}")
 
     # numpy/scipy run one thread per call: the segment node threads over sessions instead
     seg_workers = max(1, min(n, config.resources.nprocs))
@@ -320,6 +323,7 @@ def init_subject_wf(
         workflow.connect(resampled[field], "out", segment, field)
     if fov:
         workflow.connect(fov_edges, "out", segment, "flair_fov_edge")
+    workflow.connect(dwi_inplane, "out", segment, "dwi_inplane_mm")
 
     track = pe.Node(
         TrackLesions(tracking=cfg["tracking"], dynamics=cfg["dynamics"], labels=labels,
