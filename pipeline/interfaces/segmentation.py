@@ -35,7 +35,7 @@ class _SegmentSessionsInputSpec(BaseInterfaceInputSpec):
         File(exists=True), desc="per session: through-plane distance (mm) to the native FLAIR's "
         "slab edge (ResampleSession's flair_fov_edge): no FLAIR lesion seeds within "
         "flair_fov_edge_no_seed_mm of it; not given: seeds anywhere")
-    dwi_inplane_mm = traits.List(
+    dwi_inplane_mm = InputMultiObject(
         traits.Float, mandatory=True,
         desc="per session: the native DWI's in-plane voxel (mm; ResampleSession's "
         "dwi_inplane_mm): the restricted edge step reaches [dynamics] "
