@@ -183,7 +183,8 @@ def from_pipeline(out: Path, truth: C.Truth) -> Result:
 
 def native_dwi_inplane(bids: Path, sub: str, ses: str) -> float:
     """The in-plane voxel (mm) of the session's BIDS DWI (header only), as the pipeline's
-    resample node reads it from the native trace (:func:`pipeline.core.restricted.dwi_inplane_mm`)."""
+    resample node reads it from the native trace
+    (:func:`pipeline.core.restricted.dwi_inplane_mm`)."""
     from pipeline.core.restricted import dwi_inplane_mm
 
     path = bids / f"sub-{sub}" / f"ses-{ses}" / "dwi" / f"sub-{sub}_ses-{ses}_dwi.nii.gz"

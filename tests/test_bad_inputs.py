@@ -723,7 +723,8 @@ def test_segment_sessions_with_missing_contrasts(tmp_path):
         for key, arr in (("b0", b0), ("trace", trace), ("adc", adc)):
             files[key].append(image(arr if has_dwi[i] else nan, f"{key}{i}", has_dwi[i]))
     cfg = CONFIG.to_dict()
-    res = SegmentSessions(**files, has_flair=has_flair, has_dwi=has_dwi, labels=["a", "b", "c"], dwi_inplane_mm=[2.0] * 3,
+    res = SegmentSessions(**files, has_flair=has_flair, has_dwi=has_dwi, labels=["a", "b", "c"],
+                          dwi_inplane_mm=[2.0] * 3,
                           segmentation=cfg["segmentation"], dynamics=cfg["dynamics"]).run(
         cwd=str(tmp_path))
     out = res.outputs

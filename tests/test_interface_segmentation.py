@@ -52,8 +52,8 @@ def test_segment_sessions_same_on_the_box_as_on_the_whole_grid(tmp_path, monkeyp
 
     def run(cwd):
         cwd.mkdir()
-        return iseg.SegmentSessions(**files, labels=["a", "b", "c"], n_workers=2, dwi_inplane_mm=[2.0] * 3,
-                                    segmentation=cfg["segmentation"],
+        return iseg.SegmentSessions(**files, labels=["a", "b", "c"], n_workers=2,
+                                    dwi_inplane_mm=[2.0] * 3, segmentation=cfg["segmentation"],
                                     dynamics=cfg["dynamics"]).run(cwd=str(cwd)).outputs
 
     boxed = run(tmp_path / "box")
@@ -85,8 +85,8 @@ def test_segment_sessions_without_brain_voxels_says_so(tmp_path):
         sitk.WriteImage(empty, path)
     cfg = load_config().to_dict()
     with pytest.raises(ValueError, match="fewer than 100 voxels"):
-        iseg.SegmentSessions(**files, labels=["a", "b", "c"], n_workers=2, dwi_inplane_mm=[2.0] * 3,
-                             segmentation=cfg["segmentation"],
+        iseg.SegmentSessions(**files, labels=["a", "b", "c"], n_workers=2,
+                             dwi_inplane_mm=[2.0] * 3, segmentation=cfg["segmentation"],
                              dynamics=cfg["dynamics"]).run(cwd=str(tmp_path))
 
 
@@ -115,8 +115,9 @@ def test_fov_edge_from_resample_session_to_the_segment_node(tmp_path):
     def lesions(name, no_seed_mm, **fov_input):
         (tmp_path / name).mkdir()
         seg = {**cfg["segmentation"], "flair_fov_edge_no_seed_mm": no_seed_mm}
-        out = iseg.SegmentSessions(**files, **fov_input, labels=["a", "b", "c"], dwi_inplane_mm=[2.0] * 3,
-                                   segmentation=seg, dynamics=cfg["dynamics"]
+        out = iseg.SegmentSessions(**files, **fov_input, labels=["a", "b", "c"],
+                                   dwi_inplane_mm=[2.0] * 3, segmentation=seg,
+                                   dynamics=cfg["dynamics"]
                                    ).run(cwd=str(tmp_path / name)).outputs
         return [sitk.GetArrayFromImage(read_image(f)) for f in out.flair_lesion]
 
@@ -167,7 +168,8 @@ def test_shine_through_lies_in_the_flair_lesions_and_is_empty_without_flair(tmp_
     def run(gate):
         cwd = tmp_path / f"gate{gate}"
         cwd.mkdir()
-        out = iseg.SegmentSessions(**files, labels=["a", "b"], has_flair=[True, False], dwi_inplane_mm=[2.0] * 2,
+        out = iseg.SegmentSessions(**files, labels=["a", "b"], has_flair=[True, False],
+                                   dwi_inplane_mm=[2.0] * 2,
                                    segmentation=cfg["segmentation"],
                                    dynamics={**cfg["dynamics"],
                                              "shine_through_in_flair_lesion": gate},
