@@ -22,6 +22,16 @@ def test_analysis_box_reach_and_clipping():
         slice(0, 4), slice(0, 5), slice(0, 6))
 
 
+def _write_session(arrays, tmp_path, t, files):
+    """Write session ``t``'s arrays (1 x 1 x 2 mm) as ``<key><t>.nii.gz``; append to ``files``."""
+    for key, arr in arrays.items():
+        img = sitk.GetImageFromArray(arr.astype(np.float32))
+        img.SetSpacing((1.0, 1.0, 2.0))
+        path = str(tmp_path / f"{key}{t}.nii.gz")
+        sitk.WriteImage(img, path)
+        files[key].append(path)
+
+
 def _subject(tmp_path, rng):
     shape = (40, 70, 64)
     zz, yy, xx = np.indices(shape)
@@ -37,12 +47,7 @@ def _subject(tmp_path, rng):
             + rng.normal(0.0, 20.0, shape) * brain,
         }
         arrays["trace"] = np.where(brain, 100.0 * np.exp(-1e-3 * arrays["adc"]), 0.0)
-        for key, arr in arrays.items():
-            img = sitk.GetImageFromArray(arr.astype(np.float32))
-            img.SetSpacing((1.0, 1.0, 2.0))
-            path = str(tmp_path / f"{key}{t}.nii.gz")
-            sitk.WriteImage(img, path)
-            files[key].append(path)
+        _write_session(arrays, tmp_path, t, files)
     return files
 
 
@@ -157,12 +162,7 @@ def test_shine_through_lies_in_the_flair_lesions_and_is_empty_without_flair(tmp_
             "b0": s0 + rng.normal(0.0, 2.0, shape) * brain,
         }
         arrays["trace"] = arrays["b0"] * np.exp(-1e-3 * arrays["adc"])
-        for key, arr in arrays.items():
-            img = sitk.GetImageFromArray(arr.astype(np.float32))
-            img.SetSpacing((1.0, 1.0, 2.0))
-            path = str(tmp_path / f"{key}{t}.nii.gz")
-            sitk.WriteImage(img, path)
-            files[key].append(path)
+        _write_session(arrays, tmp_path, t, files)
     cfg = load_config().to_dict()
 
     def run(gate):
