@@ -186,15 +186,13 @@ def native_dwi_inplane(bids: Path, sub: str, ses: str) -> float:
     resample node reads it from the native trace
     (:func:`pipeline.core.restricted.dwi_inplane_mm`)."""
     from pipeline.core.restricted import dwi_inplane_mm
+    from pipeline.io import read_spacing
 
     path = bids / f"sub-{sub}" / f"ses-{ses}" / "dwi" / f"sub-{sub}_ses-{ses}_dwi.nii.gz"
     if not path.exists():
         raise SystemExit(f"--resegment: {path} not found (the native DWI sets the restricted "
                          "edge step's reach); pass the phantom's --workdir")
-    info = sitk.ImageFileReader()
-    info.SetFileName(str(path))
-    info.ReadImageInformation()
-    return dwi_inplane_mm(info.GetSpacing())
+    return dwi_inplane_mm(read_spacing(path))
 
 
 def resegment(src: Path, dst: Path, sub: str, config: Config, nprocs: int,

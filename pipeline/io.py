@@ -328,6 +328,14 @@ def read_image(path: Path) -> sitk.Image:
     return nib_to_sitk(data, affine)
 
 
+def read_spacing(path: Path) -> tuple[float, ...]:
+    """Voxel spacing (mm, ITK axis order) of an image file, from its header only."""
+    info = sitk.ImageFileReader()
+    info.SetFileName(str(path))
+    info.ReadImageInformation()
+    return info.GetSpacing()
+
+
 def read_array(path: Path) -> np.ndarray:
     """Voxel array (z, y, x) of a 3D NIfTI written by this pipeline, NaN kept: the array
     ``sitk.GetArrayFromImage(read_image(path))`` gives, without the two copies through

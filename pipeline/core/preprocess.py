@@ -252,12 +252,18 @@ def prepare_image(
         threshold_method=params["brain_mask_threshold"],
     )
     if bias_correct:
-        image, _ = n4_bias_correct(
-            image, mask, shrink_factor=params["n4_shrink_factor"],
-            iterations=params["n4_iterations"], convergence=params["n4_convergence"],
-            spline_distance_mm=params["n4_spline_distance_mm"], n_threads=n_threads,
-        )
+        image, _ = _n4_with(image, mask, params, n_threads)
     return image, mask
+
+
+def _n4_with(image: sitk.Image, mask: sitk.Image, params: dict,
+             n_threads: int | None) -> tuple[sitk.Image, sitk.Image]:
+    """:func:`n4_bias_correct` with the ``[preprocessing]`` settings ``params``."""
+    return n4_bias_correct(
+        image, mask, shrink_factor=params["n4_shrink_factor"],
+        iterations=params["n4_iterations"], convergence=params["n4_convergence"],
+        spline_distance_mm=params["n4_spline_distance_mm"], n_threads=n_threads,
+    )
 
 
 def prepare_dwi(
@@ -290,11 +296,7 @@ def prepare_dwi(
     b0, mask = prepare_image(b0, params, bias_correct=False)
     if not bias_correct:
         return b0, trace, mask
-    b0_corrected, bias = n4_bias_correct(
-        b0, mask, shrink_factor=params["n4_shrink_factor"], iterations=params["n4_iterations"],
-        convergence=params["n4_convergence"], spline_distance_mm=params["n4_spline_distance_mm"],
-        n_threads=n_threads,
-    )
+    b0_corrected, bias = _n4_with(b0, mask, params, n_threads)
     field = sitk.GetArrayViewFromImage(bias)
     t = sitk.GetArrayViewFromImage(trace)
     ok = np.isfinite(t) & (t > 0)

@@ -20,6 +20,7 @@ from nipype.interfaces.base import (
 from pipeline.core import registration as core_reg
 from pipeline.core import restricted as core_rd
 from pipeline.interfaces.base import load_json, out_path, read, save, save_json
+from pipeline.io import read_spacing
 
 # [registration] keys that are not parameters of core.registration.register_rigid
 _NOT_REGISTER_RIGID = {
@@ -305,10 +306,7 @@ class ResampleSession(SimpleInterface):
         elif isdefined(ins.dwi_mask):
             resample(ins.dwi_mask, dwi_chain, "brain_mask", "nearest", np.uint8)
         if isdefined(ins.trace):  # the header only: the blur the restricted edge step undoes
-            info = sitk.ImageFileReader()
-            info.SetFileName(ins.trace)
-            info.ReadImageInformation()
-            self._results["dwi_inplane_mm"] = core_rd.dwi_inplane_mm(info.GetSpacing())
+            self._results["dwi_inplane_mm"] = core_rd.dwi_inplane_mm(read_spacing(ins.trace))
         for name in ("b0", "trace", "adc"):
             if isdefined(getattr(ins, name)):
                 resample(getattr(ins, name), dwi_chain, name)
